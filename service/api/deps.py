@@ -1,0 +1,65 @@
+"""Typed dependencies: handlers read like their signature, and 404/401 are raised once, here."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request
+
+from service.config import Settings
+from service.registry.registry import PolicyEntry, Registry
+from service.registry.spec import NAME_PATTERN
+from service.runtime.batching import InferenceExecutor
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_executor(request: Request) -> InferenceExecutor:
+    return request.app.state.executor
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+ExecutorDep = Annotated[InferenceExecutor, Depends(get_executor)]
+PolicyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="Policy name")]
+
+
+def get_policy_entry(name: PolicyName, registry: RegistryDep) -> PolicyEntry:
+    return registry.entry(name)  # PolicyNotFound -> 404 by the ServiceError handler
+
+
+PolicyDep = Annotated[PolicyEntry, Depends(get_policy_entry)]
+
+
+def _check_key(request: Request, key: str) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPException(
+            401,
+            "missing credentials: send 'Authorization: Bearer <POLICY_SERVER_API_KEY>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise HTTPException(403, "invalid API key")
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    if settings.api_key:
+        _check_key(request, settings.api_key)
+
+
+def require_inference(request: Request, settings: SettingsDep) -> None:
+    if settings.api_key and settings.protect_inference:
+        _check_key(request, settings.api_key)
+
+
+Admin = Depends(require_admin)
+Inference = Depends(require_inference)

@@ -1,0 +1,42 @@
+"""Service settings, read from the environment (prefix ``POLICY_SERVER_``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field maps to ``POLICY_SERVER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="POLICY_SERVER_", env_file=".env", extra="ignore")
+
+    model_dir: Path = Field(Path("models"), description="The model repository.")
+    data_dir: Path = Field(Path("var"), description="Job records, queue and scratch space.")
+    api_key: str | None = Field(None, description="Bearer key for admin endpoints.")
+    protect_inference: bool = Field(False, description="Also require the key for act/sessions.")
+    device: str = Field("cpu", description="Device that serves policies (cpu | cuda | auto).")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads for serving.")
+
+    # limits
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest JSON body (413).")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest upload (413).")
+    max_batch_size: int = Field(4096, ge=1, description="Most observations in one act call.")
+    max_sessions: int = Field(10_000, ge=1, description="Live sessions before 429.")
+    session_ttl_s: float = Field(900.0, gt=0, description="Default idle time before expiry.")
+    max_session_ttl_s: float = Field(86_400.0, gt=0, description="Largest ttl_s a client may ask.")
+    max_session_envs: int = Field(1024, ge=1, description="Largest num_envs of one session.")
+    max_rollout_episodes: int = Field(100, ge=1)
+    max_rollout_steps: int = Field(10_000, ge=1)
+    max_concurrent_rollouts: int = Field(2, ge=1, description="Rollouts at once (429 beyond).")
+    rollout_timeout_s: float = Field(120.0, gt=0)
+    max_total_frames: int = Field(2_000_000, ge=1, description="Largest training job.")
+
+    # stores and queue
+    session_store: str = Field("memory", description="memory | redis://host:port/db")
+    queue_url: str | None = Field(None, description="None: SQLite queue; redis://… for RedisHuey.")
+    embedded_worker: bool = Field(True, description="serve also consumes training jobs.")
+    registry_poll_s: float = Field(2.0, ge=0, description="Rescan of the model repository; 0=off.")
+    job_heartbeat_timeout_s: float = Field(120.0, gt=0, description="Running job silent -> failed.")

@@ -1,0 +1,223 @@
+"""Loaded policy versions, kept per name, published atomically.
+
+The registry holds an immutable ``PolicyEntry`` per policy name; every change builds a new entry
+and swaps the reference, so a request holding a ``LoadedVersion`` keeps a whole, working version
+while a new one is published or an old one deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from service.errors import NotFound, Unprocessable
+from service.registry.build import build_policy, load_weights
+from service.registry.spec import PolicySpec, is_valid_name
+from service.registry.store import ModelStore
+from service.runtime.policy import PolicyRuntime
+
+log = logging.getLogger(__name__)
+
+
+class PolicyNotFound(NotFound):
+    pass
+
+
+class VersionNotFound(NotFound):
+    pass
+
+
+class InvalidPolicy(Unprocessable):
+    """A spec or weights that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    name: str
+    version: int
+    spec: PolicySpec
+    runtime: PolicyRuntime
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    name: str
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    default_file: int | None = None
+
+    @property
+    def default_version(self) -> int | None:
+        if self.default_file in self.versions:
+            return self.default_file
+        return max(self.versions, default=None)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.default_version
+        base = self.versions[d].spec.summary() if d is not None else {
+            "kind": None, "recurrent": None, "observation": None, "action": None, "env_id": None
+        }
+        return {
+            "name": self.name,
+            "default_version": d,
+            "versions": sorted(self.versions),
+            **base,
+        }
+
+
+def parse_spec(raw: Any) -> PolicySpec:
+    try:
+        return PolicySpec.model_validate(raw)
+    except ValidationError as exc:
+        msgs = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidPolicy(f"invalid policy spec: {msgs}") from None
+
+
+def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> PolicyRuntime:
+    """Build the module for ``spec``, load ``weights`` into it (checked), wrap it for acting."""
+    built = build_policy(spec, device)
+    try:
+        load_weights(built, weights)
+    except ValueError as exc:
+        raise InvalidPolicy(str(exc)) from None
+    return PolicyRuntime(spec, built, device)
+
+
+class Registry:
+    """Every servable policy version in the model repository."""
+
+    def __init__(self, store: ModelStore, device: torch.device | str = "cpu") -> None:
+        self.store = store
+        self.device = torch.device(device)
+        self._entries: dict[str, PolicyEntry] = {}
+        self._write_lock = threading.RLock()
+        self.ready = False
+        self.on_version_removed: list[Callable[[str, int], None]] = []
+
+    # -- reading ---------------------------------------------------------------------------
+    def entries(self) -> list[PolicyEntry]:
+        return [self._entries[n] for n in sorted(self._entries)]
+
+    def entry(self, name: str) -> PolicyEntry:
+        entry = self._entries.get(name)
+        if entry is None or (not entry.versions and not entry.errors):
+            raise PolicyNotFound(f"policy {name!r} not found")
+        return entry
+
+    def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
+        entry = self.entry(name)
+        if version is None:
+            version = entry.default_version
+            if version is None:
+                raise VersionNotFound(f"policy {name!r} has no servable version")
+        loaded = entry.versions.get(version)
+        if loaded is None:
+            why = entry.errors.get(version)
+            avail = sorted(entry.versions)
+            msg = f"policy {name!r} has no servable version {version}; servable: {avail}"
+            raise VersionNotFound(msg + (f" (version {version} failed to load: {why})" if why else ""))
+        return loaded
+
+    # -- loading from disk ------------------------------------------------------------------
+    def _load_from_disk(self, name: str, version: int) -> LoadedVersion:
+        try:
+            spec = parse_spec(self.store.read_spec_json(name, version))
+            runtime = load_version(spec, self.store.read_weights(name, version), self.device)
+        except InvalidPolicy:
+            raise
+        except Exception as exc:  # unreadable files, bad JSON: reported, never fatal
+            raise InvalidPolicy(f"{type(exc).__name__}: {exc}") from None
+        return LoadedVersion(name, version, spec, runtime)
+
+    def load_all(self) -> None:
+        """Scan the repository; load every version not loaded yet, forget versions gone from disk."""
+        with self._write_lock:
+            names = set(self.store.names())
+            for name in names:
+                self._sync_policy(name)
+            for gone in set(self._entries) - names:
+                self._drop(gone)
+            self.ready = True
+
+    refresh = load_all
+
+    def _sync_policy(self, name: str) -> None:
+        old = self._entries.get(name, PolicyEntry(name))
+        on_disk = set(self.store.versions(name))
+        versions = {v: lv for v, lv in old.versions.items() if v in on_disk}
+        errors = {v: e for v, e in old.errors.items() if v in on_disk}
+        for v in sorted(on_disk - set(versions) - set(errors)):
+            try:
+                versions[v] = self._load_from_disk(name, v)
+                log.info("loaded policy %s version %d", name, v)
+            except InvalidPolicy as exc:
+                errors[v] = str(exc)
+                log.error("policy %s version %d failed to load: %s", name, v, exc)
+        removed = set(old.versions) - set(versions)
+        self._entries[name] = PolicyEntry(name, versions, errors, self.store.read_default(name))
+        for v in removed:
+            self._notify_removed(name, v)
+
+    def _drop(self, name: str) -> None:
+        old = self._entries.pop(name, None)
+        for v in old.versions if old else ():
+            self._notify_removed(name, v)
+
+    def _notify_removed(self, name: str, version: int) -> None:
+        for cb in self.on_version_removed:
+            cb(name, version)
+
+    # -- changes ----------------------------------------------------------------------------
+    def publish(self, name: str, spec_json: dict, weights: bytes) -> int:
+        """Validate, build and load a new version, then write it and make it servable.
+
+        Nothing is written or changed unless the whole version loads.
+        """
+        if not is_valid_name(name):
+            raise InvalidPolicy(
+                f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'"
+            )
+        spec = parse_spec(spec_json)
+        runtime = load_version(spec, weights, self.device)
+        with self._write_lock:
+            version = self.store.write_version(name, spec.model_dump(mode="json"), weights)
+            old = self._entries.get(name, PolicyEntry(name))
+            versions = {**old.versions, version: LoadedVersion(name, version, spec, runtime)}
+            self._entries[name] = replace(old, versions=versions)
+        log.info("published policy %s version %d", name, version)
+        return version
+
+    def set_default(self, name: str, version: int) -> None:
+        with self._write_lock:
+            entry = self.entry(name)
+            if version not in entry.versions:
+                raise VersionNotFound(
+                    f"policy {name!r} has no servable version {version}; "
+                    f"servable: {sorted(entry.versions)}"
+                )
+            self.store.write_default(name, version)
+            self._entries[name] = replace(entry, default_file=version)
+
+    def delete_version(self, name: str, version: int) -> None:
+        with self._write_lock:
+            entry = self.entry(name)
+            if version not in entry.versions and version not in entry.errors:
+                raise VersionNotFound(f"policy {name!r} has no version {version}")
+            self.store.delete_version(name, version)
+            versions = {v: lv for v, lv in entry.versions.items() if v != version}
+            errors = {v: e for v, e in entry.errors.items() if v != version}
+            default = entry.default_file if entry.default_file != version else None
+            if versions or errors:
+                self._entries[name] = PolicyEntry(name, versions, errors, default)
+            else:
+                self._entries.pop(name, None)
+            if version in entry.versions:
+                self._notify_removed(name, version)

@@ -1,0 +1,202 @@
+"""Act on a batch of observations with one loaded policy version, under ``inference_mode``.
+
+Every forward pass sets its exploration type explicitly (``set_exploration_type``) and, for
+``random``, the exploration parameters of that request; nothing depends on ambient state.
+Forward passes are meant to run on the single inference thread (see ``runtime.batching``), which
+is what makes per-request parameters and ``seed`` safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictSequential
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from service.errors import Unprocessable
+from service.registry.build import BuiltPolicy
+from service.registry.spec import PolicySpec
+
+
+class Exploration(str, Enum):
+    deterministic = "deterministic"
+    mode = "mode"
+    mean = "mean"
+    random = "random"
+
+
+_TYPES = {
+    Exploration.deterministic: ExplorationType.DETERMINISTIC,
+    Exploration.mode: ExplorationType.MODE,
+    Exploration.mean: ExplorationType.MEAN,
+    Exploration.random: ExplorationType.RANDOM,
+}
+
+
+@dataclass
+class ActResult:
+    """What one forward pass produced for a batch of ``B`` observations.
+
+    Attributes:
+        action: ``[B]`` int64 (discrete) or ``[B, d]`` float32 (box).
+        info: per-observation extras (``action_value``, ``log_prob``…) when asked for.
+        exploration: the exploration type actually used (see ``PolicyRuntime.resolve``).
+        state: the next recurrent state ``(h, c)``, each ``[B, num_layers, hidden]``, or None.
+    """
+
+    action: torch.Tensor
+    info: dict[str, torch.Tensor] | None
+    exploration: Exploration
+    state: tuple[torch.Tensor, torch.Tensor] | None
+
+    def payload(self, single: bool) -> dict:
+        """The JSON-ready body: ``action`` (single) or ``actions``, ``exploration``, ``info``."""
+        actions = self.action.tolist()
+        out: dict = {"exploration": self.exploration.value}
+        if single:
+            out["action"] = actions[0]
+        else:
+            out["actions"] = actions
+        if self.info is not None:
+            columns = {k: v.tolist() for k, v in self.info.items()}
+            rows = [{k: col[i] for k, col in columns.items()} for i in range(len(actions))]
+            out["info"] = rows[0] if single else rows
+        return out
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Make the random draws inside reproducible for ``seed``, leaving the global RNG as it was."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class PolicyRuntime:
+    """A policy version ready to act: the built module, its spec and what can be decided once."""
+
+    def __init__(self, spec: PolicySpec, built: BuiltPolicy, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.core = built.core.eval()
+        self.explore = built.explore
+        self.explorer = (
+            TensorDictSequential(self.core, self.explore).eval() if self.explore else None
+        )
+        self.obs_dim = spec.observation.dim
+        self.discrete = spec.action.type == "discrete"
+        self.recurrent = spec.recurrent is not None
+        self.state_shape = (
+            (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
+        )
+
+    def resolve(self, requested: Exploration) -> Exploration:
+        """The exploration actually used for ``requested``.
+
+        ``mode``/``mean`` have no analytical value for TanhNormal: the deterministic action is
+        used. Categorical has no mean: its mode is used. Q-value and actor policies are
+        deterministic apart from ``random``, so ``mode``/``mean`` equal ``deterministic``.
+        """
+        dist = self.spec.distribution
+        if requested in (Exploration.mode, Exploration.mean):
+            if dist == "tanh_normal":
+                return Exploration.deterministic
+            if dist == "categorical" and requested is Exploration.mean:
+                return Exploration.mode
+            if dist is None:
+                return Exploration.deterministic
+        return requested
+
+    def observation_batch(self, rows: list[list[float]], what: str, policy: str) -> torch.Tensor:
+        """Validate rows of numbers against the spec and stack them into ``[B, obs_dim]``.
+
+        Raises:
+            Unprocessable: naming the offending row and the expected shape.
+        """
+        dim = self.obs_dim
+        for i, row in enumerate(rows):
+            if len(row) != dim:
+                where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
+                raise Unprocessable(
+                    f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]"
+                )
+        t = torch.tensor(rows, dtype=torch.float32)
+        if not torch.isfinite(t).all():
+            raise Unprocessable(f"{what} holds values that are not finite as float32")
+        return t
+
+    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.state_shape is None:
+            return None
+        z = torch.zeros(batch, *self.state_shape, device=self.device)
+        return z, z.clone()
+
+    def act(
+        self,
+        observation: torch.Tensor,
+        *,
+        exploration: Exploration = Exploration.deterministic,
+        epsilon: float | None = None,
+        noise_std: float | None = None,
+        seed: int | None = None,
+        return_info: bool = False,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        is_init: torch.Tensor | None = None,
+    ) -> ActResult:
+        """Act on ``observation`` (``[B, obs_dim]`` float32, already validated).
+
+        For recurrent policies ``state`` is the ``(h, c)`` before this step and ``is_init``
+        (``[B]`` bool) marks the first step of an episode (state zeroed, as in TorchRL); with no
+        state, every observation starts an episode.
+        """
+        used = self.resolve(exploration)
+        batch = observation.shape[0]
+        td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
+        if self.recurrent:
+            if state is None:
+                state = self.zero_state(batch)
+                is_init = torch.ones(batch, dtype=torch.bool)
+            elif is_init is None:
+                is_init = torch.zeros(batch, dtype=torch.bool)
+            td.set("recurrent_state_h", state[0].to(self.device))
+            td.set("recurrent_state_c", state[1].to(self.device))
+            td.set("is_init", is_init.to(self.device).reshape(batch, 1))
+        module = self.core
+        if used is Exploration.random and self.explorer is not None:
+            module = self.explorer
+            if self.spec.kind == "qvalue":
+                eps = self.spec.exploration.epsilon if epsilon is None else epsilon
+                self.explore.eps.fill_(eps)
+            else:
+                std = self.spec.exploration.noise_std if noise_std is None else noise_std
+                self.explore.sigma.fill_(std)
+        with torch.inference_mode(), set_exploration_type(_TYPES[used]), seeded(seed, self.device):
+            out = module(td)
+        next_state = None
+        if self.recurrent:
+            next_state = (out.get(("next", "recurrent_state_h")), out.get(("next", "recurrent_state_c")))
+        info = self._info(out) if return_info else None
+        return ActResult(out.get("action"), info, used, next_state)
+
+    def _info(self, out: TensorDict) -> dict[str, torch.Tensor]:
+        if self.spec.kind == "qvalue":
+            return {
+                "action_value": out.get("action_value"),
+                "chosen_action_value": out.get("chosen_action_value").squeeze(-1),
+            }
+        if self.spec.kind == "probabilistic":
+            info = {"log_prob": out.get("action_log_prob")}
+            if not self.discrete:
+                info["loc"] = out.get("loc")
+                info["scale"] = out.get("scale")
+            return info
+        return {}

@@ -1,0 +1,180 @@
+"""Request and response models of the API (in and out kept apart)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+
+from service.registry.spec import NAME_PATTERN
+from service.runtime.policy import Exploration
+
+Number = Annotated[float, Strict()]
+Row = list[Number]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _ObservationsIn(_In):
+    observation: Row | None = Field(None, description="One observation.", max_length=65536)
+    observations: list[Row] | None = Field(None, description="A batch of observations.")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.observation is None) == (self.observations is None):
+            raise ValueError("send exactly one of 'observation' (one) or 'observations' (a batch)")
+        if self.observations is not None and not self.observations:
+            raise ValueError("'observations' is empty: send at least one observation")
+        return self
+
+    @property
+    def rows(self) -> list[Row]:
+        return [self.observation] if self.observation is not None else self.observations
+
+    @property
+    def single(self) -> bool:
+        return self.observation is not None
+
+
+class ExplorationIn(_In):
+    exploration: Exploration | None = Field(
+        None, description="deterministic (default) | mode | mean | random"
+    )
+    epsilon: float | None = Field(None, ge=0.0, le=1.0, description="Q-value + random.")
+    noise_std: float | None = Field(None, ge=0.0, le=1e6, description="Actor + random.")
+    return_info: bool = False
+
+
+class ActRequest(_ObservationsIn, ExplorationIn):
+    version: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class ActResponse(BaseModel):
+    action: Any | None = None
+    actions: list[Any] | None = None
+    policy: str
+    version: int
+    exploration: Exploration
+    info: dict[str, Any] | list[dict[str, Any]] | None = None
+
+
+class VersionPublic(BaseModel):
+    version: int
+    spec: dict[str, Any] | None
+    provenance: dict[str, Any] | None
+    error: str | None = None
+
+
+class PolicyPublic(BaseModel):
+    name: str
+    default_version: int | None
+    versions: list[int]
+    kind: str | None
+    recurrent: bool | None
+    observation: dict[str, Any] | None
+    action: dict[str, Any] | None
+    env_id: str | None
+
+
+class PolicyDetail(PolicyPublic):
+    version_details: list[VersionPublic]
+
+
+class PolicyList(BaseModel):
+    policies: list[PolicyPublic]
+
+
+class PublishedVersion(BaseModel):
+    name: str
+    version: int
+
+
+class DefaultVersionIn(_In):
+    version: int = Field(ge=1)
+
+
+# -- sessions --------------------------------------------------------------------------------
+class SessionCreate(_In):
+    policy: str = Field(pattern=NAME_PATTERN, max_length=64)
+    version: int | None = Field(None, ge=1)
+    num_envs: int = Field(1, ge=1)
+    exploration: Exploration | None = None
+    epsilon: float | None = Field(None, ge=0.0, le=1.0)
+    noise_std: float | None = Field(None, ge=0.0, le=1e6)
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class SessionPublic(BaseModel):
+    session_id: str
+    policy: str
+    version: int
+    num_envs: int
+    steps: int
+    expires_at: datetime
+
+
+class SessionActRequest(_ObservationsIn, ExplorationIn):
+    reset: bool | list[bool] | None = Field(
+        None, description="First step of a new episode: one bool, or one per env."
+    )
+
+
+class SessionActResponse(BaseModel):
+    action: Any | None = None
+    actions: list[Any] | None = None
+    step: int
+    policy: str
+    version: int
+    exploration: Exploration
+    info: dict[str, Any] | list[dict[str, Any]] | None = None
+
+
+# -- rollouts and envs -----------------------------------------------------------------------
+class RolloutRequest(_In):
+    env_id: str | None = Field(None, max_length=128)
+    version: int | None = Field(None, ge=1)
+    episodes: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    exploration: Exploration | None = None
+    epsilon: float | None = Field(None, ge=0.0, le=1.0)
+    noise_std: float | None = Field(None, ge=0.0, le=1e6)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    return_trajectory: bool = False
+
+
+class Episode(BaseModel):
+    seed: int | None
+    length: int
+    terminated: bool
+    truncated: bool
+    trajectory: dict[str, list[Any]] | None = None
+    model_config = ConfigDict(populate_by_name=True)
+    return_: float = Field(alias="return", serialization_alias="return")
+
+
+class RolloutResponse(BaseModel):
+    policy: str
+    version: int
+    env_id: str
+    episodes: list[dict[str, Any]]
+    mean_return: float
+    std_return: float
+
+
+class EnvPublic(BaseModel):
+    env_id: str
+    observation: dict[str, Any]
+    action: dict[str, Any]
+    description: str
+
+
+class EnvList(BaseModel):
+    envs: list[EnvPublic]
+
+
+# -- jobs ------------------------------------------------------------------------------------
+JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
