@@ -13,13 +13,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import health, policies
+from service.api import envs, health, policies
 from service.api.responses import FastJSONResponse
 from service.config import Settings
 from service.errors import ServiceError
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor
+from service.runtime.rollout import RolloutSlots
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.executor = InferenceExecutor()
+        app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
         await run_in_threadpool(registry.load_all)
         tasks = []
         if settings.registry_poll_s > 0:
@@ -121,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(policies.router)
+    app.include_router(envs.router)
     return app
 
 

@@ -146,16 +146,6 @@ class RolloutRequest(_In):
     return_trajectory: bool = False
 
 
-class Episode(BaseModel):
-    seed: int | None
-    length: int
-    terminated: bool
-    truncated: bool
-    trajectory: dict[str, list[Any]] | None = None
-    model_config = ConfigDict(populate_by_name=True)
-    return_: float = Field(alias="return", serialization_alias="return")
-
-
 class RolloutResponse(BaseModel):
     policy: str
     version: int

@@ -26,7 +26,6 @@ from service.schemas import (
     DefaultVersionIn,
     PolicyDetail,
     PolicyList,
-    PolicyPublic,
     PublishedVersion,
 )
 

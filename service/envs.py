@@ -1,0 +1,122 @@
+"""The allow-listed environments: the only ids any request may name.
+
+A user string never reaches ``gymnasium.make``: an id is looked up here first, and only the
+fixed gymnasium id stored in the list is passed on (ids like ``module:Class`` would import code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torchrl.envs import Compose, GymEnv, InitTracker, StepCounter, TransformedEnv
+
+from service.errors import Unprocessable
+from service.registry.spec import PolicySpec
+
+
+class NoVelocityObservation(gym.ObservationWrapper):
+    """CartPole with the velocities removed: observation = (cart position, pole angle)."""
+
+    KEEP = (0, 2)
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        low, high = env.observation_space.low, env.observation_space.high
+        self.observation_space = gym.spaces.Box(
+            low[list(self.KEEP)], high[list(self.KEEP)], dtype=np.float32
+        )
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return observation[list(self.KEEP)].astype(np.float32)
+
+
+def _make_cartpole_novel(**kwargs: Any) -> gym.Env:
+    return NoVelocityObservation(gym.make("CartPole-v1", **kwargs))
+
+
+if "CartPoleNoVel-v1" not in gym.registry:
+    gym.register(id="CartPoleNoVel-v1", entry_point=_make_cartpole_novel)
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    env_id: str
+    description: str
+
+
+ALLOWED: dict[str, EnvEntry] = {
+    e.env_id: e
+    for e in (
+        EnvEntry("CartPole-v1", "Balance a pole on a cart; discrete(2); 500 steps."),
+        EnvEntry("CartPoleNoVel-v1",
+                 "CartPole-v1 observing only cart position and pole angle: needs memory."),
+        EnvEntry("Acrobot-v1", "Swing a two-link arm up; discrete(3)."),
+        EnvEntry("MountainCar-v0", "Drive up a hill with momentum; discrete(3)."),
+        EnvEntry("MountainCarContinuous-v0", "MountainCar with a continuous force; box(1)."),
+        EnvEntry("Pendulum-v1", "Swing up and hold a pendulum; box(1); 200 steps."),
+    )
+}
+
+
+def check_env_id(env_id: str) -> EnvEntry:
+    entry = ALLOWED.get(env_id)
+    if entry is None:
+        raise Unprocessable(
+            f"environment {env_id[:80]!r} is not allowed; expected one of {sorted(ALLOWED)}"
+        )
+    return entry
+
+
+def make_env(env_id: str, *, max_steps: int | None = None, device: str = "cpu") -> TransformedEnv:
+    """A TorchRL env for an allow-listed id with ``StepCounter`` and ``InitTracker``.
+
+    Discrete actions are integer indices (``categorical_action_encoding=True``). Recurrent
+    training adds the LSTM primer on top (``lstm.make_tensordict_primer()``).
+    """
+    entry = check_env_id(env_id)
+    base = GymEnv(entry.env_id, categorical_action_encoding=True, device=device)
+    return TransformedEnv(base, Compose(StepCounter(max_steps), InitTracker()))
+
+
+@cache
+def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
+    """Observation and action of ``env_id`` in the model repository's spec format."""
+    entry = check_env_id(env_id)
+    env = gym.make(entry.env_id)
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    observation = {"shape": list(obs_space.shape), "dtype": "float32"}
+    if isinstance(act_space, gym.spaces.Discrete):
+        action: dict[str, Any] = {"type": "discrete", "n": int(act_space.n)}
+    else:
+        action = {"type": "box", "shape": list(act_space.shape),
+                  "low": [float(x) for x in act_space.low],
+                  "high": [float(x) for x in act_space.high]}
+    return {"observation": observation, "action": action}
+
+
+def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
+    """Raise 422 naming both specs when ``spec`` cannot act in ``env_id``."""
+    env = env_specs(env_id)
+    ok = env["observation"]["shape"] == spec.observation.shape
+    ea, pa = env["action"], spec.action.model_dump()
+    if ok and ea["type"] != pa["type"]:
+        ok = False
+    elif ok and ea["type"] == "discrete":
+        ok = ea["n"] == pa["n"]
+    elif ok:
+        ok = ea["shape"] == pa["shape"] and torch.allclose(
+            torch.tensor([ea["low"], ea["high"]]), torch.tensor([pa["low"], pa["high"]]), atol=1e-4
+        )
+    if not ok:
+        raise Unprocessable(
+            f"environment {env_id} (observation {env['observation']['shape']}, action {ea}) does "
+            f"not fit policy {policy} (observation {spec.observation.shape}, action {pa})"
+        )

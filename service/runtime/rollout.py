@@ -1,0 +1,112 @@
+"""Run a policy version in an allow-listed environment and return the episodes.
+
+Runs on a worker thread; every policy step goes through the inference thread (``call``), the
+same path as ``/act`` and sessions, so a rollout equals stepping the episode by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchrl.envs.utils import step_mdp
+
+from service.envs import make_env
+from service.errors import ServiceError, TooManyRequests
+from service.runtime.policy import ActResult, Exploration, PolicyRuntime
+
+
+class RolloutTimeout(ServiceError):
+    status_code = 504
+
+
+class RolloutSlots:
+    """At most ``limit`` rollouts at once; beyond that 429, never an unbounded queue."""
+
+    def __init__(self, limit: int) -> None:
+        self._sem = threading.BoundedSemaphore(limit)
+
+    def __enter__(self) -> RolloutSlots:
+        if not self._sem.acquire(blocking=False):
+            raise TooManyRequests("too many rollouts running; retry later", retry_after_s=2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+def step_seed(seed: int | None, step: int) -> int | None:
+    """Per-step seed of a seeded random rollout (independent draws, reproducible)."""
+    return None if seed is None else (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+def run_rollout(
+    runtime: PolicyRuntime,
+    env_id: str,
+    *,
+    call: Callable[..., ActResult],
+    episodes: int,
+    max_steps: int,
+    exploration: Exploration,
+    epsilon: float | None,
+    noise_std: float | None,
+    seed: int | None,
+    return_trajectory: bool,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Episode ``i`` resets with seed ``seed + i``; episodes end on termination or truncation."""
+    deadline = time.monotonic() + timeout_s
+    env = make_env(env_id, max_steps=max_steps)
+    out = []
+    try:
+        for i in range(episodes):
+            ep_seed = None if seed is None else seed + i
+            if ep_seed is not None:
+                env.set_seed(ep_seed)
+            td = env.reset()
+            state = runtime.zero_state(1)
+            is_init = torch.ones(1, dtype=torch.bool)
+            total, length, terminated, truncated = 0.0, 0, False, False
+            traj: dict[str, list] = {"observation": [], "action": [], "reward": [], "done": []}
+            while True:
+                if time.monotonic() > deadline:
+                    raise RolloutTimeout(
+                        f"rollout ran past its time limit of {timeout_s:g} s; "
+                        "ask for fewer episodes or a smaller max_steps"
+                    )
+                obs = td["observation"].reshape(1, -1)
+                res = call(runtime.act, obs, exploration=exploration, epsilon=epsilon,
+                           noise_std=noise_std, seed=step_seed(ep_seed, length),
+                           state=state, is_init=is_init)
+                td["action"] = res.action[0]
+                td = env.step(td)
+                reward = float(td["next", "reward"].item())
+                terminated = bool(td["next", "terminated"].item())
+                truncated = bool(td["next", "truncated"].item())
+                done = terminated or truncated
+                total += reward
+                length += 1
+                if return_trajectory:
+                    traj["observation"].append(obs[0].tolist())
+                    traj["action"].append(res.action[0].tolist())
+                    traj["reward"].append(reward)
+                    traj["done"].append(done)
+                if done:
+                    break
+                state, is_init = res.state, torch.zeros(1, dtype=torch.bool)
+                td = step_mdp(td)
+            ep: dict[str, Any] = {"return": total, "length": length, "seed": ep_seed,
+                                  "terminated": terminated, "truncated": truncated}
+            if return_trajectory:
+                ep["trajectory"] = traj
+            out.append(ep)
+    finally:
+        env.close()
+    returns = [e["return"] for e in out]
+    mean = sum(returns) / len(returns)
+    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+    return {"episodes": out, "mean_return": mean, "std_return": std}
