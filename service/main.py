@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import envs, health, policies
+from service.api import envs, health, policies, sessions
 from service.api.responses import FastJSONResponse
 from service.config import Settings
 from service.errors import ServiceError
@@ -21,6 +21,7 @@ from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor
 from service.runtime.rollout import RolloutSlots
+from service.runtime.sessions import make_session_store
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         app.state.executor = InferenceExecutor()
         app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
+        app.state.sessions = make_session_store(settings.session_store)
         await run_in_threadpool(registry.load_all)
         tasks = []
         if settings.registry_poll_s > 0:
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for t in tasks:
                 t.cancel()
             app.state.executor.shutdown()
+            await app.state.sessions.close()
 
     app = FastAPI(
         title="policy-server",
@@ -124,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(policies.router)
     app.include_router(envs.router)
+    app.include_router(sessions.router)
     return app
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, HTTPException, Path
+from starlette.requests import HTTPConnection
 
 from service.config import Settings
 from service.registry.registry import PolicyEntry, Registry
@@ -13,15 +14,15 @@ from service.registry.spec import NAME_PATTERN
 from service.runtime.batching import InferenceExecutor
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: HTTPConnection) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+def get_registry(request: HTTPConnection) -> Registry:
     return request.app.state.registry
 
 
-def get_executor(request: Request) -> InferenceExecutor:
+def get_executor(request: HTTPConnection) -> InferenceExecutor:
     return request.app.state.executor
 
 
@@ -38,7 +39,7 @@ def get_policy_entry(name: PolicyName, registry: RegistryDep) -> PolicyEntry:
 PolicyDep = Annotated[PolicyEntry, Depends(get_policy_entry)]
 
 
-def _check_key(request: Request, key: str) -> None:
+def check_key(request: HTTPConnection, key: str) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -51,14 +52,14 @@ def _check_key(request: Request, key: str) -> None:
         raise HTTPException(403, "invalid API key")
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+def require_admin(request: HTTPConnection, settings: SettingsDep) -> None:
     if settings.api_key:
-        _check_key(request, settings.api_key)
+        check_key(request, settings.api_key)
 
 
-def require_inference(request: Request, settings: SettingsDep) -> None:
+def require_inference(request: HTTPConnection, settings: SettingsDep) -> None:
     if settings.api_key and settings.protect_inference:
-        _check_key(request, settings.api_key)
+        check_key(request, settings.api_key)
 
 
 Admin = Depends(require_admin)

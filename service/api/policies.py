@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import (
@@ -95,8 +95,11 @@ async def set_default(entry: PolicyDep, body: DefaultVersionIn, registry: Regist
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, dependencies=[Admin])
-async def delete_version(entry: PolicyDep, version: int, registry: RegistryDep) -> Response:
+async def delete_version(
+    entry: PolicyDep, version: int, registry: RegistryDep, request: Request
+) -> Response:
     await run_in_threadpool(registry.delete_version, entry.name, version)
+    await request.app.state.sessions.close_version(entry.name, version)
     return Response(status_code=204)
 
 

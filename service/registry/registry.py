@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -100,7 +99,6 @@ class Registry:
         self._entries: dict[str, PolicyEntry] = {}
         self._write_lock = threading.RLock()
         self.ready = False
-        self.on_version_removed: list[Callable[[str, int], None]] = []
 
     # -- reading ---------------------------------------------------------------------------
     def entries(self) -> list[PolicyEntry]:
@@ -161,19 +159,10 @@ class Registry:
             except InvalidPolicy as exc:
                 errors[v] = str(exc)
                 log.error("policy %s version %d failed to load: %s", name, v, exc)
-        removed = set(old.versions) - set(versions)
         self._entries[name] = PolicyEntry(name, versions, errors, self.store.read_default(name))
-        for v in removed:
-            self._notify_removed(name, v)
 
     def _drop(self, name: str) -> None:
-        old = self._entries.pop(name, None)
-        for v in old.versions if old else ():
-            self._notify_removed(name, v)
-
-    def _notify_removed(self, name: str, version: int) -> None:
-        for cb in self.on_version_removed:
-            cb(name, version)
+        self._entries.pop(name, None)
 
     # -- changes ----------------------------------------------------------------------------
     def publish(self, name: str, spec_json: dict, weights: bytes) -> int:
@@ -219,5 +208,3 @@ class Registry:
                 self._entries[name] = PolicyEntry(name, versions, errors, default)
             else:
                 self._entries.pop(name, None)
-            if version in entry.versions:
-                self._notify_removed(name, version)

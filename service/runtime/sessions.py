@@ -1,0 +1,265 @@
+"""Session stores: each client's recurrent state, kept by the server between calls.
+
+``MemorySessionStore`` (one process) and ``RedisSessionStore`` (several API replicas) hold the
+same ``Session`` record. State travels as raw float32 bytes with its shape, never pickle.
+Calls on one session are applied in order through ``lock(session_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from service.errors import TooManyRequests
+from service.runtime.policy import Exploration
+
+
+@dataclass
+class Session:
+    """One client's session: pinned policy version, per-env recurrent state and counters."""
+
+    policy: str
+    version: int
+    num_envs: int
+    ttl_s: float
+    exploration: Exploration | None = None
+    epsilon: float | None = None
+    noise_std: float | None = None
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    steps: int = 0
+    expires_at: float = 0.0
+    needs_init: torch.Tensor | None = None  # [num_envs] bool: next step starts an episode
+    h: torch.Tensor | None = None  # [num_envs, num_layers, hidden]
+    c: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.needs_init is None:
+            self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
+        if not self.expires_at:
+            self.touch()
+
+    def touch(self) -> None:
+        self.expires_at = time.time() + self.ttl_s
+
+    def reset(self) -> None:
+        self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
+        self.h = self.c = None
+
+    def public(self) -> dict:
+        return {"session_id": self.session_id, "policy": self.policy, "version": self.version,
+                "num_envs": self.num_envs, "steps": self.steps,
+                "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at))}
+
+    # -- raw serialisation (Redis) ----------------------------------------------------------
+    def meta_json(self) -> str:
+        return json.dumps({
+            "policy": self.policy, "version": self.version, "num_envs": self.num_envs,
+            "ttl_s": self.ttl_s, "exploration": self.exploration.value if self.exploration else None,
+            "epsilon": self.epsilon, "noise_std": self.noise_std, "session_id": self.session_id,
+            "steps": self.steps, "expires_at": self.expires_at,
+            "state_shape": list(self.h.shape) if self.h is not None else None,
+        })
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {
+            "meta": self.meta_json(),
+            "needs_init": self.needs_init.numpy().astype(np.uint8).tobytes(),
+        }
+        if self.h is not None:
+            fields["h"] = self.h.detach().cpu().contiguous().numpy().astype(np.float32).tobytes()
+            fields["c"] = self.c.detach().cpu().contiguous().numpy().astype(np.float32).tobytes()
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Session:
+        meta = json.loads(fields[b"meta"])
+        shape = meta.pop("state_shape")
+        expl = meta.pop("exploration")
+        s = cls(**meta, exploration=Exploration(expl) if expl else None)
+        s.needs_init = torch.from_numpy(
+            np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy())
+        if shape is not None:
+            s.h = torch.from_numpy(np.frombuffer(fields[b"h"], np.float32).copy()).reshape(shape)
+            s.c = torch.from_numpy(np.frombuffer(fields[b"c"], np.float32).copy()).reshape(shape)
+        return s
+
+
+def _limit_error(max_sessions: int, soonest_expiry: float | None) -> TooManyRequests:
+    wait = 1 if soonest_expiry is None else max(1, int(soonest_expiry - time.time()) + 1)
+    return TooManyRequests(
+        f"the server holds its limit of {max_sessions} live sessions; delete idle sessions or "
+        "retry later", retry_after_s=wait)
+
+
+class SessionStore(ABC):
+    """Where sessions live. Every method is safe to call from the event loop."""
+
+    @abstractmethod
+    async def create(self, session: Session, max_sessions: int) -> None: ...
+
+    @abstractmethod
+    async def get(self, session_id: str) -> Session | None: ...
+
+    @abstractmethod
+    async def save(self, session: Session) -> None: ...
+
+    @abstractmethod
+    async def delete(self, session_id: str) -> bool: ...
+
+    @abstractmethod
+    async def count(self) -> int: ...
+
+    @abstractmethod
+    async def close_version(self, policy: str, version: int) -> int: ...
+
+    @abstractmethod
+    def lock(self, session_id: str) -> asyncio.Lock: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class MemorySessionStore(SessionStore):
+    """Sessions in this process's memory (the default)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _purge(self) -> None:
+        now = time.time()
+        for sid in [k for k, s in self._sessions.items() if s.expires_at <= now]:
+            self._sessions.pop(sid, None)
+            self._locks.pop(sid, None)
+
+    async def create(self, session: Session, max_sessions: int) -> None:
+        self._purge()
+        if len(self._sessions) >= max_sessions:
+            soonest = min((s.expires_at for s in self._sessions.values()), default=None)
+            raise _limit_error(max_sessions, soonest)
+        self._sessions[session.session_id] = session
+
+    async def get(self, session_id: str) -> Session | None:
+        s = self._sessions.get(session_id)
+        if s is not None and s.expires_at <= time.time():
+            await self.delete(session_id)
+            return None
+        return s
+
+    async def save(self, session: Session) -> None:
+        if session.session_id in self._sessions:
+            session.touch()
+            self._sessions[session.session_id] = session
+
+    async def delete(self, session_id: str) -> bool:
+        self._locks.pop(session_id, None)
+        return self._sessions.pop(session_id, None) is not None
+
+    async def count(self) -> int:
+        self._purge()
+        return len(self._sessions)
+
+    async def close_version(self, policy: str, version: int) -> int:
+        gone = [k for k, s in self._sessions.items() if (s.policy, s.version) == (policy, version)]
+        for sid in gone:
+            await self.delete(sid)
+        return len(gone)
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+
+class RedisSessionStore(SessionStore):
+    """Sessions in Redis, shared by every API process: a hash per session with a TTL.
+
+    ``ps:sessions`` (sorted set, score = expiry) counts live sessions for the limit;
+    ``ps:lock:<id>`` serialises calls on one session across processes.
+    """
+
+    PREFIX = "ps:session:"
+    INDEX = "ps:sessions"
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(url)
+
+    def _key(self, sid: str) -> str:
+        return self.PREFIX + sid
+
+    async def create(self, session: Session, max_sessions: int) -> None:
+        r = self._redis
+        now = time.time()
+        await r.zremrangebyscore(self.INDEX, "-inf", now)
+        if await r.zcard(self.INDEX) >= max_sessions:
+            first = await r.zrange(self.INDEX, 0, 0, withscores=True)
+            raise _limit_error(max_sessions, first[0][1] if first else None)
+        await self._write(session)
+
+    async def _write(self, session: Session) -> None:
+        key = self._key(session.session_id)
+        async with self._redis.pipeline(transaction=True) as p:
+            p.delete(key)
+            p.hset(key, mapping=session.to_fields())
+            p.pexpire(key, int(session.ttl_s * 1000))
+            p.zadd(self.INDEX, {session.session_id: session.expires_at})
+            await p.execute()
+
+    async def get(self, session_id: str) -> Session | None:
+        fields = await self._redis.hgetall(self._key(session_id))
+        if not fields:
+            await self._redis.zrem(self.INDEX, session_id)
+            return None
+        return Session.from_fields(fields)
+
+    async def save(self, session: Session) -> None:
+        if await self._redis.exists(self._key(session.session_id)):
+            session.touch()
+            await self._write(session)
+
+    async def delete(self, session_id: str) -> bool:
+        async with self._redis.pipeline(transaction=True) as p:
+            p.delete(self._key(session_id))
+            p.zrem(self.INDEX, session_id)
+            deleted, _ = await p.execute()
+        return bool(deleted)
+
+    async def count(self) -> int:
+        await self._redis.zremrangebyscore(self.INDEX, "-inf", time.time())
+        return int(await self._redis.zcard(self.INDEX))
+
+    async def close_version(self, policy: str, version: int) -> int:
+        closed = 0
+        for sid in await self._redis.zrange(self.INDEX, 0, -1):
+            s = await self.get(sid.decode())
+            if s is not None and (s.policy, s.version) == (policy, version):
+                closed += await self.delete(s.session_id)
+        return closed
+
+    @asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[None]:
+        async with self._redis.lock(f"ps:lock:{session_id}", timeout=30, blocking_timeout=30):
+            yield
+
+    def lock(self, session_id: str):  # type: ignore[override]
+        return self._locked(session_id)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def make_session_store(url: str) -> SessionStore:
+    if url == "memory":
+        return MemorySessionStore()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisSessionStore(url)
+    raise ValueError(f"POLICY_SERVER_SESSION_STORE={url!r}: expected 'memory' or redis://…")

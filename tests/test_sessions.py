@@ -1,0 +1,251 @@
+"""Sessions: server-held recurrent state, equal to running the LSTM over the whole sequence."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import set_recurrent_mode
+
+from service.main import create_app
+from tests.helpers import SPECS, free_port, random_weights
+from tests.test_policies import direct_module, obs_for, upload
+
+
+def new_session(client, policy, **kw):
+    r = client.post("/v1/sessions", json={"policy": policy, **kw})
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def step(client, sid, obs, **kw):
+    r = client.post(f"/v1/sessions/{sid}/act", json={"observation": obs, "return_info": True, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_close(a, b, tol=1e-5):
+    """Equal structure, numbers equal up to float32 rounding (batched matmuls round differently)."""
+    ta, tb = torch.tensor(_flat(a)), torch.tensor(_flat(b))
+    assert ta.shape == tb.shape and torch.allclose(ta, tb, atol=tol), (a, b)
+
+
+def _flat(x):
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _flat(x[k])]
+    if isinstance(x, list):
+        return [v for i in x for v in _flat(i)]
+    return [float(x)]
+
+
+def replay_alone(client, policy, seq, resets=()):
+    sid = new_session(client, policy)
+    return [step(client, sid, o, reset=(t in resets)) for t, o in enumerate(seq)]
+
+
+@pytest.mark.parametrize("name", ["q-lstm", "tanh-lstm"])
+def test_stepping_equals_recurrent_mode_over_the_sequence(client, name):
+    seq = obs_for(name, 12, seed=1)
+    boundary = 7  # a new episode starts here
+    stepped = replay_alone(client, name, seq, resets={boundary})
+
+    spec, core = direct_module(name)
+    T, L, H = len(seq), spec.recurrent.num_layers, spec.recurrent.hidden_size
+    is_init = torch.zeros(1, T, 1, dtype=torch.bool)
+    is_init[0, 0] = is_init[0, boundary] = True
+    td = TensorDict({
+        "observation": torch.tensor([seq]),
+        "is_init": is_init,
+        "recurrent_state_h": torch.zeros(1, T, L, H),
+        "recurrent_state_c": torch.zeros(1, T, L, H),
+    }, batch_size=[1, T])
+    with torch.no_grad(), set_recurrent_mode(True), \
+            set_exploration_type(ExplorationType.DETERMINISTIC):
+        out = core(td)
+    assert [s["step"] for s in stepped] == list(range(1, T + 1))
+    got = torch.tensor([s["action"] for s in stepped], dtype=out["action"].dtype)
+    assert torch.allclose(got, out["action"][0], atol=1e-5)
+    if name == "q-lstm":
+        q = torch.tensor([s["info"]["action_value"] for s in stepped])
+        assert torch.allclose(q, out["action_value"][0], atol=1e-5)
+    else:
+        loc = torch.tensor([s["info"]["loc"] for s in stepped])
+        assert torch.allclose(loc, out["loc"][0], atol=1e-5)
+    # and state really matters: without resets, the step after the boundary differs
+    plain = replay_alone(client, name, seq)
+    assert plain[boundary]["info"] != stepped[boundary]["info"]
+
+
+def test_concurrent_sessions_never_share_state(client):
+    seqs = [obs_for("q-lstm", 8, seed=100 + i) for i in range(8)]
+    sids = [new_session(client, "q-lstm") for _ in seqs]
+
+    def run(i):
+        return [step(client, sids[i], o) for o in seqs[i]]
+
+    with ThreadPoolExecutor(8) as pool:
+        interleaved = list(pool.map(run, range(8)))
+    for i, seq in enumerate(seqs):
+        alone = replay_alone(client, "q-lstm", seq)
+        assert [s["info"] for s in interleaved[i]] == [s["info"] for s in alone]
+
+
+def test_reset_equals_fresh_session(client):
+    seq = obs_for("q-lstm", 5, seed=2)
+    sid = new_session(client, "q-lstm")
+    for o in obs_for("q-lstm", 4, seed=9):
+        step(client, sid, o)
+    assert client.post(f"/v1/sessions/{sid}/reset").status_code == 200
+    after = [step(client, sid, o) for o in seq]
+    fresh = replay_alone(client, "q-lstm", seq)
+    assert [s["info"] for s in after] == [s["info"] for s in fresh]
+
+
+def test_num_envs_equals_separate_sessions(client):
+    seqs = [obs_for("q-lstm", 6, seed=20 + i) for i in range(3)]
+    sid = new_session(client, "q-lstm", num_envs=3)
+    multi = []
+    for t in range(6):
+        reset = [t == 3, False, t == 2]
+        r = client.post(f"/v1/sessions/{sid}/act", json={
+            "observations": [s[t] for s in seqs], "reset": reset, "return_info": True})
+        assert r.status_code == 200, r.text
+        multi.append(r.json())
+    for i, seq in enumerate(seqs):
+        resets = {3} if i == 0 else ({2} if i == 2 else set())
+        single = replay_alone(client, "q-lstm", seq, resets=resets)
+        assert_close([m["info"][i] for m in multi], [s["info"] for s in single])
+        assert [m["actions"][i] for m in multi] == [s["action"] for s in single]
+
+
+def test_session_stays_pinned_to_its_version(client):
+    sid = new_session(client, "q-lstm")
+    assert upload(client, "q-lstm", SPECS["q-lstm"],
+                  random_weights(SPECS["q-lstm"], seed=5)).status_code == 201
+    o = obs_for("q-lstm", 1)[0]
+    assert step(client, sid, o)["version"] == 1
+    assert new_session(client, "q-lstm") != sid
+    assert client.get(f"/v1/sessions/{new_session(client, 'q-lstm')}").json()["version"] == 2
+    assert client.get(f"/v1/sessions/{sid}").json()["version"] == 1
+    # deleting the pinned version closes the session
+    assert client.delete("/v1/policies/q-lstm/versions/1").status_code == 204
+    assert client.post(f"/v1/sessions/{sid}/act", json={"observation": o}).status_code == 404
+
+
+def test_stateless_policies_work_through_sessions(client):
+    sid = new_session(client, "actor", num_envs=2)
+    rows = obs_for("actor", 2)
+    s = client.post(f"/v1/sessions/{sid}/act", json={"observations": rows}).json()
+    a = client.post("/v1/policies/actor/act", json={"observations": rows}).json()
+    assert s["actions"] == a["actions"] and s["step"] == 1
+
+
+def test_expired_session_is_404(client):
+    sid = new_session(client, "q-lstm", ttl_s=0.3)
+    step(client, sid, [0, 0, 0, 0])
+    time.sleep(0.5)
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+    r = client.post(f"/v1/sessions/{sid}/act", json={"observation": [0, 0, 0, 0]})
+    assert r.status_code == 404 and "expired" in r.json()["detail"]
+
+
+def test_session_limit_is_429_with_retry_after(settings):
+    settings.max_sessions = 2
+    with TestClient(create_app(settings)) as c:
+        a = new_session(c, "q")
+        new_session(c, "q")
+        r = c.post("/v1/sessions", json={"policy": "q"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "limit of 2" in r.json()["detail"]
+        assert c.get(f"/v1/sessions/{a}").status_code == 200  # nothing evicted
+        assert c.delete(f"/v1/sessions/{a}").status_code == 204
+        new_session(c, "q")
+
+
+def test_bad_session_input_leaves_state_unchanged(client):
+    seq = obs_for("q-lstm", 4, seed=3)
+    sid = new_session(client, "q-lstm", num_envs=1)
+    step(client, sid, seq[0])
+    bad = [
+        ({"observation": [0, 0, 0]}, 422, "expects [4]"),
+        ({"observations": [seq[1], seq[1]]}, 422, "num_envs=1"),
+        ({"observation": seq[1], "reset": [True, False]}, 422, "reset has 2 values"),
+        ({"observation": [1e39] * 4}, 422, "finite"),
+        ({"observation": seq[1], "exploration": "nope"}, 422, "deterministic"),
+    ]
+    for body, status, expected in bad:
+        r = client.post(f"/v1/sessions/{sid}/act", json=body)
+        assert r.status_code == status and expected in str(r.json()["detail"]), r.text
+    rest = [step(client, sid, o) for o in seq[1:]]
+    alone = replay_alone(client, "q-lstm", seq)
+    assert [s["info"] for s in rest] == [s["info"] for s in alone[1:]]
+    assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 4
+    r = client.post("/v1/sessions/unknown/act", json={"observation": [0, 0, 0, 0]})
+    assert r.status_code == 404
+    assert client.post("/v1/sessions", json={"policy": "nope"}).status_code == 404
+    assert client.post("/v1/sessions", json={"policy": "q", "num_envs": 0}).status_code == 422
+
+
+def test_websocket_stream_equals_http(client):
+    seq = obs_for("q-lstm", 6, seed=4)
+    http = replay_alone(client, "q-lstm", seq)
+    sid = new_session(client, "q-lstm")
+    with client.websocket_connect(f"/v1/sessions/{sid}/stream") as ws:
+        streamed = []
+        for o in seq:
+            ws.send_json({"observation": o, "return_info": True})
+            streamed.append(ws.receive_json())
+        ws.send_json({"observation": [1, 2]})
+        err = ws.receive_json()
+        assert err["status"] == 422 and "expects [4]" in err["detail"]
+    assert [s["info"] for s in streamed] == [s["info"] for s in http]
+    assert [s["step"] for s in streamed] == list(range(1, 7))
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary on this machine (.ci/run installs it)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    import redis
+
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_redis_store_shares_sessions_between_app_instances(settings, redis_url):
+    settings.session_store = redis_url
+    seq = obs_for("q-lstm", 6, seed=8)
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        sid = new_session(a, "q-lstm", num_envs=1)
+        first = [step(a, sid, o) for o in seq[:3]]
+        rest = [step(b, sid, o) for o in seq[3:]]
+        assert b.get(f"/v1/sessions/{sid}").json()["steps"] == 6
+        alone = replay_alone(a, "q-lstm", seq)
+        assert [s["info"] for s in first + rest] == [s["info"] for s in alone]
+        assert b.delete(f"/v1/sessions/{sid}").status_code == 204
+        assert a.get(f"/v1/sessions/{sid}").status_code == 404
+        settings.max_sessions = 2
+    with TestClient(create_app(settings)) as c:
+        live = [new_session(c, "q") for _ in range(2 - 1)]  # one left from replay_alone
+        assert live
+        r = c.post("/v1/sessions", json={"policy": "q"})
+        assert r.status_code == 429 and "Retry-After" in r.headers
