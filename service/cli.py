@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
+import signal
 import sys
 
 
@@ -13,28 +16,82 @@ def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.main import create_app
 
+    app = create_app(Settings())
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
+                log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _publisher(settings):
+    from service.registry.registry import Registry
+    from service.registry.store import ModelStore
+
+    return Registry(ModelStore(settings.model_dir)).publish
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Consume training jobs (SQLite queue in the data dir, or Redis with QUEUE_URL)."""
+    from service.config import Settings
+    from service.training.jobs import Jobs, JobWorker
+
     settings = Settings()
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=args.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    jobs = Jobs(settings, publish=_publisher(settings))
+    worker = JobWorker(jobs)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: jobs.stopping.set())
+    logging.getLogger(__name__).info("worker consuming %s", settings.queue_url or "SQLite queue")
+    worker.run_forever()
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train without the server and publish into the model repository."""
+    from service.config import Settings, resolve_device
+    from service.training.dqn import DQNConfig, train
+
+    settings = Settings()
+    hp = {}
+    for item in args.hp:
+        key, _, value = item.partition("=")
+        hp[key] = json.loads(value)
+    command = "policy-server " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = DQNConfig.with_defaults(hp, env_id=args.env, recurrent=args.recurrent,
+                                     total_frames=args.frames, seed=args.seed,
+                                     device=resolve_device(args.device), command=command)
+
+    def progress(p: dict) -> None:
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                          for k, v in p.items()}), flush=True)
+
+    trained = train(config, progress if args.verbose else None)
+    version = _publisher(settings)(args.name, trained.spec, trained.weights)
+    print(json.dumps({"policy": args.name, "version": version,
+                      "eval_mean_return": trained.eval_mean_return, "frames": trained.frames,
+                      "wall_time_s": round(trained.wall_time_s, 1), "device": trained.device}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the model repository over HTTP")
+    serve = sub.add_parser("serve", help="serve the model repository (and consume jobs)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+    worker = sub.add_parser("worker", help="consume training jobs")
+    worker.set_defaults(func=_worker)
+    tr = sub.add_parser("train", help="train a DQN policy into the model repository")
+    tr.add_argument("--env", required=True)
+    tr.add_argument("--name", required=True)
+    tr.add_argument("--recurrent", action="store_true")
+    tr.add_argument("--frames", type=int, default=50_000)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--hp", action="append", default=[], metavar="KEY=JSON",
+                    help="hyperparameter override, e.g. --hp lr=0.001")
+    tr.add_argument("--verbose", action="store_true")
+    tr.set_defaults(func=_train)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return args.func(args)

@@ -40,3 +40,14 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(True, description="serve also consumes training jobs.")
     registry_poll_s: float = Field(2.0, ge=0, description="Rescan of the model repository; 0=off.")
     job_heartbeat_timeout_s: float = Field(120.0, gt=0, description="Running job silent -> failed.")
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for but no CUDA device is available")
+    return requested

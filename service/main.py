@@ -13,23 +13,18 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import envs, health, policies, sessions
+from service.api import envs, health, jobs, policies, sessions
 from service.api.responses import FastJSONResponse
-from service.config import Settings
+from service.config import Settings, resolve_device
 from service.errors import ServiceError
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor
 from service.runtime.rollout import RolloutSlots
 from service.runtime.sessions import make_session_store
+from service.training.jobs import Jobs, JobWorker
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class BodyTooLarge(Exception):
@@ -102,6 +97,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
         app.state.sessions = make_session_store(settings.session_store)
         await run_in_threadpool(registry.load_all)
+        app.state.jobs = Jobs(settings, publish=registry.publish)
+        worker = None
+        if settings.embedded_worker:
+            if not settings.queue_url:
+                # This process was the only worker: a job still 'running' lost its worker.
+                app.state.jobs.store.fail_stale(
+                    0, "interrupted: the server stopped while the job was running")
+            worker = JobWorker(app.state.jobs)
+            worker.start()
         tasks = []
         if settings.registry_poll_s > 0:
             tasks.append(asyncio.create_task(_poll_registry(registry, settings.registry_poll_s)))
@@ -110,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for t in tasks:
                 t.cancel()
+            if worker is not None:
+                await run_in_threadpool(worker.stop)
             app.state.executor.shutdown()
             await app.state.sessions.close()
 
@@ -128,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(policies.router)
     app.include_router(envs.router)
     app.include_router(sessions.router)
+    app.include_router(jobs.router)
     return app
 
 

@@ -168,3 +168,51 @@ class EnvList(BaseModel):
 
 # -- jobs ------------------------------------------------------------------------------------
 JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobCreate(_In):
+    algorithm: Literal["dqn"] = Field(description="Training algorithm.")
+    env_id: str = Field(max_length=128, description="An allow-listed environment id.")
+    policy_name: str = Field(pattern=NAME_PATTERN, max_length=64,
+                             description="Published as a new version of this policy.")
+    recurrent: bool = False
+    total_frames: int = Field(ge=1)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    hyperparameters: dict[str, Any] | None = None
+
+
+class JobProgress(BaseModel):
+    frames: int | None = None
+    total_frames: int | None = None
+    episodes: int | None = None
+    mean_return: float | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    fps: float | None = None
+
+
+class JobPublic(BaseModel):
+    job_id: str
+    status: JobStatusLiteral
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    request: dict[str, Any]
+    progress: JobProgress | None
+    result: dict[str, Any] | None
+    error: str | None
+    device: str | None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: JobStatusLiteral
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]
+
+
+class JobMetrics(BaseModel):
+    points: list[dict[str, Any]]
