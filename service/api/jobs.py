@@ -46,7 +46,8 @@ async def submit_job(body: JobCreate, jobs: JobsDep, settings: SettingsDep) -> d
                                 recurrent=body.recurrent, total_frames=body.total_frames)
     except ValidationError as exc:
         raise Unprocessable("invalid hyperparameters: " + "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}"
+            for e in exc.errors()
         )) from None
     doc = await run_in_threadpool(jobs.submit, body.model_dump())
     return {"job_id": doc["job_id"], "status": doc["status"]}

@@ -1,0 +1,182 @@
+"""Training jobs through the REST API with a real consumer, and the trainer itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.main import create_app
+from service.training.dqn import DQNConfig, evaluate, policy_spec_for, train
+from tests.test_sessions import redis_url  # noqa: F401  (fixture)
+
+FAST = {"num_cells": [32], "frames_per_batch": 100, "updates_per_batch": 5,
+        "init_random_frames": 200, "eval_episodes": 2, "buffer_size": 5000}
+
+
+def job_body(**kw):
+    body = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "trained",
+            "total_frames": 600, "seed": 1, "device": "cpu", "hyperparameters": FAST}
+    body.update(kw)
+    return body
+
+
+def wait_for(client, job_id, statuses, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get(f"/v1/jobs/{job_id}").json()
+        if doc["status"] in statuses:
+            return doc
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} stayed {doc['status']}")
+
+
+@pytest.fixture()
+def jclient(settings):
+    settings.embedded_worker = True
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_job_runs_to_success_and_is_served_at_once(jclient):
+    r = jclient.post("/v1/jobs", json=job_body())
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    job_id = r.json()["job_id"]
+    running = wait_for(jclient, job_id, {"running", "succeeded"})
+    assert running["started_at"] is not None and running["device"] == "cpu"
+    doc = wait_for(jclient, job_id, {"succeeded", "failed"})
+    assert doc["status"] == "succeeded", doc["error"]
+    assert doc["progress"]["frames"] == 600 and doc["progress"]["total_frames"] == 600
+    points = jclient.get(f"/v1/jobs/{job_id}/metrics").json()["points"]
+    frames = [p["frames"] for p in points]
+    assert frames == sorted(frames) and len(frames) == 6
+    result = doc["result"]
+    assert result["policy"] == "trained" and result["version"] == 1
+    act = jclient.post("/v1/policies/trained/act", json={"observation": [0, 0, 0.1, 0]})
+    assert act.status_code == 200 and act.json()["version"] == 1
+    info = jclient.get("/v1/policies/trained").json()
+    prov = info["version_details"][0]["provenance"]
+    assert prov["job_id"] == job_id and prov["frames"] == 600 and prov["device"] == "cpu"
+    assert info["env_id"] == "CartPole-v1"
+    assert any(j["job_id"] == job_id for j in jclient.get("/v1/jobs").json()["jobs"])
+
+
+def test_cancel_stops_running_and_queued_jobs_without_publishing(jclient):
+    long = job_body(total_frames=1_000_000, policy_name="never")
+    a = jclient.post("/v1/jobs", json=long).json()["job_id"]
+    b = jclient.post("/v1/jobs", json=long).json()["job_id"]
+    wait_for(jclient, a, {"running"})
+    deadline = time.monotonic() + 30
+    while (jclient.get(f"/v1/jobs/{a}").json()["progress"] or {}).get("frames", 0) < 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rb = jclient.post(f"/v1/jobs/{b}/cancel")
+    assert rb.status_code == 202 and rb.json()["status"] == "cancelled"
+    assert jclient.post(f"/v1/jobs/{a}/cancel").status_code == 202
+    doc = wait_for(jclient, a, {"cancelled", "failed", "succeeded"}, timeout=30)
+    assert doc["status"] == "cancelled" and doc["progress"]["frames"] < 1_000_000
+    time.sleep(0.5)
+    bdoc = jclient.get(f"/v1/jobs/{b}").json()
+    assert bdoc["status"] == "cancelled" and bdoc["started_at"] is None
+    assert jclient.get("/v1/policies/never").status_code == 404
+    assert jclient.post(f"/v1/jobs/{a}/cancel").status_code == 409
+
+
+def test_failing_job_is_recorded_and_worker_goes_on(jclient):
+    bad = jclient.post("/v1/jobs", json=job_body(device="cuda")).json()["job_id"]
+    good = jclient.post("/v1/jobs", json=job_body()).json()["job_id"]
+    doc = wait_for(jclient, bad, {"failed", "succeeded"})
+    assert doc["status"] == "failed" and "CUDA" in doc["error"]
+    assert wait_for(jclient, good, {"succeeded", "failed"})["status"] == "succeeded"
+
+
+def test_job_records_survive_a_restart(settings):
+    settings.embedded_worker = True
+    with TestClient(create_app(settings)) as c:
+        done = c.post("/v1/jobs", json=job_body()).json()["job_id"]
+        wait_for(c, done, {"succeeded"})
+        running = c.post("/v1/jobs", json=job_body(total_frames=1_000_000)).json()["job_id"]
+        wait_for(c, running, {"running"})
+    with TestClient(create_app(settings)) as c:
+        assert c.get(f"/v1/jobs/{done}").json()["status"] == "succeeded"
+        doc = c.get(f"/v1/jobs/{running}").json()
+        assert doc["status"] == "failed" and "interrupted" in doc["error"]
+        assert len(c.get(f"/v1/jobs/{done}/metrics").json()["points"]) == 6
+
+
+@pytest.mark.parametrize(("patch", "expected"), [
+    ({"algorithm": "ppo"}, "dqn"),
+    ({"env_id": "Nope-v0"}, "not allowed"),
+    ({"env_id": "os:system"}, "not allowed"),
+    ({"env_id": "Pendulum-v1"}, "discrete action space"),
+    ({"policy_name": "../etc"}, "pattern"),
+    ({"policy_name": "a/b"}, "pattern"),
+    ({"total_frames": 0}, "greater than or equal to 1"),
+    ({"total_frames": 10_000_000}, "exceeds the limit"),
+    ({"hyperparameters": {"learning_rate_typo": 1}}, "learning_rate_typo"),
+    ({"hyperparameters": {"lr": -1}}, "lr"),
+    ({"device": "tpu"}, "auto"),
+])
+def test_bad_job_requests_are_422_and_create_nothing(client, patch, expected):
+    before = len(client.get("/v1/jobs").json()["jobs"])
+    r = client.post("/v1/jobs", json=job_body(**patch))
+    assert r.status_code == 422 and expected in str(r.json()["detail"]), r.text
+    assert len(client.get("/v1/jobs").json()["jobs"]) == before
+
+
+def test_jobs_need_the_admin_key(settings):
+    settings.api_key = "k"
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/v1/jobs", json=job_body()).status_code == 401
+        assert c.post("/v1/jobs/x/cancel").status_code == 401
+        assert c.get("/v1/jobs/unknown").status_code == 404
+
+
+def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):  # noqa: F811
+    settings.queue_url = redis_url
+    settings.registry_poll_s = 0.2
+    env = {**os.environ, "POLICY_SERVER_QUEUE_URL": redis_url,
+           "POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
+           "POLICY_SERVER_DATA_DIR": str(settings.data_dir)}
+    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with TestClient(create_app(settings)) as c:
+            job_id = c.post("/v1/jobs", json=job_body(policy_name="remote")).json()["job_id"]
+            doc = wait_for(c, job_id, {"succeeded", "failed"})
+            assert doc["status"] == "succeeded", doc["error"]
+            deadline = time.monotonic() + 10
+            while c.get("/v1/policies/remote").status_code != 200:
+                assert time.monotonic() < deadline, "API never saw the published version"
+                time.sleep(0.1)
+            r = c.post("/v1/policies/remote/act", json={"observation": [0, 0, 0, 0]})
+            assert r.status_code == 200
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_short_training_run_really_learns():
+    config = DQNConfig.with_defaults(
+        {"num_cells": [64, 64], "eval_episodes": 10}, env_id="CartPole-v1", total_frames=5000,
+        seed=0)
+    from service.registry.build import build_policy
+
+    untrained = evaluate(config, build_policy(policy_spec_for(config)), __import__("torch").device(
+        "cpu"), 10, 10_000)
+    trained = train(config)
+    assert untrained < 40
+    assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)
+
+
+def test_recurrent_training_runs_and_publishes_a_recurrent_spec():
+    config = DQNConfig.with_defaults({"eval_episodes": 2, "init_random_frames": 200},
+                                     env_id="CartPoleNoVel-v1", recurrent=True, total_frames=600)
+    trained = train(config)
+    assert trained.spec["recurrent"]["type"] == "lstm"
+    assert trained.spec["observation"]["shape"] == [2]
+    assert trained.frames == 600 and trained.eval_mean_return > 0
