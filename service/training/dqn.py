@@ -175,7 +175,7 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
         buffer = TensorDictReplayBuffer(
             storage=LazyTensorStorage(hp.buffer_size, device=device),
             sampler=SliceSampler(slice_len=hp.slice_len, traj_key=("collector", "traj_ids"),
-                                 strict_length=False),
+                                 strict_length=True),
             batch_size=hp.batch_size * hp.slice_len,
         )
     else:
