@@ -31,6 +31,7 @@ from service.registry.build import BuiltPolicy, build_policy, weights_bytes
 from service.registry.spec import PolicySpec
 
 log = logging.getLogger(__name__)
+SEGMENT = "segment"
 
 
 class DQNHyperparameters(BaseModel):
@@ -174,8 +175,10 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
     if config.recurrent:
         buffer = TensorDictReplayBuffer(
             storage=LazyTensorStorage(hp.buffer_size, device=device),
-            sampler=SliceSampler(slice_len=hp.slice_len, traj_key=("collector", "traj_ids"),
-                                 strict_length=True),
+            # Slices are cut within one collected batch (a contiguous stretch of one env's
+            # stream), not within one episode: episodes shorter than slice_len stay sampleable
+            # and the LSTM resets at is_init inside a slice, as it does when acting.
+            sampler=SliceSampler(slice_len=hp.slice_len, traj_key=SEGMENT, strict_length=True),
             batch_size=hp.batch_size * hp.slice_len,
         )
     else:
@@ -192,7 +195,7 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
         target = SoftUpdate(loss_fn, tau=hp.tau)
     optim = torch.optim.Adam(loss_fn.parameters(), lr=hp.lr)
 
-    frames = episodes = updates = 0
+    frames = episodes = updates = batches = 0
     recent: list[float] = []
     last_loss = float("nan")
     next_eval = hp.eval_every_frames or math.inf
@@ -205,7 +208,11 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
                 finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
                 episodes += len(finished)
                 recent = (recent + finished)[-20:]
-            buffer.extend(data.reshape(-1))
+            data = data.reshape(-1)
+            if config.recurrent:
+                data[SEGMENT] = torch.full((data.numel(),), batches, device=data.device)
+            batches += 1
+            buffer.extend(data)
             egreedy.step(data.numel())
             if frames >= hp.init_random_frames:
                 for _ in range(hp.updates_per_batch):
