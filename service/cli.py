@@ -16,9 +16,13 @@ def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.main import create_app
 
+    from service.observability import configure_json_logging
+
     app = create_app(Settings())
+    configure_json_logging(args.log_level)
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level=args.log_level, timeout_graceful_shutdown=30)
+                log_level=args.log_level, timeout_graceful_shutdown=30, log_config=None,
+                access_log=False)
     return 0
 
 

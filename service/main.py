@@ -17,6 +17,7 @@ from service.api import envs, health, jobs, policies, sessions
 from service.api.responses import FastJSONResponse
 from service.config import Settings, resolve_device
 from service.errors import ServiceError
+from service.observability import Metrics, RequestContextMiddleware
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor
@@ -126,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     app.add_middleware(
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes
     )

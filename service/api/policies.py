@@ -110,6 +110,7 @@ def check_batch(n: int, limit: int) -> None:
 
 @router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
 async def act(
+    request: Request,
     name: PolicyName,
     body: ActRequest,
     registry: RegistryDep,
@@ -121,6 +122,7 @@ async def act(
     check_batch(len(rows), settings.max_batch_size)
     runtime = loaded.runtime
     obs = runtime.observation_batch(rows, "observation" if body.single else "observations", name)
+    request.app.state.metrics.batch_size.observe(len(rows))
     result = await executor.run(
         runtime.act,
         obs,

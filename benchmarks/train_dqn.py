@@ -1,0 +1,77 @@
+"""DQN targets of issue 3, measured (not a test): success over seeds, and speed against SB3.
+
+    python -m benchmarks.train_dqn --seeds 5 --frames 50000            # CartPole-v1 success
+    python -m benchmarks.train_dqn --speed --frames 20000              # fps vs SB3, same run
+    python -m benchmarks.train_dqn --recurrent --frames 100000         # CartPoleNoVel-v1, LSTM vs MLP
+
+SB3 (``pip install stable-baselines3``) is run with the same network, batch size, buffer,
+learning starts, train frequency and gradient steps (rl-baselines3-zoo's CartPole settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from service.training.dqn import DQNConfig, train
+
+
+def ours(env_id: str, frames: int, seed: int, recurrent: bool = False, hp: dict | None = None):
+    cfg = DQNConfig.with_defaults(hp or {}, env_id=env_id, recurrent=recurrent,
+                                  total_frames=frames, seed=seed)
+    r = train(cfg)
+    return {"eval": r.eval_mean_return, "wall_s": r.wall_time_s, "fps": r.frames / r.wall_time_s}
+
+
+def sb3(frames: int, seed: int):
+    import gymnasium as gym
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env = gym.make("CartPole-v1")
+    model = DQN("MlpPolicy", env, learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
+                learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256,
+                gradient_steps=128, exploration_fraction=0.16, exploration_final_eps=0.04,
+                policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0)
+    t = time.perf_counter()
+    model.learn(total_timesteps=frames)
+    wall = time.perf_counter() - t
+    mean, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=20,
+                              deterministic=True)
+    return {"eval": float(mean), "wall_s": wall, "fps": frames / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--frames", type=int, default=50_000)
+    ap.add_argument("--speed", action="store_true", help="fps against SB3, one seed each")
+    ap.add_argument("--recurrent", action="store_true")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.speed:
+        a, b = ours("CartPole-v1", args.frames, 0), sb3(args.frames, 0)
+        print(json.dumps({"ours": a, "sb3": b, "fps_ratio_ours_over_sb3": a["fps"] / b["fps"]}))
+        return
+    if args.recurrent:
+        lstm = ours("CartPoleNoVel-v1", args.frames, 0, recurrent=True)
+        mlp = ours("CartPoleNoVel-v1", min(args.frames, 50_000), 0)
+        print(json.dumps({"lstm_dqn": lstm, "mlp_dqn": mlp}))
+        return
+    runs = []
+    for seed in range(args.seeds):
+        r = ours("CartPole-v1", args.frames, seed)
+        runs.append(r)
+        print(json.dumps({"seed": seed, **r}), flush=True)
+    solved = sum(r["eval"] >= 475 for r in runs)
+    print(json.dumps({"solved": f"{solved}/{len(runs)}",
+                      "mean_wall_s": statistics.mean(r["wall_s"] for r in runs)}))
+
+
+if __name__ == "__main__":
+    main()
