@@ -15,7 +15,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.config import Settings
     from service.main import create_app
-
     from service.observability import configure_json_logging
 
     app = create_app(Settings())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import schemathesis
-import httpx
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
