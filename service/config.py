@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest JSON body (413).")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest upload (413).")
     max_batch_size: int = Field(4096, ge=1, description="Most observations in one act call.")
+    max_forward_batch: int = Field(1024, ge=1, description="Most observations micro-batched "
+                                   "into one forward pass.")
     max_sessions: int = Field(10_000, ge=1, description="Live sessions before 429.")
     session_ttl_s: float = Field(900.0, gt=0, description="Default idle time before expiry.")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="Largest ttl_s a client may ask.")

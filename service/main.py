@@ -20,7 +20,7 @@ from service.errors import ServiceError
 from service.observability import Metrics, RequestContextMiddleware
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
-from service.runtime.batching import InferenceExecutor
+from service.runtime.batching import InferenceExecutor, MicroBatcher
 from service.runtime.rollout import RolloutSlots
 from service.runtime.sessions import make_session_store
 from service.training.jobs import Jobs, JobWorker
@@ -95,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.executor = InferenceExecutor()
+        app.state.batcher = MicroBatcher(app.state.executor, settings.max_forward_batch)
+        app.state.batcher.on_batch = app.state.metrics.batch_size.observe
         app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
         app.state.sessions = make_session_store(settings.session_store)
         await run_in_threadpool(registry.load_all)

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import (
     Admin,
-    ExecutorDep,
+    BatcherDep,
     Inference,
     PolicyDep,
     PolicyName,
@@ -110,11 +110,10 @@ def check_batch(n: int, limit: int) -> None:
 
 @router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
 async def act(
-    request: Request,
     name: PolicyName,
     body: ActRequest,
     registry: RegistryDep,
-    executor: ExecutorDep,
+    batcher: BatcherDep,
     settings: SettingsDep,
 ) -> Response:
     loaded: LoadedVersion = registry.resolve(name, body.version)
@@ -122,9 +121,8 @@ async def act(
     check_batch(len(rows), settings.max_batch_size)
     runtime = loaded.runtime
     obs = runtime.observation_batch(rows, "observation" if body.single else "observations", name)
-    request.app.state.metrics.batch_size.observe(len(rows))
-    result = await executor.run(
-        runtime.act,
+    result = await batcher.act(
+        runtime,
         obs,
         exploration=body.exploration or Exploration.deterministic,
         epsilon=body.epsilon,

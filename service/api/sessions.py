@@ -9,12 +9,12 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from service.api.deps import ExecutorDep, Inference, RegistryDep, SettingsDep
+from service.api.deps import BatcherDep, Inference, RegistryDep, SettingsDep
 from service.api.policies import check_batch
 from service.api.responses import FastJSONResponse
 from service.errors import NotFound, ServiceError, Unprocessable
 from service.registry.registry import Registry
-from service.runtime.batching import InferenceExecutor
+from service.runtime.batching import MicroBatcher
 from service.runtime.policy import Exploration
 from service.runtime.sessions import Session, SessionStore
 from service.schemas import SessionActRequest, SessionActResponse, SessionCreate, SessionPublic
@@ -92,7 +92,7 @@ async def step_session(
     *,
     store: SessionStore,
     registry: Registry,
-    executor: InferenceExecutor,
+    batcher: MicroBatcher,
     max_batch: int,
 ) -> dict:
     """One step of a session: in order with other calls on it; state unchanged on any error."""
@@ -119,8 +119,8 @@ async def step_session(
         if runtime.recurrent:
             state = (session.h, session.c) if session.h is not None else runtime.zero_state(
                 session.num_envs)
-        result = await executor.run(
-            runtime.act, obs,
+        result = await batcher.act(
+            runtime, obs,
             exploration=body.exploration or session.exploration or Exploration.deterministic,
             epsilon=body.epsilon if body.epsilon is not None else session.epsilon,
             noise_std=body.noise_std if body.noise_std is not None else session.noise_std,
@@ -142,11 +142,11 @@ async def act_session(
     body: SessionActRequest,
     store: SessionStoreDep,
     registry: RegistryDep,
-    executor: ExecutorDep,
+    batcher: BatcherDep,
     settings: SettingsDep,
 ) -> Response:
     payload = await step_session(session_id, body, store=store, registry=registry,
-                                 executor=executor, max_batch=settings.max_batch_size)
+                                 batcher=batcher, max_batch=settings.max_batch_size)
     return FastJSONResponse(payload)
 
 
@@ -164,7 +164,7 @@ async def stream_session(websocket: WebSocket, session_id: str) -> None:
                 body = SessionActRequest.model_validate_json(text)
                 reply = await step_session(session_id, body, store=store,
                                            registry=app.state.registry,
-                                           executor=app.state.executor,
+                                           batcher=app.state.batcher,
                                            max_batch=settings.max_batch_size)
             except ValidationError as exc:
                 reply = {"status": 422, "detail": [

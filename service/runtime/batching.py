@@ -1,15 +1,26 @@
-"""The inference thread: every forward pass runs here, off the event loop, one at a time.
+"""The inference thread and the micro-batcher in front of it.
 
-One thread (torch's intra-op threads do the parallel work) makes per-request exploration
-parameters and seeds safe, and is where micro-batching gathers concurrent calls.
+Every forward pass runs on one dedicated thread (torch's intra-op threads do the parallel work),
+which makes per-request exploration parameters and seeds safe. The ``MicroBatcher`` gathers the
+act calls and session steps that arrive while that thread is busy and sends each group (same
+policy version, same exploration parameters) as one forward pass: a lone request goes out at
+once, and under load batches form by themselves, without a timer adding latency. Per-request
+state (observations, LSTM state, ``is_init``) is concatenated and split back by row ranges, so
+requests batched together never share state.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from service.runtime.policy import ActResult, Exploration, PolicyRuntime
 
 T = TypeVar("T")
 
@@ -30,3 +41,106 @@ class InferenceExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Item:
+    obs: torch.Tensor
+    state: tuple[torch.Tensor, torch.Tensor] | None
+    is_init: torch.Tensor | None
+    return_info: bool
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Gathers concurrent forward passes of the same policy version into one.
+
+    Args:
+        executor: the inference thread.
+        max_batch: most observations in one forward pass.
+    """
+
+    def __init__(self, executor: InferenceExecutor, max_batch: int = 1024) -> None:
+        self.executor = executor
+        self.max_batch = max_batch
+        self._groups: OrderedDict[tuple, list[_Item]] = OrderedDict()
+        self._busy = False
+        self.on_batch: Callable[[int], None] | None = None
+
+    async def act(
+        self,
+        runtime: PolicyRuntime,
+        obs: torch.Tensor,
+        *,
+        exploration: Exploration,
+        epsilon: float | None = None,
+        noise_std: float | None = None,
+        seed: int | None = None,
+        return_info: bool = False,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        is_init: torch.Tensor | None = None,
+    ) -> ActResult:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        # Seeded calls go alone: their random draws must not depend on who else is in the batch.
+        key = (runtime, runtime.resolve(exploration), epsilon, noise_std,
+               object() if seed is not None else None, seed)
+        if runtime.recurrent and state is None:
+            state = runtime.zero_state(obs.shape[0])
+            is_init = torch.ones(obs.shape[0], dtype=torch.bool)
+        self._groups.setdefault(key, []).append(
+            _Item(obs, state, is_init, return_info, future))
+        if not self._busy:
+            self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        if not self._groups:
+            self._busy = False
+            return
+        self._busy = True
+        key, items = next(iter(self._groups.items()))
+        taken, rows = [], 0
+        while items and (not taken or rows + items[0].obs.shape[0] <= self.max_batch):
+            item = items.pop(0)
+            taken.append(item)
+            rows += item.obs.shape[0]
+        if not items:
+            del self._groups[key]
+        fut = asyncio.ensure_future(self.executor.run(self._forward, key, taken))
+        fut.add_done_callback(lambda f: self._done(f, taken))
+
+    @staticmethod
+    def _forward(key: tuple, items: list[_Item]) -> list[ActResult]:
+        runtime, exploration, epsilon, noise_std, _, seed = key
+        obs = items[0].obs if len(items) == 1 else torch.cat([i.obs for i in items])
+        state = is_init = None
+        if runtime.recurrent:
+            state = (torch.cat([i.state[0] for i in items]), torch.cat([i.state[1] for i in items]))
+            is_init = torch.cat([i.is_init if i.is_init is not None else
+                                 torch.zeros(i.obs.shape[0], dtype=torch.bool) for i in items])
+        result = runtime.act(obs, exploration=exploration, epsilon=epsilon, noise_std=noise_std,
+                             seed=seed, return_info=any(i.return_info for i in items),
+                             state=state, is_init=is_init)
+        if len(items) == 1:
+            return [result]
+        out, start = [], 0
+        for item in items:
+            stop = start + item.obs.shape[0]
+            out.append(result.rows(start, stop, item.return_info))
+            start = stop
+        return out
+
+    def _done(self, fut: asyncio.Future, items: list[_Item]) -> None:
+        exc = fut.exception()
+        results: list[Any] = [exc] * len(items) if exc else fut.result()
+        if self.on_batch is not None and not exc:
+            self.on_batch(sum(i.obs.shape[0] for i in items))
+        for item, res in zip(items, results, strict=True):
+            if item.future.done():
+                continue  # the caller went away
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        self._dispatch()

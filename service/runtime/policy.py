@@ -54,6 +54,16 @@ class ActResult:
     exploration: Exploration
     state: tuple[torch.Tensor, torch.Tensor] | None
 
+    def rows(self, start: int, stop: int, with_info: bool) -> ActResult:
+        """The slice of a batched result that belongs to one caller."""
+        info = None
+        if with_info and self.info is not None:
+            info = {k: v[start:stop] for k, v in self.info.items()}
+        state = None
+        if self.state is not None:
+            state = (self.state[0][start:stop], self.state[1][start:stop])
+        return ActResult(self.action[start:stop], info, self.exploration, state)
+
     def payload(self, single: bool) -> dict:
         """The JSON-ready body: ``action`` (single) or ``actions``, ``exploration``, ``info``."""
         actions = self.action.tolist()
