@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -63,6 +64,9 @@ class RequestContextMiddleware:
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        # unique per process and cheap: a random prefix and a counter
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -73,7 +77,7 @@ class RequestContextMiddleware:
             if k == b"x-request-id":
                 request_id = v.decode("latin-1")[:128]
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or f"{self._prefix}-{next(self._counter):x}"
         status = 500
         start = time.perf_counter()
 

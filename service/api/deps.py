@@ -14,19 +14,19 @@ from service.registry.spec import NAME_PATTERN
 from service.runtime.batching import InferenceExecutor, MicroBatcher
 
 
-def get_settings(request: HTTPConnection) -> Settings:
+async def get_settings(request: HTTPConnection) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: HTTPConnection) -> Registry:
+async def get_registry(request: HTTPConnection) -> Registry:
     return request.app.state.registry
 
 
-def get_executor(request: HTTPConnection) -> InferenceExecutor:
+async def get_executor(request: HTTPConnection) -> InferenceExecutor:
     return request.app.state.executor
 
 
-def get_batcher(request: HTTPConnection) -> MicroBatcher:
+async def get_batcher(request: HTTPConnection) -> MicroBatcher:
     return request.app.state.batcher
 
 
@@ -37,7 +37,7 @@ BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 PolicyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="Policy name")]
 
 
-def get_policy_entry(name: PolicyName, registry: RegistryDep) -> PolicyEntry:
+async def get_policy_entry(name: PolicyName, registry: RegistryDep) -> PolicyEntry:
     return registry.entry(name)  # PolicyNotFound -> 404 by the ServiceError handler
 
 
@@ -57,12 +57,12 @@ def check_key(request: HTTPConnection, key: str) -> None:
         raise HTTPException(403, "invalid API key")
 
 
-def require_admin(request: HTTPConnection, settings: SettingsDep) -> None:
+async def require_admin(request: HTTPConnection, settings: SettingsDep) -> None:
     if settings.api_key:
         check_key(request, settings.api_key)
 
 
-def require_inference(request: HTTPConnection, settings: SettingsDep) -> None:
+async def require_inference(request: HTTPConnection, settings: SettingsDep) -> None:
     if settings.api_key and settings.protect_inference:
         check_key(request, settings.api_key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import ExecutorDep, Inference, PolicyName, RegistryDep, SettingsDep
+from service.api.deps import BatcherDep, Inference, PolicyName, RegistryDep, SettingsDep
 from service.envs import ALLOWED, check_compatible, check_env_id, env_specs
 from service.errors import Unprocessable
 from service.runtime.policy import Exploration
@@ -32,7 +32,7 @@ async def rollout(
     body: RolloutRequest,
     request: Request,
     registry: RegistryDep,
-    executor: ExecutorDep,
+    batcher: BatcherDep,
     settings: SettingsDep,
 ) -> dict:
     loaded = registry.resolve(name, body.version)
@@ -52,7 +52,7 @@ async def rollout(
             run_rollout,
             loaded.runtime,
             env_id,
-            call=executor.call,
+            call=batcher.act_blocking,
             episodes=body.episodes,
             max_steps=body.max_steps,
             exploration=body.exploration or Exploration.deterministic,

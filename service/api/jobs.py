@@ -18,7 +18,7 @@ from service.training.jobs import FINISHED, Jobs, JobStatus
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def get_jobs(request: Request) -> Jobs:
+async def get_jobs(request: Request) -> Jobs:
     return request.app.state.jobs
 
 

@@ -22,7 +22,7 @@ from service.schemas import SessionActRequest, SessionActResponse, SessionCreate
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Inference])
 
 
-def get_session_store(request: Request) -> SessionStore:
+async def get_session_store(request: Request) -> SessionStore:
     return request.app.state.sessions
 
 

@@ -1,10 +1,11 @@
 """The inference thread and the micro-batcher in front of it.
 
-Every forward pass runs on one dedicated thread (torch's intra-op threads do the parallel work),
-which makes per-request exploration parameters and seeds safe. The ``MicroBatcher`` gathers the
-act calls and session steps that arrive while that thread is busy and sends each group (same
-policy version, same exploration parameters) as one forward pass: a lone request goes out at
-once, and under load batches form by themselves, without a timer adding latency. Per-request
+Every forward pass goes through the ``MicroBatcher``, one at a time, which makes per-request
+exploration parameters and seeds safe. It gathers the act calls, session steps and rollout
+steps that arrive while a forward pass runs and sends each group (same policy version, same
+exploration parameters) as one pass: a lone request goes out at once, and under load batches
+form by themselves, without a timer adding latency. Small passes run on the event loop (a
+thread hop costs more than the pass); large ones on the inference thread. Per-request
 state (observations, LSTM state, ``is_init``) is concatenated and split back by row ranges, so
 requests batched together never share state.
 """
@@ -60,12 +61,23 @@ class MicroBatcher:
         max_batch: most observations in one forward pass.
     """
 
-    def __init__(self, executor: InferenceExecutor, max_batch: int = 1024) -> None:
+    def __init__(self, executor: InferenceExecutor, max_batch: int = 1024,
+                 inline_rows: int = 64, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.executor = executor
         self.max_batch = max_batch
+        self.inline_rows = inline_rows
         self._groups: OrderedDict[tuple, list[_Item]] = OrderedDict()
         self._busy = False
+        self._scheduled = False
+        self._loop = loop
         self.on_batch: Callable[[int], None] | None = None
+
+    def act_blocking(self, runtime: PolicyRuntime, obs: torch.Tensor, **kwargs: Any) -> ActResult:
+        """From a worker thread (rollouts): the same serialised path as HTTP calls."""
+        if self._loop is None:
+            raise RuntimeError("the micro-batcher was built without an event loop")
+        return asyncio.run_coroutine_threadsafe(
+            self.act(runtime, obs, **kwargs), self._loop).result()
 
     async def act(
         self,
@@ -80,7 +92,7 @@ class MicroBatcher:
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         is_init: torch.Tensor | None = None,
     ) -> ActResult:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
         # Seeded calls go alone: their random draws must not depend on who else is in the batch.
         key = (runtime, runtime.resolve(exploration), epsilon, noise_std,
@@ -90,13 +102,18 @@ class MicroBatcher:
             is_init = torch.ones(obs.shape[0], dtype=torch.bool)
         self._groups.setdefault(key, []).append(
             _Item(obs, state, is_init, return_info, future))
-        if not self._busy:
-            self._dispatch()
+        self._schedule()
         return await future
 
+    def _schedule(self) -> None:
+        # call_soon, not a direct call: handlers already runnable enqueue first and join the batch.
+        if not self._busy and not self._scheduled and self._groups:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
-        if not self._groups:
-            self._busy = False
+        self._scheduled = False
+        if self._busy or not self._groups:
             return
         self._busy = True
         key, items = next(iter(self._groups.items()))
@@ -107,6 +124,16 @@ class MicroBatcher:
             rows += item.obs.shape[0]
         if not items:
             del self._groups[key]
+        if rows <= self.inline_rows:
+            # Small forward passes run right here: cheaper than a thread hop, and short enough
+            # (tens of microseconds) not to hold the loop back.
+            fut = self._loop.create_future()
+            try:
+                fut.set_result(self._forward(key, taken))
+            except Exception as exc:
+                fut.set_exception(exc)
+            self._done(fut, taken)
+            return
         fut = asyncio.ensure_future(self.executor.run(self._forward, key, taken))
         fut.add_done_callback(lambda f: self._done(f, taken))
 
@@ -143,4 +170,5 @@ class MicroBatcher:
                 item.future.set_exception(res)
             else:
                 item.future.set_result(res)
-        self._dispatch()
+        self._busy = False
+        self._schedule()

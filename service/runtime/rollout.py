@@ -79,7 +79,7 @@ def run_rollout(
                         "ask for fewer episodes or a smaller max_steps"
                     )
                 obs = td["observation"].reshape(1, -1)
-                res = call(runtime.act, obs, exploration=exploration, epsilon=epsilon,
+                res = call(runtime, obs, exploration=exploration, epsilon=epsilon,
                            noise_std=noise_std, seed=step_seed(ep_seed, length),
                            state=state, is_init=is_init)
                 td["action"] = res.action[0]

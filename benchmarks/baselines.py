@@ -1,0 +1,40 @@
+"""Baseline servers for the throughput benchmark.
+
+``naive``: the FastAPI endpoint people write themselves (``async def``, a TensorDict and the
+same TorchRL policy per request). ``empty``: the same stack doing no work at all.
+
+    python -m benchmarks.baselines naive|empty MODEL_DIR NAME PORT
+"""
+
+import sys
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from service.registry.registry import Registry
+from service.registry.store import ModelStore
+
+kind, model_dir, name, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(1)
+app = FastAPI()
+if kind == "naive":
+    registry = Registry(ModelStore(model_dir))
+    registry.load_all()
+    policy = registry.resolve(name).runtime.core
+
+    @app.post("/v1/policies/{name}/act")
+    async def act(name: str, body: dict) -> dict:
+        td = TensorDict({"observation": torch.tensor([body["observation"]])}, batch_size=[1])
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            out = policy(td)
+        return {"action": out["action"][0].item()}
+else:
+    @app.post("/v1/policies/{name}/act")
+    async def act(name: str, body: dict) -> dict:
+        return {"action": 0}
+
+uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+            access_log=False)

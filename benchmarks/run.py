@@ -1,0 +1,208 @@
+"""``make bench``: the act path against baselines, in one run, on this machine.
+
+Starts three servers on loopback (ours, the naive FastAPI endpoint, an empty endpoint), drives
+each with the same load (wrk when installed, else a Python load generator), and prints req/s,
+p50 and p99 side by side with the ratios. Then session steps over HTTP vs the WebSocket
+stream, and a batch of 1024 observations vs the policy called in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = "cartpole-dqn"
+OBS = [0.01, -0.02, 0.03, 0.04]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act",
+                       json={"observation": OBS}, timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not start")
+
+
+def wrk(url: str, body: dict, seconds: int, connections: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = '{json.dumps(body)}'\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+async def pyload(url: str, body: dict, seconds: float, connections: int) -> dict:
+    lat: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def worker(c: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            await c.post(url, json=body)
+            lat.append(time.perf_counter() - t)
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=connections)) as c:
+        start_t = time.monotonic()
+        await asyncio.gather(*(worker(c) for _ in range(connections)))
+        elapsed = time.monotonic() - start_t
+    lat.sort()
+    return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": 0}
+
+
+def load(url: str, body: dict, seconds: int, connections: int) -> dict:
+    if shutil.which("wrk"):
+        return wrk(url, body, seconds, connections)
+    return asyncio.run(pyload(url, body, seconds, connections))
+
+
+async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
+    import websockets
+
+    async with httpx.AsyncClient(base_url=base) as c:
+        sids = [(await c.post("/v1/sessions", json={"policy": POLICY})).json()["session_id"]
+                for _ in range(n_sessions)]
+
+        async def http_worker(sid: str, stop: float) -> int:
+            n = 0
+            while time.monotonic() < stop:
+                r = await c.post(f"/v1/sessions/{sid}/act", json={"observation": OBS})
+                assert r.status_code == 200
+                n += 1
+            return n
+
+        stop = time.monotonic() + seconds
+        http_n = sum(await asyncio.gather(*(http_worker(s, stop) for s in sids)))
+
+    ws_base = base.replace("http://", "ws://")
+    msg = json.dumps({"observation": OBS})
+
+    async def ws_worker(sid: str, stop: float) -> int:
+        n = 0
+        async with websockets.connect(f"{ws_base}/v1/sessions/{sid}/stream") as ws:
+            while time.monotonic() < stop:
+                await ws.send(msg)
+                await ws.recv()
+                n += 1
+        return n
+
+    stop = time.monotonic() + seconds
+    ws_n = sum(await asyncio.gather(*(ws_worker(s, stop) for s in sids)))
+    return {"http_steps_per_s": http_n / seconds, "ws_steps_per_s": ws_n / seconds}
+
+
+def big_batch(base: str, repeats: int = 20) -> dict:
+    from service.registry.registry import Registry
+    from service.registry.store import ModelStore
+
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(1024, 4, generator=g)
+    body = {"observations": obs.tolist()}
+    with httpx.Client(base_url=base, timeout=60) as c:
+        c.post(f"/v1/policies/{POLICY}/act", json=body)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            assert c.post(f"/v1/policies/{POLICY}/act", json=body).status_code == 200
+        http_s = (time.perf_counter() - t) / repeats
+    registry = Registry(ModelStore(ROOT / "models"))
+    registry.load_all()
+    runtime = registry.resolve(POLICY).runtime
+    runtime.act(obs)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        runtime.act(obs)
+    local_s = (time.perf_counter() - t) / repeats
+    return {"http_obs_per_s": 1024 / http_s, "inprocess_obs_per_s": 1024 / local_s,
+            "ratio": local_s / http_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    py = sys.executable
+    env = {"POLICY_SERVER_MODEL_DIR": str(ROOT / "models"), "POLICY_SERVER_EMBEDDED_WORKER": "false",
+           "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(), "POLICY_SERVER_REGISTRY_POLL_S": "0"}
+    results = {}
+    servers = {
+        "ours": [py, "-m", "service.cli", "serve", "--log-level", "warning", "--port"],
+        "naive": [py, "-m", "benchmarks.baselines", "naive", str(ROOT / "models"), POLICY],
+        "empty": [py, "-m", "benchmarks.baselines", "empty", str(ROOT / "models"), POLICY],
+    }
+    body = {"observation": OBS}
+    for name, cmd in servers.items():
+        port = free_port()
+        proc = start([*cmd, str(port)], env, port)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act"
+            load(url, body, 2, args.connections)  # warm-up
+            results[name] = load(url, body, args.seconds, args.connections)
+            if name == "ours":
+                base = f"http://127.0.0.1:{port}"
+                results["sessions"] = asyncio.run(session_steps(base, args.connections, args.seconds))
+                results["batch_1024"] = big_batch(base)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print(f"load: {'wrk' if shutil.which('wrk') else 'python'}; {args.connections} connections, "
+          f"{args.seconds}s, single observation, policy {POLICY}")
+    print(f"{'server':8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for name in servers:
+        r = results[name]
+        print(f"{name:8} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:8d}")
+    o, n, e = results["ours"], results["naive"], results["empty"]
+    s, b = results["sessions"], results["batch_1024"]
+    ratios = {
+        "ours/naive req/s (target >= 2.0)": o["rps"] / n["rps"],
+        "ours/empty req/s (target >= 0.7)": o["rps"] / e["rps"],
+        "ours/empty p99 (target <= 2.0)": o["p99_ms"] / e["p99_ms"],
+        "ws/http session steps (target >= 3.0)": s["ws_steps_per_s"] / s["http_steps_per_s"],
+        "batch 1024 http/in-process obs/s (target >= 0.25)": b["ratio"],
+    }
+    print(json.dumps({"sessions": s, "batch_1024": b}, indent=None))
+    for k, v in ratios.items():
+        print(f"{k:55} {v:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
