@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import envs, health, jobs, policies, sessions
+from service.api.fastpath import FastActMiddleware
 from service.api.responses import FastJSONResponse
 from service.config import Settings, resolve_device
 from service.errors import ServiceError
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.add_middleware(FastActMiddleware, fastapi_app=app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     app.add_middleware(
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes

@@ -18,7 +18,8 @@ from service.api.deps import (
 )
 from service.api.responses import FastJSONResponse
 from service.errors import Unprocessable
-from service.registry.registry import LoadedVersion
+from service.registry.registry import Registry
+from service.runtime.batching import MicroBatcher
 from service.runtime.policy import Exploration
 from service.schemas import (
     ActRequest,
@@ -108,17 +109,13 @@ def check_batch(n: int, limit: int) -> None:
         raise Unprocessable(f"batch of {n} observations exceeds the limit of {limit}")
 
 
-@router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
-async def act(
-    name: PolicyName,
-    body: ActRequest,
-    registry: RegistryDep,
-    batcher: BatcherDep,
-    settings: SettingsDep,
-) -> Response:
-    loaded: LoadedVersion = registry.resolve(name, body.version)
+async def act_on_policy(
+    registry: Registry, batcher: MicroBatcher, max_batch: int, name: str, body: ActRequest
+) -> dict:
+    """The act call itself: resolve the version, check the batch, forward, build the answer."""
+    loaded = registry.resolve(name, body.version)
     rows = body.rows
-    check_batch(len(rows), settings.max_batch_size)
+    check_batch(len(rows), max_batch)
     runtime = loaded.runtime
     obs = runtime.observation_batch(rows, "observation" if body.single else "observations", name)
     result = await batcher.act(
@@ -133,4 +130,17 @@ async def act(
     payload = result.payload(body.single)
     payload["policy"] = name
     payload["version"] = loaded.version
-    return FastJSONResponse(payload)
+    return payload
+
+
+@router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
+async def act(
+    name: PolicyName,
+    body: ActRequest,
+    registry: RegistryDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+) -> Response:
+    """Documented here; served by ``service.api.fastpath`` ahead of the router (same code)."""
+    return FastJSONResponse(
+        await act_on_policy(registry, batcher, settings.max_batch_size, name, body))

@@ -108,6 +108,12 @@ class PolicyRuntime:
         self.state_shape = (
             (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
         )
+        # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
+        # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
+        # small MLPs). Tests check it against the TorchRL module called directly.
+        self._plain = None
+        if not self.recurrent and spec.kind in ("qvalue", "actor"):
+            self._plain = self.core.module[0].module
 
     def resolve(self, requested: Exploration) -> Exploration:
         """The exploration actually used for ``requested``.
@@ -169,6 +175,8 @@ class PolicyRuntime:
         state, every observation starts an episode.
         """
         used = self.resolve(exploration)
+        if used is Exploration.deterministic and self._plain is not None:
+            return self._act_plain(observation, return_info)
         batch = observation.shape[0]
         td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
         if self.recurrent:
@@ -196,6 +204,15 @@ class PolicyRuntime:
             next_state = (out.get(("next", "recurrent_state_h")), out.get(("next", "recurrent_state_c")))
         info = self._info(out) if return_info else None
         return ActResult(out.get("action"), info, used, next_state)
+
+    def _act_plain(self, observation: torch.Tensor, return_info: bool) -> ActResult:
+        with torch.inference_mode():
+            out = self._plain(observation.to(self.device))
+        if self.spec.kind == "qvalue":
+            best = out.max(-1)
+            info = {"action_value": out, "chosen_action_value": best.values} if return_info else None
+            return ActResult(best.indices, info, Exploration.deterministic, None)
+        return ActResult(out, {} if return_info else None, Exploration.deterministic, None)
 
     def _info(self, out: TensorDict) -> dict[str, torch.Tensor]:
         if self.spec.kind == "qvalue":
