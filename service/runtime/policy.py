@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
@@ -145,7 +146,7 @@ class PolicyRuntime:
                 raise Unprocessable(
                     f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]"
                 )
-        t = torch.tensor(rows, dtype=torch.float32)
+        t = torch.from_numpy(np.asarray(rows, dtype=np.float32))
         if not torch.isfinite(t).all():
             raise Unprocessable(f"{what} holds values that are not finite as float32")
         return t
