@@ -17,11 +17,19 @@ def _serve(args: argparse.Namespace) -> int:
     from service.main import create_app
     from service.observability import configure_json_logging
 
-    app = create_app(Settings())
+    settings = Settings()
     configure_json_logging(args.log_level)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools",
-                log_level=args.log_level, timeout_graceful_shutdown=30, log_config=None,
-                access_log=False)
+    common = dict(host=args.host, port=args.port, loop="uvloop", http="httptools",
+                  log_level=args.log_level, timeout_graceful_shutdown=30, log_config=None,
+                  access_log=False)
+    if args.workers > 1:
+        if settings.session_store == "memory" or settings.embedded_worker:
+            logging.getLogger(__name__).warning(
+                "several workers: set POLICY_SERVER_SESSION_STORE=redis://… (sessions are per "
+                "process otherwise) and POLICY_SERVER_EMBEDDED_WORKER=false with a Redis queue")
+        uvicorn.run("service.main:create_app", factory=True, workers=args.workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
     return 0
 
 
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="uvicorn worker processes (share sessions and jobs through Redis)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="consume training jobs")
     worker.set_defaults(func=_worker)

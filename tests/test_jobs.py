@@ -180,3 +180,26 @@ def test_recurrent_training_runs_and_publishes_a_recurrent_spec():
     assert trained.spec["recurrent"]["type"] == "lstm"
     assert trained.spec["observation"]["shape"] == [2]
     assert trained.frames == 600 and trained.eval_mean_return > 0
+
+
+def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tmp_path):
+    import httpx
+
+    from tests.helpers import LiveServer
+
+    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
+                         "POLICY_SERVER_DATA_DIR": str(settings.data_dir)}, tmp_path)
+    try:
+        job_id = httpx.post(server.url + "/v1/jobs",
+                            json=job_body(total_frames=1_000_000)).json()["job_id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        server.stop()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's exit
+    settings.embedded_worker = False  # read the record as the shutdown left it
+    with TestClient(create_app(settings)) as c:
+        doc = c.get(f"/v1/jobs/{job_id}").json()
+        assert doc["status"] == "failed" and "interrupted" in doc["error"]
+        assert doc["finished_at"] is not None

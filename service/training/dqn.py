@@ -193,7 +193,7 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
         target = HardUpdate(loss_fn, value_network_update_interval=hp.target_update_interval)
     else:
         target = SoftUpdate(loss_fn, tau=hp.tau)
-    optim = torch.optim.Adam(loss_fn.parameters(), lr=hp.lr)
+    optim = torch.optim.Adam(loss_fn.parameters(), lr=hp.lr, fused=True)
 
     frames = episodes = updates = batches = 0
     recent: list[float] = []
