@@ -58,7 +58,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Train without the server and publish into the model repository."""
     from service.config import Settings, resolve_device
-    from service.training.dqn import DQNConfig, train
+    from service.training.jobs import build_config, trainer_for
 
     settings = Settings()
     hp = {}
@@ -66,9 +66,11 @@ def _train(args: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         hp[key] = json.loads(value)
     command = "policy-server " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    config = DQNConfig.with_defaults(hp, env_id=args.env, recurrent=args.recurrent,
-                                     total_frames=args.frames, seed=args.seed,
-                                     device=resolve_device(args.device), command=command)
+    config = build_config({"algorithm": args.algorithm, "env_id": args.env,
+                           "recurrent": args.recurrent, "total_frames": args.frames,
+                           "seed": args.seed, "hyperparameters": hp},
+                          device=resolve_device(args.device), command=command)
+    train = trainer_for(args.algorithm)
 
     def progress(p: dict) -> None:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="consume training jobs")
     worker.set_defaults(func=_worker)
-    tr = sub.add_parser("train", help="train a DQN policy into the model repository")
+    tr = sub.add_parser("train", help="train a policy into the model repository")
+    tr.add_argument("--algorithm", choices=["dqn", "sac", "td3"], default="dqn")
     tr.add_argument("--env", required=True)
     tr.add_argument("--name", required=True)
     tr.add_argument("--recurrent", action="store_true")

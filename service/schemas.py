@@ -171,7 +171,9 @@ JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelle
 
 
 class JobCreate(_In):
-    algorithm: Literal["dqn"] = Field(description="Training algorithm.")
+    algorithm: Literal["dqn", "sac", "td3"] = Field(
+        description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
+                    "policy) or td3 (box; deterministic actor).")
     env_id: str = Field(max_length=128, description="An allow-listed environment id.")
     policy_name: str = Field(pattern=NAME_PATTERN, max_length=64,
                              description="Published as a new version of this policy.")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.main import create_app
@@ -166,8 +167,8 @@ def test_short_training_run_really_learns():
         seed=0)
     from service.registry.build import build_policy
 
-    untrained = evaluate(config, build_policy(policy_spec_for(config)), __import__("torch").device(
-        "cpu"), 10, 10_000)
+    untrained = evaluate("CartPole-v1", build_policy(policy_spec_for(config)),
+                         torch.device("cpu"), 10)
     trained = train(config)
     assert untrained < 40
     assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)

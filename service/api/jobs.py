@@ -12,8 +12,7 @@ from service.api.deps import Admin, SettingsDep
 from service.envs import check_env_id, env_specs
 from service.errors import Conflict, NotFound, Unprocessable
 from service.schemas import JobAccepted, JobCreate, JobList, JobMetrics, JobPublic
-from service.training.dqn import DQNConfig
-from service.training.jobs import FINISHED, Jobs, JobStatus
+from service.training.jobs import FINISHED, Jobs, JobStatus, build_config
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -35,15 +34,18 @@ def _job(jobs: Jobs, job_id: str) -> dict:
 @router.post("", status_code=202, response_model=JobAccepted, dependencies=[Admin])
 async def submit_job(body: JobCreate, jobs: JobsDep, settings: SettingsDep) -> dict:
     check_env_id(body.env_id)
-    if env_specs(body.env_id)["action"]["type"] != "discrete":
-        raise Unprocessable(f"algorithm 'dqn' needs a discrete action space; {body.env_id} "
-                            "has a box action space")
+    space = env_specs(body.env_id)["action"]["type"]
+    needs = "discrete" if body.algorithm == "dqn" else "box"
+    if space != needs:
+        raise Unprocessable(f"algorithm {body.algorithm!r} needs a {needs} action space; "
+                            f"{body.env_id} has a {space} action space")
+    if body.recurrent and body.algorithm != "dqn":
+        raise Unprocessable(f"recurrent=true is available for 'dqn' only, not {body.algorithm!r}")
     if body.total_frames > settings.max_total_frames:
         raise Unprocessable(f"total_frames={body.total_frames} exceeds the limit of "
                             f"{settings.max_total_frames}")
     try:
-        DQNConfig.with_defaults(body.hyperparameters, env_id=body.env_id,
-                                recurrent=body.recurrent, total_frames=body.total_frames)
+        build_config(body.model_dump())
     except ValidationError as exc:
         raise Unprocessable("invalid hyperparameters: " + "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}"

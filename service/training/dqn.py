@@ -9,11 +9,8 @@ deterministically, and return spec + safetensors weights ready to publish.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
@@ -21,14 +18,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from tensordict.nn import TensorDictSequential
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorDictReplayBuffer
-from torchrl.envs import RewardSum, TransformedEnv
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import EGreedyModule
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate
 
-from service.envs import env_specs, make_env
-from service.registry.build import BuiltPolicy, build_policy, weights_bytes
+from service.envs import env_specs
+from service.registry.build import build_policy
 from service.registry.spec import PolicySpec
+from service.training.common import (
+    EVAL_SEED,
+    Progress,
+    TrainConfig,
+    TrainedPolicy,
+    artifact,
+    evaluate,
+    run_offpolicy,
+    train_env,
+)
 
 log = logging.getLogger(__name__)
 SEGMENT = "segment"
@@ -73,19 +78,11 @@ RECURRENT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class DQNConfig(BaseModel):
-    """One training run."""
+class DQNConfig(TrainConfig):
+    """One DQN training run."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    env_id: str
     recurrent: bool = False
-    total_frames: int = Field(50_000, ge=1)
-    seed: int = 0
-    device: str = "cpu"
     hyperparameters: DQNHyperparameters = Field(default_factory=DQNHyperparameters)
-    job_id: str | None = None
-    command: str | None = None
 
     @classmethod
     def with_defaults(cls, hyperparameters: dict | None = None, **kw: Any) -> DQNConfig:
@@ -93,20 +90,6 @@ class DQNConfig(BaseModel):
         base = dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
         base.update(hyperparameters or {})
         return cls(hyperparameters=DQNHyperparameters(**base), **kw)
-
-
-@dataclass
-class TrainedPolicy:
-    spec: dict[str, Any]
-    weights: bytes
-    eval_mean_return: float
-    frames: int
-    wall_time_s: float
-    device: str
-    cancelled: bool
-
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 def policy_spec_for(config: DQNConfig) -> PolicySpec:
@@ -122,31 +105,6 @@ def policy_spec_for(config: DQNConfig) -> PolicySpec:
         "env_id": config.env_id,
         "exploration": {"epsilon": max(hp.eps_end, 0.01)},
     })
-
-
-def _env(config: DQNConfig, built: BuiltPolicy, device: torch.device,
-         max_steps: int | None = None) -> TransformedEnv:
-    env = make_env(config.env_id, max_steps=max_steps, device=str(device))
-    if built.lstm is not None:
-        env.append_transform(built.lstm.make_tensordict_primer())
-    env.append_transform(RewardSum())
-    return env
-
-
-def evaluate(config: DQNConfig, built: BuiltPolicy, device: torch.device, episodes: int,
-             seed: int) -> float:
-    """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…)."""
-    env = _env(config, built, device)
-    returns = []
-    try:
-        for i in range(episodes):
-            env.set_seed(seed + i)
-            with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-                td = env.rollout(100_000, built.core, break_when_any_done=True)
-            returns.append(float(td["next", "reward"].sum()))
-    finally:
-        env.close()
-    return sum(returns) / len(returns)
 
 
 def train(config: DQNConfig, on_progress: Progress | None = None,
@@ -165,7 +123,7 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
     ).to(device)
     explore_policy = TensorDictSequential(core, egreedy)
 
-    env = _env(config, built, device)
+    env = train_env(config.env_id, built, device)
     env.set_seed(config.seed)
     collector = Collector(
         env, explore_policy, frames_per_batch=hp.frames_per_batch,
@@ -195,70 +153,38 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
         target = SoftUpdate(loss_fn, tau=hp.tau)
     optim = torch.optim.Adam(loss_fn.parameters(), lr=hp.lr, fused=True)
 
-    frames = episodes = updates = batches = 0
-    recent: list[float] = []
-    last_loss = float("nan")
-    next_eval = hp.eval_every_frames or math.inf
-    cancelled = False
+    def prepare(data, batch_index: int):
+        if config.recurrent:
+            data[SEGMENT] = torch.full((data.numel(),), batch_index, device=data.device)
+        return data
+
+    def update(sample) -> float:
+        if config.recurrent:
+            sample = _as_sequences(sample, hp.slice_len)
+        loss = loss_fn(sample)["loss"]
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), hp.max_grad_norm)
+        optim.step()
+        target.step()
+        return float(loss.detach())
+
+    def after_batch(n: int) -> dict[str, Any]:
+        egreedy.step(n)
+        return {"epsilon": float(egreedy.eps)}
+
     try:
-        for data in collector:
-            frames += data.numel()
-            done = data["next", "done"].reshape(-1)
-            if done.any():
-                finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
-                episodes += len(finished)
-                recent = (recent + finished)[-20:]
-            data = data.reshape(-1)
-            if config.recurrent:
-                data[SEGMENT] = torch.full((data.numel(),), batches, device=data.device)
-            batches += 1
-            buffer.extend(data)
-            egreedy.step(data.numel())
-            if frames >= hp.init_random_frames:
-                for _ in range(hp.updates_per_batch):
-                    sample = buffer.sample()
-                    if config.recurrent:
-                        sample = _as_sequences(sample, hp.slice_len)
-                    loss = loss_fn(sample)["loss"]
-                    optim.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), hp.max_grad_norm)
-                    optim.step()
-                    target.step()
-                    updates += 1
-                last_loss = float(loss.detach())
-            collector.update_policy_weights_()
-            point: dict[str, Any] = {
-                "frames": frames, "total_frames": config.total_frames, "episodes": episodes,
-                "mean_return": sum(recent) / len(recent) if recent else None,
-                "loss": None if math.isnan(last_loss) else last_loss,
-                "epsilon": float(egreedy.eps), "fps": frames / (time.perf_counter() - start),
-                "time_s": time.perf_counter() - start,
-            }
-            if frames >= next_eval:
-                point["eval_mean_return"] = evaluate(config, built, device, 5, 10_000)
-                next_eval += hp.eval_every_frames
-            if on_progress:
-                on_progress(point)
-            if should_stop and should_stop():
-                cancelled = True
-                break
+        loop = run_offpolicy(
+            collector=collector, buffer=buffer, total_frames=config.total_frames,
+            init_random_frames=hp.init_random_frames, updates_per_batch=hp.updates_per_batch,
+            update=update, start=start, prepare=prepare, after_batch=after_batch,
+            eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
+            eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
+            should_stop=should_stop)
     finally:
-        collector.shutdown()
         env.close()
-    eval_return = float("nan") if cancelled else evaluate(
-        config, built, device, hp.eval_episodes, 10_000 + config.seed)
-    wall = time.perf_counter() - start
-    spec.provenance = {
-        "algorithm": "dqn", "job_id": config.job_id, "frames": frames, "updates": updates,
-        "wall_time_s": round(wall, 2), "device": str(device), "seed": config.seed,
-        "eval_mean_return": eval_return, "eval_episodes": hp.eval_episodes,
-        "hyperparameters": hp.model_dump(), "command": config.command,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return TrainedPolicy(spec=spec.model_dump(mode="json"), weights=weights_bytes(built),
-                         eval_mean_return=eval_return, frames=frames, wall_time_s=wall,
-                         device=str(device), cancelled=cancelled)
+    return artifact(algorithm="dqn", spec=spec, built=built, config=config, hyperparameters=hp,
+                    eval_episodes=hp.eval_episodes, loop=loop, start=start)
 
 
 def _as_sequences(sample, slice_len: int):

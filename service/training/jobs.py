@@ -205,6 +205,33 @@ class RedisJobStore(JobStore):
         return bool(self._r.exists(f"ps:job:{job_id}:cancel"))
 
 
+# -- what a job trains ------------------------------------------------------------------------
+ALGORITHMS = ("dqn", "sac", "td3")
+
+
+def build_config(request: dict[str, Any], **extra: Any):
+    """The trainer's config for a job request (raises pydantic's ValidationError on bad input)."""
+    common = {"env_id": request["env_id"], "total_frames": request["total_frames"],
+              "seed": request.get("seed") or 0, **extra}
+    if request["algorithm"] == "dqn":
+        from service.training.dqn import DQNConfig
+
+        return DQNConfig.with_defaults(request.get("hyperparameters"),
+                                       recurrent=request.get("recurrent", False), **common)
+    from service.training.actor_critic import ActorCriticConfig
+
+    return ActorCriticConfig.with_defaults(request.get("hyperparameters"),
+                                           algorithm=request["algorithm"], **common)
+
+
+def trainer_for(algorithm: str) -> Callable[..., Any]:
+    if algorithm == "dqn":
+        from service.training.dqn import train
+    else:
+        from service.training.actor_critic import train
+    return train
+
+
 # -- queue -----------------------------------------------------------------------------------
 class JSONMessageSerializer(Serializer):
     """huey messages as JSON (huey's default serializer is pickle)."""
@@ -278,8 +305,6 @@ class Jobs:
 
     def run(self, job_id: str) -> None:
         """The huey task: train, then publish; every outcome is recorded."""
-        from service.training.dqn import DQNConfig, train
-
         doc = self.store.get(job_id)
         if doc is None or doc["status"] != JobStatus.queued.value or \
                 self.store.cancel_requested(job_id):
@@ -291,10 +316,8 @@ class Jobs:
             device = resolve_device(req.get("device", "auto"))
             self.store.update(job_id, status=JobStatus.running.value, started_at=now_iso(),
                               device=device, heartbeat=time.time())
-            config = DQNConfig.with_defaults(
-                req.get("hyperparameters"), env_id=req["env_id"], recurrent=req["recurrent"],
-                total_frames=req["total_frames"], seed=req.get("seed") or 0, device=device,
-                job_id=job_id, command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}")
+            config = build_config(req, device=device, job_id=job_id,
+                                  command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}")
 
             def on_progress(point: dict[str, Any]) -> None:
                 progress = {k: point.get(k) for k in ("frames", "total_frames", "episodes",
@@ -306,7 +329,7 @@ class Jobs:
             def should_stop() -> bool:
                 return self.stopping.is_set() or self.store.cancel_requested(job_id)
 
-            trained = train(config, on_progress, should_stop)
+            trained = trainer_for(req["algorithm"])(config, on_progress, should_stop)
             if trained.cancelled:
                 if self.stopping.is_set() and not self.store.cancel_requested(job_id):
                     self.store.update(job_id, status=JobStatus.failed.value, finished_at=now_iso(),

@@ -1,0 +1,163 @@
+"""What every off-policy trainer shares: env, evaluation, the collect/learn loop, the artifact."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tensordict import TensorDictBase
+from torchrl.collectors import Collector
+from torchrl.data import ReplayBuffer
+from torchrl.envs import RewardSum, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from service.envs import make_env
+from service.registry.build import BuiltPolicy, weights_bytes
+from service.registry.spec import PolicySpec
+
+Progress = Callable[[dict[str, Any]], None]
+EVAL_SEED = 10_000
+
+
+class TrainConfig(BaseModel):
+    """One training run (the algorithm's hyperparameters are in the subclass)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env_id: str
+    total_frames: int = Field(50_000, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    job_id: str | None = None
+    command: str | None = None
+
+
+@dataclass
+class TrainedPolicy:
+    spec: dict[str, Any]
+    weights: bytes
+    eval_mean_return: float
+    frames: int
+    wall_time_s: float
+    device: str
+    cancelled: bool
+
+
+def train_env(env_id: str, built: BuiltPolicy, device: torch.device) -> TransformedEnv:
+    """The allow-listed env with the LSTM primer (recurrent policies) and episode returns."""
+    env = make_env(env_id, device=str(device))
+    if built.lstm is not None:
+        env.append_transform(built.lstm.make_tensordict_primer())
+    env.append_transform(RewardSum())
+    return env
+
+
+def evaluate(env_id: str, built: BuiltPolicy, device: torch.device, episodes: int,
+             seed: int = EVAL_SEED) -> float:
+    """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…)."""
+    env = train_env(env_id, built, device)
+    returns = []
+    try:
+        for i in range(episodes):
+            env.set_seed(seed + i)
+            with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+                td = env.rollout(100_000, built.core, break_when_any_done=True)
+            returns.append(float(td["next", "reward"].sum()))
+    finally:
+        env.close()
+    return sum(returns) / len(returns)
+
+
+@dataclass
+class LoopResult:
+    frames: int
+    updates: int
+    cancelled: bool
+
+
+def run_offpolicy(
+    *,
+    collector: Collector,
+    buffer: ReplayBuffer,
+    total_frames: int,
+    init_random_frames: int,
+    updates_per_batch: int,
+    update: Callable[[TensorDictBase], float],
+    start: float,
+    prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
+    after_batch: Callable[[int], dict[str, Any]] | None = None,
+    eval_fn: Callable[[], float] | None = None,
+    eval_every_frames: int = 0,
+    on_progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> LoopResult:
+    """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped."""
+    frames = episodes = updates = batches = 0
+    recent: list[float] = []
+    last_loss = float("nan")
+    next_eval = eval_every_frames or math.inf
+    cancelled = False
+    try:
+        for data in collector:
+            frames += data.numel()
+            done = data["next", "done"].reshape(-1)
+            if done.any():
+                finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
+                episodes += len(finished)
+                recent = (recent + finished)[-20:]
+            data = data.reshape(-1)
+            if prepare is not None:
+                data = prepare(data, batches)
+            batches += 1
+            buffer.extend(data)
+            if frames >= init_random_frames:
+                for _ in range(updates_per_batch):
+                    last_loss = update(buffer.sample())
+                    updates += 1
+            collector.update_policy_weights_()
+            now = time.perf_counter() - start
+            point: dict[str, Any] = {
+                "frames": frames, "total_frames": total_frames, "episodes": episodes,
+                "mean_return": sum(recent) / len(recent) if recent else None,
+                "loss": None if math.isnan(last_loss) else last_loss,
+                "epsilon": None, "fps": frames / now, "time_s": now,
+            }
+            if after_batch is not None:
+                point.update(after_batch(data.numel()))
+            if eval_fn is not None and frames >= next_eval:
+                point["eval_mean_return"] = eval_fn()
+                next_eval += eval_every_frames
+            if on_progress:
+                on_progress(point)
+            if should_stop and should_stop():
+                cancelled = True
+                break
+    finally:
+        collector.shutdown()
+    return LoopResult(frames, updates, cancelled)
+
+
+def artifact(*, algorithm: str, spec: PolicySpec, built: BuiltPolicy, config: TrainConfig,
+             hyperparameters: BaseModel, eval_episodes: int, loop: LoopResult,
+             start: float) -> TrainedPolicy:
+    """Evaluate (unless cancelled) and package spec + provenance + safetensors weights."""
+    device = torch.device(config.device)
+    eval_return = float("nan") if loop.cancelled else evaluate(
+        config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
+    wall = time.perf_counter() - start
+    spec.provenance = {
+        "algorithm": algorithm, "job_id": config.job_id, "frames": loop.frames,
+        "updates": loop.updates, "wall_time_s": round(wall, 2), "device": str(device),
+        "seed": config.seed, "eval_mean_return": eval_return, "eval_episodes": eval_episodes,
+        "hyperparameters": hyperparameters.model_dump(), "command": config.command,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return TrainedPolicy(spec=spec.model_dump(mode="json"), weights=weights_bytes(built),
+                         eval_mean_return=eval_return, frames=loop.frames, wall_time_s=wall,
+                         device=str(device), cancelled=loop.cancelled)
