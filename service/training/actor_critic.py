@@ -65,10 +65,8 @@ class ActorCriticConfig(TrainConfig):
         default_factory=ActorCriticHyperparameters)
 
     @classmethod
-    def with_defaults(cls, hyperparameters: dict | None = None, **kw: Any) -> ActorCriticConfig:
-        defaults: dict[str, Any] = {"lr": 1e-3} if kw.get("algorithm") == "td3" else {}
-        defaults.update(hyperparameters or {})
-        return cls(hyperparameters=ActorCriticHyperparameters(**defaults), **kw)
+    def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
+        return {"lr": 1e-3} if kw.get("algorithm") == "td3" else {}
 
 
 def policy_spec_for(config: ActorCriticConfig) -> PolicySpec:

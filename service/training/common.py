@@ -37,6 +37,18 @@ class TrainConfig(BaseModel):
     job_id: str | None = None
     command: str | None = None
 
+    @classmethod
+    def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
+        """Defaults that depend on the run (e.g. recurrent or not); overridden by the request."""
+        return {}
+
+    @classmethod
+    def with_defaults(cls, hyperparameters: dict | None = None, **kw: Any):
+        """The config with the run's defaults, overridden by ``hyperparameters``."""
+        values = {**cls.default_hyperparameters(**kw), **(hyperparameters or {})}
+        hp_class = cls.model_fields["hyperparameters"].annotation
+        return cls(hyperparameters=hp_class(**values), **kw)
+
 
 @dataclass
 class TrainedPolicy:

@@ -85,11 +85,8 @@ class DQNConfig(TrainConfig):
     hyperparameters: DQNHyperparameters = Field(default_factory=DQNHyperparameters)
 
     @classmethod
-    def with_defaults(cls, hyperparameters: dict | None = None, **kw: Any) -> DQNConfig:
-        """Per-environment defaults (recurrent runs get theirs), overridden by ``hyperparameters``."""
-        base = dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
-        base.update(hyperparameters or {})
-        return cls(hyperparameters=DQNHyperparameters(**base), **kw)
+    def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
+        return dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
 
 
 def policy_spec_for(config: DQNConfig) -> PolicySpec:
