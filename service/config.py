@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_concurrent_rollouts: int = Field(2, ge=1, description="Rollouts at once (429 beyond).")
     rollout_timeout_s: float = Field(120.0, gt=0)
     max_total_frames: int = Field(2_000_000, ge=1, description="Largest training job.")
+    max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue (429 beyond).")
+    request_timeout_s: float = Field(30.0, gt=0, description="HTTP requests other than "
+                                     "rollouts and uploads are answered 504 past this.")
 
     # stores and queue
     session_store: str = Field("memory", description="memory | redis://host:port/db")

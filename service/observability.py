@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -62,8 +63,8 @@ def configure_json_logging(level: str = "info") -> None:
 class RequestContextMiddleware:
     """Request id (``X-Request-ID``, echoed or made up), access log line, metrics per route."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, timeout_s: float | None = None) -> None:
+        self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
         # unique per process and cheap: a random prefix and a counter
         self._prefix = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -73,25 +74,38 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = None
+        status = 500
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 request_id = v.decode("latin-1")[:128]
                 break
         request_id = request_id or f"{self._prefix}-{next(self._counter):x}"
-        status = 500
         start = time.perf_counter()
 
+        started = False
+
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"],
                                       (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
+        timed = self.timeout_s is not None and not _long_running(scope)
         try:
-            await self.app(scope, receive, send_with_id)
+            if timed:
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await self.app(scope, receive, send_with_id)
+                except TimeoutError:
+                    if started:  # nothing more can be sent on this response
+                        raise
+                    await _send_json(send_with_id, 504, {
+                        "detail": f"the request took longer than {self.timeout_s:g} s"})
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
@@ -103,3 +117,16 @@ class RequestContextMiddleware:
                 log.info("request", extra={"fields": {
                     "request_id": request_id, "method": scope["method"], "path": scope["path"],
                     "status": status, "duration_ms": round(elapsed * 1000, 3)}})
+
+
+def _long_running(scope) -> bool:
+    """Rollouts (their own ROLLOUT_TIMEOUT_S) and uploads are not held to the request timeout."""
+    path = scope["path"]
+    return path.endswith("/rollout") or path.endswith("/versions")
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

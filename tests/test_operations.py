@@ -68,3 +68,48 @@ def test_generated_requests_never_get_a_5xx(live):
 
         check()
     assert httpx.get(live.url + "/readyz").status_code == 200
+
+
+def test_limits_answer_429_with_retry_after(settings):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings.max_queued_jobs = 1
+    settings.max_concurrent_rollouts = 1
+    with TestClient(create_app(settings)) as c:  # no worker: jobs stay queued
+        body = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "x",
+                "total_frames": 100}
+        assert c.post("/v1/jobs", json=body).status_code == 202
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        assert "queued" in r.json()["detail"]
+        assert len(c.get("/v1/jobs").json()["jobs"]) == 1
+        # a rollout slot held elsewhere: the next rollout is refused, not queued
+        with c.app.state.rollout_slots:
+            write_policy(settings.model_dir, "cp", CARTPOLE_Q)
+            c.app.state.registry.refresh()
+            r = c.post("/v1/policies/cp/rollout", json={})
+            assert r.status_code == 429 and "Retry-After" in r.headers
+        assert c.post("/v1/policies/cp/rollout", json={"max_steps": 5}).status_code == 200
+
+
+def test_slow_requests_get_504(settings):
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings.request_timeout_s = 0.2
+    app = create_app(settings)
+
+    @app.get("/slow")
+    async def slow() -> dict:
+        await asyncio.sleep(1)
+        return {}
+
+    with TestClient(app) as c:
+        r = c.get("/slow")
+        assert r.status_code == 504 and "0.2 s" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200

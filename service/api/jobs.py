@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.api.deps import Admin, SettingsDep
 from service.envs import check_env_id, env_specs
-from service.errors import Conflict, NotFound, Unprocessable
+from service.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from service.schemas import JobAccepted, JobCreate, JobList, JobMetrics, JobPublic
 from service.training.jobs import FINISHED, Jobs, JobStatus, build_config
 
@@ -44,6 +44,10 @@ async def submit_job(body: JobCreate, jobs: JobsDep, settings: SettingsDep) -> d
     if body.total_frames > settings.max_total_frames:
         raise Unprocessable(f"total_frames={body.total_frames} exceeds the limit of "
                             f"{settings.max_total_frames}")
+    queued = await run_in_threadpool(jobs.store.list, 10_000)
+    if sum(j["status"] == JobStatus.queued.value for j in queued) >= settings.max_queued_jobs:
+        raise TooManyRequests(f"{settings.max_queued_jobs} jobs are already queued; retry later",
+                              retry_after_s=30)
     try:
         build_config(body.model_dump())
     except ValidationError as exc:
