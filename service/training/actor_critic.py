@@ -30,6 +30,7 @@ from service.training.common import (
     artifact,
     evaluate,
     run_offpolicy,
+    snapshot_of,
     train_env,
 )
 
@@ -157,7 +158,7 @@ def train(config: ActorCriticConfig, on_progress: Progress | None = None,
             update=update, start=start,
             eval_fn=lambda: evaluate(config.env_id, built, device, 3, EVAL_SEED),
             eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
-            should_stop=should_stop)
+            should_stop=should_stop, snapshot=snapshot_of(built))
     finally:
         env.close()
     return artifact(algorithm=config.algorithm, spec=spec, built=built, config=config,

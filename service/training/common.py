@@ -91,6 +91,8 @@ class LoopResult:
     frames: int
     updates: int
     cancelled: bool
+    best_state: dict[str, torch.Tensor] | None = None  # weights at the best periodic evaluation
+    best_frames: int | None = None
 
 
 def run_offpolicy(
@@ -108,9 +110,16 @@ def run_offpolicy(
     eval_every_frames: int = 0,
     on_progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    snapshot: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> LoopResult:
-    """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped."""
+    """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped.
+
+    With ``eval_every_frames`` and ``snapshot``, the weights of the best periodic evaluation are
+    kept (like SB3's EvalCallback ``best_model``); ``artifact`` publishes them if they beat the
+    final weights on the final evaluation.
+    """
     frames = episodes = updates = batches = 0
+    best_return, best_state, best_frames = -math.inf, None, None
     recent: list[float] = []
     last_loss = float("nan")
     next_eval = eval_every_frames or math.inf
@@ -145,6 +154,9 @@ def run_offpolicy(
             if eval_fn is not None and frames >= next_eval:
                 point["eval_mean_return"] = eval_fn()
                 next_eval += eval_every_frames
+                if snapshot is not None and point["eval_mean_return"] > best_return:
+                    best_return, best_state = point["eval_mean_return"], snapshot()
+                    best_frames = frames
             if on_progress:
                 on_progress(point)
             if should_stop and should_stop():
@@ -152,7 +164,11 @@ def run_offpolicy(
                 break
     finally:
         collector.shutdown()
-    return LoopResult(frames, updates, cancelled)
+    return LoopResult(frames, updates, cancelled, best_state, best_frames)
+
+
+def snapshot_of(built: BuiltPolicy) -> Callable[[], dict[str, torch.Tensor]]:
+    return lambda: {k: v.detach().clone() for k, v in built.core.state_dict().items()}
 
 
 def artifact(*, algorithm: str, spec: PolicySpec, built: BuiltPolicy, config: TrainConfig,
@@ -162,12 +178,22 @@ def artifact(*, algorithm: str, spec: PolicySpec, built: BuiltPolicy, config: Tr
     device = torch.device(config.device)
     eval_return = float("nan") if loop.cancelled else evaluate(
         config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
+    selected = "final"
+    if loop.best_state is not None and not loop.cancelled:
+        final_state = {k: v.detach().clone() for k, v in built.core.state_dict().items()}
+        built.core.load_state_dict(loop.best_state)
+        best_return = evaluate(config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
+        if best_return > eval_return:
+            eval_return, selected = best_return, f"best periodic evaluation at {loop.best_frames}"
+        else:
+            built.core.load_state_dict(final_state)
     wall = time.perf_counter() - start
     spec.provenance = {
         "algorithm": algorithm, "job_id": config.job_id, "frames": loop.frames,
         "updates": loop.updates, "wall_time_s": round(wall, 2), "device": str(device),
         "seed": config.seed, "eval_mean_return": eval_return, "eval_episodes": eval_episodes,
         "hyperparameters": hyperparameters.model_dump(), "command": config.command,
+        "weights": selected,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(spec=spec.model_dump(mode="json"), weights=weights_bytes(built),

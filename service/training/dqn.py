@@ -32,6 +32,7 @@ from service.training.common import (
     artifact,
     evaluate,
     run_offpolicy,
+    snapshot_of,
     train_env,
 )
 
@@ -177,7 +178,7 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
             update=update, start=start, prepare=prepare, after_batch=after_batch,
             eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
             eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
-            should_stop=should_stop)
+            should_stop=should_stop, snapshot=snapshot_of(built))
     finally:
         env.close()
     return artifact(algorithm="dqn", spec=spec, built=built, config=config, hyperparameters=hp,
