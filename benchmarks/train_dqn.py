@@ -1,6 +1,7 @@
 """DQN targets of issue 3, measured (not a test): success over seeds, and speed against SB3.
 
     python -m benchmarks.train_dqn --seeds 5 --frames 50000            # CartPole-v1 success
+    python -m benchmarks.train_dqn --seeds 5 --hp '{"eval_every_frames": 5000}'  # + keep-best
     python -m benchmarks.train_dqn --speed --frames 20000              # fps vs SB3, same run
     python -m benchmarks.train_dqn --recurrent --frames 100000         # CartPoleNoVel-v1, LSTM vs MLP
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="fps against SB3, one seed each")
     ap.add_argument("--recurrent", action="store_true")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--hp", default="{}", help="hyperparameter overrides as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.speed:
@@ -64,8 +66,9 @@ def main() -> None:
         print(json.dumps({"lstm_dqn": lstm, "mlp_dqn": mlp}))
         return
     runs = []
+    hp = json.loads(args.hp)
     for seed in range(args.seeds):
-        r = ours("CartPole-v1", args.frames, seed)
+        r = ours("CartPole-v1", args.frames, seed, hp=hp)
         runs.append(r)
         print(json.dumps({"seed": seed, **r}), flush=True)
     solved = sum(r["eval"] >= 475 for r in runs)
