@@ -57,7 +57,8 @@ class ActorCriticHyperparameters(BaseModel):
     noise_clip: float = Field(0.5, ge=0, description="TD3: smoothing noise clip.")
     policy_delay: int = Field(2, ge=1, description="TD3: critic updates per actor update.")
     eval_episodes: int = Field(10, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(0, ge=0, description="Periodic evaluation; 0 = only at the end.")
+    eval_every_frames: int = Field(5000, ge=0, description="Periodic evaluation (5 episodes); "
+                                   "the best weights are kept. 0 = only at the end.")
 
 
 class ActorCriticConfig(TrainConfig):
@@ -156,7 +157,7 @@ def train(config: ActorCriticConfig, on_progress: Progress | None = None,
             collector=collector, buffer=buffer, total_frames=config.total_frames,
             init_random_frames=hp.init_random_frames, updates_per_batch=hp.updates_per_batch,
             update=update, start=start,
-            eval_fn=lambda: evaluate(config.env_id, built, device, 3, EVAL_SEED),
+            eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
             eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
             should_stop=should_stop, snapshot=snapshot_of(built))
     finally:

@@ -69,7 +69,8 @@ class DQNHyperparameters(BaseModel):
     max_grad_norm: float = Field(10.0, gt=0, description="Gradient clipping.")
     slice_len: int = Field(16, ge=2, le=512, description="Sequence length (recurrent only).")
     eval_episodes: int = Field(20, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(0, ge=0, description="Periodic evaluation; 0 = only at the end.")
+    eval_every_frames: int = Field(5000, ge=0, description="Periodic evaluation (5 episodes); "
+                                   "the best weights are kept. 0 = only at the end.")
 
 
 RECURRENT_DEFAULTS: dict[str, Any] = {
