@@ -11,7 +11,7 @@ from starlette.requests import HTTPConnection
 from service.config import Settings
 from service.registry.registry import PolicyEntry, Registry
 from service.registry.spec import NAME_PATTERN
-from service.runtime.batching import InferenceExecutor, MicroBatcher
+from service.runtime.batching import MicroBatcher
 
 
 async def get_settings(request: HTTPConnection) -> Settings:
@@ -22,17 +22,12 @@ async def get_registry(request: HTTPConnection) -> Registry:
     return request.app.state.registry
 
 
-async def get_executor(request: HTTPConnection) -> InferenceExecutor:
-    return request.app.state.executor
-
-
 async def get_batcher(request: HTTPConnection) -> MicroBatcher:
     return request.app.state.batcher
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
-ExecutorDep = Annotated[InferenceExecutor, Depends(get_executor)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 PolicyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="Policy name")]
 

@@ -36,10 +36,6 @@ class InferenceExecutor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
-    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Blocking variant for worker threads (rollouts)."""
-        return self._pool.submit(fn, *args, **kwargs).result()
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 

@@ -2,8 +2,8 @@
 
 Every forward pass sets its exploration type explicitly (``set_exploration_type``) and, for
 ``random``, the exploration parameters of that request; nothing depends on ambient state.
-Forward passes are meant to run on the single inference thread (see ``runtime.batching``), which
-is what makes per-request parameters and ``seed`` safe.
+Forward passes are meant to go through the ``MicroBatcher`` (``runtime.batching``), which runs
+them one at a time: that is what makes per-request parameters and ``seed`` safe.
 """
 
 from __future__ import annotations

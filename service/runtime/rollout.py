@@ -1,7 +1,7 @@
 """Run a policy version in an allow-listed environment and return the episodes.
 
-Runs on a worker thread; every policy step goes through the inference thread (``call``), the
-same path as ``/act`` and sessions, so a rollout equals stepping the episode by hand.
+Runs on a worker thread; every policy step goes through the micro-batcher (``call``), the same
+path as ``/act`` and sessions, so a rollout equals stepping the episode by hand.
 """
 
 from __future__ import annotations

@@ -187,6 +187,14 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
 
 
 def _as_sequences(sample, slice_len: int):
-    """SliceSampler returns flat slices; the recurrent loss wants ``[batch, time]``."""
+    """SliceSampler returns flat slices; the recurrent loss wants ``[batch, time]``.
+
+    A slice may cross an episode boundary (``is_init`` inside it). The online sequence splits
+    there by itself; the target sequence (``next``) must split at the same steps, starting from
+    the stored state after the new episode's first observation, or the LSTM would carry the old
+    episode's state into the new one's targets.
+    """
     n = sample.numel() - sample.numel() % slice_len
-    return sample[:n].reshape(-1, slice_len)
+    seq = sample[:n].reshape(-1, slice_len)
+    seq.set(("next", "is_init"), seq.get("is_init").clone())
+    return seq
