@@ -32,9 +32,12 @@ if kind == "naive":
             out = policy(td)
         return {"action": out["action"][0].item()}
 else:
+
     @app.post("/v1/policies/{name}/act")
     async def act(name: str, body: dict) -> dict:
         return {"action": 0}
 
-uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
-            access_log=False)
+
+uvicorn.run(
+    app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False
+)

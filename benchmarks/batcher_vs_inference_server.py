@@ -47,8 +47,7 @@ async def ours(runtime) -> float:
 async def torchrl_server(runtime) -> float:
     from torchrl.modules.inference_server import InferenceServer, ThreadingTransport
 
-    server = InferenceServer(runtime.core, transport=ThreadingTransport(), max_batch_size=64,
-                             timeout=0.0005)
+    server = InferenceServer(runtime.core, transport=ThreadingTransport(), max_batch_size=64, timeout=0.0005)
     server.start()
     clients = [server.client() for _ in range(CALLERS)]
     pool = ThreadPoolExecutor(CALLERS)
@@ -72,8 +71,7 @@ def main() -> None:
     runtime = policy()
     a = asyncio.run(ours(runtime))
     b = asyncio.run(torchrl_server(runtime))
-    print(f"MicroBatcher: {a:,.0f} calls/s; torchrl InferenceServer: {b:,.0f} calls/s; "
-          f"ratio {a / b:.1f}x")
+    print(f"MicroBatcher: {a:,.0f} calls/s; torchrl InferenceServer: {b:,.0f} calls/s; ratio {a / b:.1f}x")
 
 
 if __name__ == "__main__":

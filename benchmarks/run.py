@@ -37,13 +37,15 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            httpx.post(f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act",
-                       json={"observation": OBS}, timeout=1)
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act", json={"observation": OBS}, timeout=1
+            )
             return proc
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -53,10 +55,16 @@ def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
 
 def wrk(url: str, body: dict, seconds: int, connections: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                f"wrk.body = '{json.dumps(body)}'\n")
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+        f.write(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = '{json.dumps(body)}'\n"
+        )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", f.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
     def pct(p: str) -> float:
@@ -65,8 +73,12 @@ def wrk(url: str, body: dict, seconds: int, connections: int) -> dict:
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
-            "errors": int(non2xx.group(1)) if non2xx else 0}
+    return {
+        "rps": rps,
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 async def pyload(url: str, body: dict, seconds: float, connections: int) -> dict:
@@ -84,8 +96,12 @@ async def pyload(url: str, body: dict, seconds: float, connections: int) -> dict
         await asyncio.gather(*(worker(c) for _ in range(connections)))
         elapsed = time.monotonic() - start_t
     lat.sort()
-    return {"rps": len(lat) / elapsed, "p50_ms": lat[len(lat) // 2] * 1000,
-            "p99_ms": lat[int(len(lat) * 0.99)] * 1000, "errors": 0}
+    return {
+        "rps": len(lat) / elapsed,
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+        "errors": 0,
+    }
 
 
 def load(url: str, body: dict, seconds: int, connections: int) -> dict:
@@ -98,8 +114,10 @@ async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
     import websockets
 
     async with httpx.AsyncClient(base_url=base) as c:
-        sids = [(await c.post("/v1/sessions", json={"policy": POLICY})).json()["session_id"]
-                for _ in range(n_sessions)]
+        sids = [
+            (await c.post("/v1/sessions", json={"policy": POLICY})).json()["session_id"]
+            for _ in range(n_sessions)
+        ]
 
         async def http_worker(sid: str, stop: float) -> int:
             n = 0
@@ -152,8 +170,7 @@ def big_batch(base: str, repeats: int = 20) -> dict:
     for _ in range(repeats):
         runtime.act(obs)
     local_s = (time.perf_counter() - t) / repeats
-    return {"http_obs_per_s": 1024 / http_s, "inprocess_obs_per_s": 1024 / local_s,
-            "ratio": local_s / http_s}
+    return {"http_obs_per_s": 1024 / http_s, "inprocess_obs_per_s": 1024 / local_s, "ratio": local_s / http_s}
 
 
 def main() -> None:
@@ -163,8 +180,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     py = sys.executable
-    env = {"POLICY_SERVER_MODEL_DIR": str(ROOT / "models"), "POLICY_SERVER_EMBEDDED_WORKER": "false",
-           "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(), "POLICY_SERVER_REGISTRY_POLL_S": "0"}
+    env = {
+        "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
+        "POLICY_SERVER_EMBEDDED_WORKER": "false",
+        "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(),
+        "POLICY_SERVER_REGISTRY_POLL_S": "0",
+    }
     results = {}
     servers = {
         "ours": [py, "-m", "service.cli", "serve", "--log-level", "warning", "--port"],
@@ -186,8 +207,10 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(10)
-    print(f"load: {'wrk' if shutil.which('wrk') else 'python'}; {args.connections} connections, "
-          f"{args.seconds}s, single observation, policy {POLICY}")
+    print(
+        f"load: {'wrk' if shutil.which('wrk') else 'python'}; {args.connections} connections, "
+        f"{args.seconds}s, single observation, policy {POLICY}"
+    )
     print(f"{'server':8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name in servers:
         r = results[name]

@@ -22,8 +22,9 @@ from service.training.dqn import DQNConfig, train
 
 
 def ours(env_id: str, frames: int, seed: int, recurrent: bool = False, hp: dict | None = None):
-    cfg = DQNConfig.with_defaults(hp or {}, env_id=env_id, recurrent=recurrent,
-                                  total_frames=frames, seed=seed)
+    cfg = DQNConfig.with_defaults(
+        hp or {}, env_id=env_id, recurrent=recurrent, total_frames=frames, seed=seed
+    )
     r = train(cfg)
     return {"eval": r.eval_mean_return, "wall_s": r.wall_time_s, "fps": r.frames / r.wall_time_s}
 
@@ -34,15 +35,28 @@ def sb3(frames: int, seed: int):
     from stable_baselines3.common.evaluation import evaluate_policy
 
     env = gym.make("CartPole-v1")
-    model = DQN("MlpPolicy", env, learning_rate=2.3e-3, batch_size=64, buffer_size=100_000,
-                learning_starts=1000, gamma=0.99, target_update_interval=10, train_freq=256,
-                gradient_steps=128, exploration_fraction=0.16, exploration_final_eps=0.04,
-                policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0)
+    model = DQN(
+        "MlpPolicy",
+        env,
+        learning_rate=2.3e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=1000,
+        gamma=0.99,
+        target_update_interval=10,
+        train_freq=256,
+        gradient_steps=128,
+        exploration_fraction=0.16,
+        exploration_final_eps=0.04,
+        policy_kwargs={"net_arch": [256, 256]},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
     t = time.perf_counter()
     model.learn(total_timesteps=frames)
     wall = time.perf_counter() - t
-    mean, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=20,
-                              deterministic=True)
+    mean, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=20, deterministic=True)
     return {"eval": float(mean), "wall_s": wall, "fps": frames / wall}
 
 
@@ -72,8 +86,11 @@ def main() -> None:
         runs.append(r)
         print(json.dumps({"seed": seed, **r}), flush=True)
     solved = sum(r["eval"] >= 475 for r in runs)
-    print(json.dumps({"solved": f"{solved}/{len(runs)}",
-                      "mean_wall_s": statistics.mean(r["wall_s"] for r in runs)}))
+    print(
+        json.dumps(
+            {"solved": f"{solved}/{len(runs)}", "mean_wall_s": statistics.mean(r["wall_s"] for r in runs)}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     configure_json_logging(args.log_level)
-    common = dict(host=args.host, port=args.port, loop="uvloop", http="httptools",
-                  log_level=args.log_level, timeout_graceful_shutdown=30, log_config=None,
-                  access_log=False)
+    common = dict(
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+        log_config=None,
+        access_log=False,
+    )
     if args.workers > 1:
         if settings.session_store == "memory" or settings.embedded_worker:
             logging.getLogger(__name__).warning(
                 "several workers: set POLICY_SERVER_SESSION_STORE=redis://… (sessions are per "
-                "process otherwise) and POLICY_SERVER_EMBEDDED_WORKER=false with a Redis queue")
+                "process otherwise) and POLICY_SERVER_EMBEDDED_WORKER=false with a Redis queue"
+            )
         uvicorn.run("service.main:create_app", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
@@ -66,21 +74,37 @@ def _train(args: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         hp[key] = json.loads(value)
     command = "policy-server " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    config = build_config({"algorithm": args.algorithm, "env_id": args.env,
-                           "recurrent": args.recurrent, "total_frames": args.frames,
-                           "seed": args.seed, "hyperparameters": hp},
-                          device=resolve_device(args.device), command=command)
+    config = build_config(
+        {
+            "algorithm": args.algorithm,
+            "env_id": args.env,
+            "recurrent": args.recurrent,
+            "total_frames": args.frames,
+            "seed": args.seed,
+            "hyperparameters": hp,
+        },
+        device=resolve_device(args.device),
+        command=command,
+    )
     train = trainer_for(args.algorithm)
 
     def progress(p: dict) -> None:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                          for k, v in p.items()}), flush=True)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in p.items()}), flush=True)
 
     trained = train(config, progress if args.verbose else None)
     version = _publisher(settings)(args.name, trained.spec, trained.weights)
-    print(json.dumps({"policy": args.name, "version": version,
-                      "eval_mean_return": trained.eval_mean_return, "frames": trained.frames,
-                      "wall_time_s": round(trained.wall_time_s, 1), "device": trained.device}))
+    print(
+        json.dumps(
+            {
+                "policy": args.name,
+                "version": version,
+                "eval_mean_return": trained.eval_mean_return,
+                "frames": trained.frames,
+                "wall_time_s": round(trained.wall_time_s, 1),
+                "device": trained.device,
+            }
+        )
+    )
     return 0
 
 
@@ -91,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="uvicorn worker processes (share sessions and jobs through Redis)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes (share sessions and jobs through Redis)",
+    )
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="consume training jobs")
     worker.set_defaults(func=_worker)
@@ -104,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--frames", type=int, default=50_000)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
-    tr.add_argument("--hp", action="append", default=[], metavar="KEY=JSON",
-                    help="hyperparameter override, e.g. --hp lr=0.001")
+    tr.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="hyperparameter override, e.g. --hp lr=0.001",
+    )
     tr.add_argument("--verbose", action="store_true")
     tr.set_defaults(func=_train)
     args = parser.parse_args(argv)

@@ -24,8 +24,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest JSON body (413).")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest upload (413).")
     max_batch_size: int = Field(4096, ge=1, description="Most observations in one act call.")
-    max_forward_batch: int = Field(1024, ge=1, description="Most observations micro-batched "
-                                   "into one forward pass.")
+    max_forward_batch: int = Field(
+        1024, ge=1, description="Most observations micro-batched into one forward pass."
+    )
     max_sessions: int = Field(10_000, ge=1, description="Live sessions before 429.")
     session_ttl_s: float = Field(900.0, gt=0, description="Default idle time before expiry.")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="Largest ttl_s a client may ask.")
@@ -36,8 +37,9 @@ class Settings(BaseSettings):
     rollout_timeout_s: float = Field(120.0, gt=0)
     max_total_frames: int = Field(2_000_000, ge=1, description="Largest training job.")
     max_queued_jobs: int = Field(100, ge=1, description="Jobs waiting in the queue (429 beyond).")
-    request_timeout_s: float = Field(30.0, gt=0, description="HTTP requests other than "
-                                     "rollouts and uploads are answered 504 past this.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="HTTP requests other than rollouts and uploads are answered 504 past this."
+    )
 
     # stores and queue
     session_store: str = Field("memory", description="memory | redis://host:port/db")

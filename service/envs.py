@@ -27,9 +27,7 @@ class NoVelocityObservation(gym.ObservationWrapper):
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         low, high = env.observation_space.low, env.observation_space.high
-        self.observation_space = gym.spaces.Box(
-            low[list(self.KEEP)], high[list(self.KEEP)], dtype=np.float32
-        )
+        self.observation_space = gym.spaces.Box(low[list(self.KEEP)], high[list(self.KEEP)], dtype=np.float32)
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
         return observation[list(self.KEEP)].astype(np.float32)
@@ -53,8 +51,9 @@ ALLOWED: dict[str, EnvEntry] = {
     e.env_id: e
     for e in (
         EnvEntry("CartPole-v1", "Balance a pole on a cart; discrete(2); 500 steps."),
-        EnvEntry("CartPoleNoVel-v1",
-                 "CartPole-v1 observing only cart position and pole angle: needs memory."),
+        EnvEntry(
+            "CartPoleNoVel-v1", "CartPole-v1 observing only cart position and pole angle: needs memory."
+        ),
         EnvEntry("Acrobot-v1", "Swing a two-link arm up; discrete(3)."),
         EnvEntry("MountainCar-v0", "Drive up a hill with momentum; discrete(3)."),
         EnvEntry("MountainCarContinuous-v0", "MountainCar with a continuous force; box(1)."),
@@ -66,9 +65,7 @@ ALLOWED: dict[str, EnvEntry] = {
 def check_env_id(env_id: str) -> EnvEntry:
     entry = ALLOWED.get(env_id)
     if entry is None:
-        raise Unprocessable(
-            f"environment {env_id[:80]!r} is not allowed; expected one of {sorted(ALLOWED)}"
-        )
+        raise Unprocessable(f"environment {env_id[:80]!r} is not allowed; expected one of {sorted(ALLOWED)}")
     return entry
 
 
@@ -96,9 +93,12 @@ def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
     if isinstance(act_space, gym.spaces.Discrete):
         action: dict[str, Any] = {"type": "discrete", "n": int(act_space.n)}
     else:
-        action = {"type": "box", "shape": list(act_space.shape),
-                  "low": [float(x) for x in act_space.low],
-                  "high": [float(x) for x in act_space.high]}
+        action = {
+            "type": "box",
+            "shape": list(act_space.shape),
+            "low": [float(x) for x in act_space.low],
+            "high": [float(x) for x in act_space.high],
+        }
     return {"observation": observation, "action": action}
 
 

@@ -79,9 +79,16 @@ class BodyLimitMiddleware:
         body = FastJSONResponse(
             {"detail": f"request body is larger than the limit of {limit} bytes"}, 413
         ).body
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -97,8 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.executor = InferenceExecutor()
-        app.state.batcher = MicroBatcher(app.state.executor, settings.max_forward_batch,
-                                         loop=asyncio.get_running_loop())
+        app.state.batcher = MicroBatcher(
+            app.state.executor, settings.max_forward_batch, loop=asyncio.get_running_loop()
+        )
         app.state.batcher.on_batch = app.state.metrics.batch_size.observe
         app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
         app.state.sessions = make_session_store(settings.session_store)
@@ -109,7 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not settings.queue_url:
                 # This process was the only worker: a job still 'running' lost its worker.
                 app.state.jobs.store.fail_stale(
-                    0, "interrupted: the server stopped while the job was running")
+                    0, "interrupted: the server stopped while the job was running"
+                )
             worker = JobWorker(app.state.jobs)
             worker.start()
         # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's
@@ -138,8 +147,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.add_middleware(FastActMiddleware, fastapi_app=app)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics,
-                       timeout_s=settings.request_timeout_s)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=app.state.metrics, timeout_s=settings.request_timeout_s
+    )
     app.add_middleware(
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes
     )

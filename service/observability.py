@@ -19,22 +19,30 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("policy_server_requests_total", "HTTP requests",
-                                ["route", "method", "status", "policy"], registry=self.registry)
+        self.requests = Counter(
+            "policy_server_requests_total",
+            "HTTP requests",
+            ["route", "method", "status", "policy"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "policy_server_request_seconds", "HTTP request latency", ["route", "policy"],
+            "policy_server_request_seconds",
+            "HTTP request latency",
+            ["route", "policy"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
-            registry=self.registry)
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
-            "policy_server_forward_batch_size", "Observations per forward pass",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096), registry=self.registry)
-        self.live_sessions = Gauge("policy_server_live_sessions", "Live sessions",
-                                   registry=self.registry)
-        self.jobs = Gauge("policy_server_jobs", "Training jobs by status", ["status"],
-                          registry=self.registry)
-        self.training_fps = Gauge("policy_server_training_fps",
-                                  "Frames per second of running training jobs",
-                                  registry=self.registry)
+            "policy_server_forward_batch_size",
+            "Observations per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
+            registry=self.registry,
+        )
+        self.live_sessions = Gauge("policy_server_live_sessions", "Live sessions", registry=self.registry)
+        self.jobs = Gauge("policy_server_jobs", "Training jobs by status", ["status"], registry=self.registry)
+        self.training_fps = Gauge(
+            "policy_server_training_fps", "Frames per second of running training jobs", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -42,8 +50,12 @@ class Metrics:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         extra = getattr(record, "fields", None)
         if extra:
             out.update(extra)
@@ -89,8 +101,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"],
-                                      (b"x-request-id", request_id.encode("latin-1"))]
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
 
         timed = self.timeout_s is not None and not _long_running(scope)
@@ -102,8 +113,9 @@ class RequestContextMiddleware:
                 except TimeoutError:
                     if started:  # nothing more can be sent on this response
                         raise
-                    await _send_json(send_with_id, 504, {
-                        "detail": f"the request took longer than {self.timeout_s:g} s"})
+                    await _send_json(
+                        send_with_id, 504, {"detail": f"the request took longer than {self.timeout_s:g} s"}
+                    )
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -114,9 +126,18 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(path, scope["method"], str(status), policy).inc()
             self.metrics.latency.labels(path, policy).observe(elapsed)
             if log.isEnabledFor(logging.INFO):
-                log.info("request", extra={"fields": {
-                    "request_id": request_id, "method": scope["method"], "path": scope["path"],
-                    "status": status, "duration_ms": round(elapsed * 1000, 3)}})
+                log.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "request_id": request_id,
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                        }
+                    },
+                )
 
 
 def _long_running(scope) -> bool:
@@ -127,6 +148,11 @@ def _long_running(scope) -> bool:
 
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

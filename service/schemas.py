@@ -173,10 +173,12 @@ JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelle
 class JobCreate(_In):
     algorithm: Literal["dqn", "sac", "td3"] = Field(
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
-                    "policy) or td3 (box; deterministic actor).")
+        "policy) or td3 (box; deterministic actor)."
+    )
     env_id: str = Field(max_length=128, description="An allow-listed environment id.")
-    policy_name: str = Field(pattern=NAME_PATTERN, max_length=64,
-                             description="Published as a new version of this policy.")
+    policy_name: str = Field(
+        pattern=NAME_PATTERN, max_length=64, description="Published as a new version of this policy."
+    )
     recurrent: bool = False
     total_frames: int = Field(ge=1)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

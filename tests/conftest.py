@@ -18,8 +18,13 @@ def model_dir(tmp_path):
 
 @pytest.fixture()
 def settings(model_dir, tmp_path) -> Settings:
-    return Settings(model_dir=model_dir, data_dir=tmp_path / "var", registry_poll_s=0,
-                    max_batch_size=64, embedded_worker=False)
+    return Settings(
+        model_dir=model_dir,
+        data_dir=tmp_path / "var",
+        registry_poll_s=0,
+        max_batch_size=64,
+        embedded_worker=False,
+    )
 
 
 @pytest.fixture()

@@ -22,19 +22,34 @@ LSTM = {"type": "lstm", "hidden_size": 16, "num_layers": 1}
 
 SPECS: dict[str, dict] = {
     "q": {"kind": "qvalue", "observation": {"shape": [4]}, "action": DISCRETE},
-    "q-lstm": {"kind": "qvalue", "observation": {"shape": [4]}, "action": DISCRETE,
-               "recurrent": LSTM},
+    "q-lstm": {"kind": "qvalue", "observation": {"shape": [4]}, "action": DISCRETE, "recurrent": LSTM},
     "actor": {"kind": "actor", "observation": {"shape": [3]}, "action": BOX},
-    "actor-lstm": {"kind": "actor", "observation": {"shape": [3]}, "action": BOX,
-                   "recurrent": LSTM},
-    "normal": {"kind": "probabilistic", "distribution": "normal", "observation": {"shape": [3]},
-               "action": BOX},
-    "tanh": {"kind": "probabilistic", "distribution": "tanh_normal",
-             "observation": {"shape": [3]}, "action": BOX},
-    "tanh-lstm": {"kind": "probabilistic", "distribution": "tanh_normal",
-                  "observation": {"shape": [3]}, "action": BOX, "recurrent": LSTM},
-    "cat": {"kind": "probabilistic", "distribution": "categorical",
-            "observation": {"shape": [4]}, "action": DISCRETE},
+    "actor-lstm": {"kind": "actor", "observation": {"shape": [3]}, "action": BOX, "recurrent": LSTM},
+    "normal": {
+        "kind": "probabilistic",
+        "distribution": "normal",
+        "observation": {"shape": [3]},
+        "action": BOX,
+    },
+    "tanh": {
+        "kind": "probabilistic",
+        "distribution": "tanh_normal",
+        "observation": {"shape": [3]},
+        "action": BOX,
+    },
+    "tanh-lstm": {
+        "kind": "probabilistic",
+        "distribution": "tanh_normal",
+        "observation": {"shape": [3]},
+        "action": BOX,
+        "recurrent": LSTM,
+    },
+    "cat": {
+        "kind": "probabilistic",
+        "distribution": "categorical",
+        "observation": {"shape": [4]},
+        "action": DISCRETE,
+    },
 }
 for _s in SPECS.values():
     _s.setdefault("network", {"type": "mlp", "num_cells": [32, 32], "activation": "tanh"})
@@ -69,9 +84,20 @@ class LiveServer:
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log = open(cwd / f"server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-             "--log-level", "warning"],
-            env=full_env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=full_env,
+            cwd=cwd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -20,9 +20,14 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
     for name in ("q", "q-lstm", "tanh"):
         write_policy(root / "models", name, SPECS[name])
-    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(root / "models"),
-                         "POLICY_SERVER_DATA_DIR": str(root / "var"),
-                         "POLICY_SERVER_EMBEDDED_WORKER": "false"}, root)
+    server = LiveServer(
+        {
+            "POLICY_SERVER_MODEL_DIR": str(root / "models"),
+            "POLICY_SERVER_DATA_DIR": str(root / "var"),
+            "POLICY_SERVER_EMBEDDED_WORKER": "false",
+        },
+        root,
+    )
     yield server
     server.stop()
 
@@ -45,8 +50,10 @@ async def _concurrently(url: str, bodies: list[tuple[str, dict]]) -> list[httpx.
 
 def test_concurrent_act_calls_are_batched_and_answer_their_own_caller(live):
     rows = obs_for("tanh", 300, seed=21)
-    alone = [httpx.post(live.url + "/v1/policies/tanh/act",
-                        json={"observation": r, "return_info": True}).json() for r in rows[:40]]
+    alone = [
+        httpx.post(live.url + "/v1/policies/tanh/act", json={"observation": r, "return_info": True}).json()
+        for r in rows[:40]
+    ]
     passes0, obs0 = forward_passes(live.url)
     bodies = [("/v1/policies/tanh/act", {"observation": r, "return_info": True}) for r in rows]
     bad_at = {50, 150, 250}
@@ -78,20 +85,29 @@ def test_concurrent_session_steps_are_batched_without_sharing_state(live):
     n, steps = 24, 5
     seqs = [obs_for("q-lstm", steps, seed=300 + i) for i in range(n)]
     base = live.url
-    sids = [httpx.post(base + "/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
-            for _ in range(n)]
+    sids = [
+        httpx.post(base + "/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"] for _ in range(n)
+    ]
     batched = [[] for _ in range(n)]
     for t in range(steps):
-        rs = asyncio.run(_concurrently(base, [
-            (f"/v1/sessions/{sid}/act", {"observation": seqs[i][t], "return_info": True})
-            for i, sid in enumerate(sids)]))
+        rs = asyncio.run(
+            _concurrently(
+                base,
+                [
+                    (f"/v1/sessions/{sid}/act", {"observation": seqs[i][t], "return_info": True})
+                    for i, sid in enumerate(sids)
+                ],
+            )
+        )
         for i, r in enumerate(rs):
             assert r.status_code == 200, r.text
             batched[i].append(r.json())
     for i in range(0, n, 6):
         sid = httpx.post(base + "/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
-        alone = [httpx.post(base + f"/v1/sessions/{sid}/act",
-                            json={"observation": o, "return_info": True}).json() for o in seqs[i]]
+        alone = [
+            httpx.post(base + f"/v1/sessions/{sid}/act", json={"observation": o, "return_info": True}).json()
+            for o in seqs[i]
+        ]
         assert [b["action"] for b in batched[i]] == [a["action"] for a in alone]
         assert_close([b["info"] for b in batched[i]], [a["info"] for a in alone])
 
@@ -100,8 +116,12 @@ def test_seeded_random_calls_stay_reproducible_under_load(live):
     rows = obs_for("q", 1)[0]
     body = {"observations": [rows] * 16, "exploration": "random", "epsilon": 0.5, "seed": 3}
     ref = httpx.post(live.url + "/v1/policies/q/act", json=body).json()["actions"]
-    rs = asyncio.run(_concurrently(live.url, [("/v1/policies/q/act", body)] * 20 + [
-        ("/v1/policies/q/act", {"observation": rows, "exploration": "random", "epsilon": 0.5})
-    ] * 20))
+    rs = asyncio.run(
+        _concurrently(
+            live.url,
+            [("/v1/policies/q/act", body)] * 20
+            + [("/v1/policies/q/act", {"observation": rows, "exploration": "random", "epsilon": 0.5})] * 20,
+        )
+    )
     assert all(r.json()["actions"] == ref for r in rs[:20])
     assert all(r.status_code == 200 for r in rs[20:])

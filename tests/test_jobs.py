@@ -15,13 +15,26 @@ from service.main import create_app
 from service.training.dqn import DQNConfig, evaluate, policy_spec_for, train
 from tests.test_sessions import redis_url  # noqa: F401  (fixture)
 
-FAST = {"num_cells": [32], "frames_per_batch": 100, "updates_per_batch": 5,
-        "init_random_frames": 200, "eval_episodes": 2, "buffer_size": 5000}
+FAST = {
+    "num_cells": [32],
+    "frames_per_batch": 100,
+    "updates_per_batch": 5,
+    "init_random_frames": 200,
+    "eval_episodes": 2,
+    "buffer_size": 5000,
+}
 
 
 def job_body(**kw):
-    body = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "trained",
-            "total_frames": 600, "seed": 1, "device": "cpu", "hyperparameters": FAST}
+    body = {
+        "algorithm": "dqn",
+        "env_id": "CartPole-v1",
+        "policy_name": "trained",
+        "total_frames": 600,
+        "seed": 1,
+        "device": "cpu",
+        "hyperparameters": FAST,
+    }
     body.update(kw)
     return body
 
@@ -109,19 +122,22 @@ def test_job_records_survive_a_restart(settings):
         assert len(c.get(f"/v1/jobs/{done}/metrics").json()["points"]) == 6
 
 
-@pytest.mark.parametrize(("patch", "expected"), [
-    ({"algorithm": "ppo"}, "dqn"),
-    ({"env_id": "Nope-v0"}, "not allowed"),
-    ({"env_id": "os:system"}, "not allowed"),
-    ({"env_id": "Pendulum-v1"}, "discrete action space"),
-    ({"policy_name": "../etc"}, "pattern"),
-    ({"policy_name": "a/b"}, "pattern"),
-    ({"total_frames": 0}, "greater than or equal to 1"),
-    ({"total_frames": 10_000_000}, "exceeds the limit"),
-    ({"hyperparameters": {"learning_rate_typo": 1}}, "learning_rate_typo"),
-    ({"hyperparameters": {"lr": -1}}, "lr"),
-    ({"device": "tpu"}, "auto"),
-])
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"algorithm": "ppo"}, "dqn"),
+        ({"env_id": "Nope-v0"}, "not allowed"),
+        ({"env_id": "os:system"}, "not allowed"),
+        ({"env_id": "Pendulum-v1"}, "discrete action space"),
+        ({"policy_name": "../etc"}, "pattern"),
+        ({"policy_name": "a/b"}, "pattern"),
+        ({"total_frames": 0}, "greater than or equal to 1"),
+        ({"total_frames": 10_000_000}, "exceeds the limit"),
+        ({"hyperparameters": {"learning_rate_typo": 1}}, "learning_rate_typo"),
+        ({"hyperparameters": {"lr": -1}}, "lr"),
+        ({"device": "tpu"}, "auto"),
+    ],
+)
 def test_bad_job_requests_are_422_and_create_nothing(client, patch, expected):
     before = len(client.get("/v1/jobs").json()["jobs"])
     r = client.post("/v1/jobs", json=job_body(**patch))
@@ -140,11 +156,18 @@ def test_jobs_need_the_admin_key(settings):
 def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):  # noqa: F811
     settings.queue_url = redis_url
     settings.registry_poll_s = 0.2
-    env = {**os.environ, "POLICY_SERVER_QUEUE_URL": redis_url,
-           "POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
-           "POLICY_SERVER_DATA_DIR": str(settings.data_dir)}
-    worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "POLICY_SERVER_QUEUE_URL": redis_url,
+        "POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
+        "POLICY_SERVER_DATA_DIR": str(settings.data_dir),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with TestClient(create_app(settings)) as c:
             job_id = c.post("/v1/jobs", json=job_body(policy_name="remote")).json()["job_id"]
@@ -163,20 +186,23 @@ def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):
 
 def test_short_training_run_really_learns():
     config = DQNConfig.with_defaults(
-        {"num_cells": [64, 64], "eval_episodes": 10}, env_id="CartPole-v1", total_frames=5000,
-        seed=0)
+        {"num_cells": [64, 64], "eval_episodes": 10}, env_id="CartPole-v1", total_frames=5000, seed=0
+    )
     from service.registry.build import build_policy
 
-    untrained = evaluate("CartPole-v1", build_policy(policy_spec_for(config)),
-                         torch.device("cpu"), 10)
+    untrained = evaluate("CartPole-v1", build_policy(policy_spec_for(config)), torch.device("cpu"), 10)
     trained = train(config)
     assert untrained < 40
     assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)
 
 
 def test_recurrent_training_runs_and_publishes_a_recurrent_spec():
-    config = DQNConfig.with_defaults({"eval_episodes": 2, "init_random_frames": 200},
-                                     env_id="CartPoleNoVel-v1", recurrent=True, total_frames=600)
+    config = DQNConfig.with_defaults(
+        {"eval_episodes": 2, "init_random_frames": 200},
+        env_id="CartPoleNoVel-v1",
+        recurrent=True,
+        total_frames=600,
+    )
     trained = train(config)
     assert trained.spec["recurrent"]["type"] == "lstm"
     assert trained.spec["observation"]["shape"] == [2]
@@ -188,11 +214,15 @@ def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tm
 
     from tests.helpers import LiveServer
 
-    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
-                         "POLICY_SERVER_DATA_DIR": str(settings.data_dir)}, tmp_path)
+    server = LiveServer(
+        {
+            "POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
+            "POLICY_SERVER_DATA_DIR": str(settings.data_dir),
+        },
+        tmp_path,
+    )
     try:
-        job_id = httpx.post(server.url + "/v1/jobs",
-                            json=job_body(total_frames=1_000_000)).json()["job_id"]
+        job_id = httpx.post(server.url + "/v1/jobs", json=job_body(total_frames=1_000_000)).json()["job_id"]
         deadline = time.monotonic() + 60
         while httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] != "running":
             assert time.monotonic() < deadline

@@ -19,8 +19,9 @@ def test_metrics_counters_move(client):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    label = ('policy_server_requests_total{method="POST",policy="q",'
-             'route="/v1/policies/{name}/act",status="200"}')
+    label = (
+        'policy_server_requests_total{method="POST",policy="q",route="/v1/policies/{name}/act",status="200"}'
+    )
     before = value(client.get("/metrics").text, label)
     for _ in range(3):
         client.post("/v1/policies/q/act", json={"observations": [[0, 0, 0, 0]] * 5})
@@ -42,11 +43,16 @@ def test_request_id_is_echoed_or_made(client):
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("schemathesis")
     write_policy(root / "models", "cp", CARTPOLE_Q)
-    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(root / "models"),
-                         "POLICY_SERVER_DATA_DIR": str(root / "var"),
-                         "POLICY_SERVER_EMBEDDED_WORKER": "false",
-                         "POLICY_SERVER_MAX_ROLLOUT_STEPS": "200",
-                         "POLICY_SERVER_MAX_ROLLOUT_EPISODES": "3"}, root)
+    server = LiveServer(
+        {
+            "POLICY_SERVER_MODEL_DIR": str(root / "models"),
+            "POLICY_SERVER_DATA_DIR": str(root / "var"),
+            "POLICY_SERVER_EMBEDDED_WORKER": "false",
+            "POLICY_SERVER_MAX_ROLLOUT_STEPS": "200",
+            "POLICY_SERVER_MAX_ROLLOUT_EPISODES": "3",
+        },
+        root,
+    )
     yield server
     server.stop()
 
@@ -60,9 +66,9 @@ def test_generated_requests_never_get_a_5xx(live):
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 15
     for op in operations:
+
         @given(op.as_strategy())
-        @settings(max_examples=15, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case):
             case.call_and_validate(checks=[not_a_server_error], timeout=30)
 
@@ -78,8 +84,7 @@ def test_limits_answer_429_with_retry_after(settings):
     settings.max_queued_jobs = 1
     settings.max_concurrent_rollouts = 1
     with TestClient(create_app(settings)) as c:  # no worker: jobs stay queued
-        body = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "x",
-                "total_frames": 100}
+        body = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "x", "total_frames": 100}
         assert c.post("/v1/jobs", json=body).status_code == 202
         r = c.post("/v1/jobs", json=body)
         assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0

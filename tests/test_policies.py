@@ -46,8 +46,7 @@ def test_served_action_equals_module_called_directly(client, name):
     assert r.status_code == 200, r.text
     body = r.json()
     out = direct_call(name, rows)
-    assert torch.allclose(torch.tensor(body["actions"]).to(out["action"].dtype), out["action"],
-                          atol=1e-5)
+    assert torch.allclose(torch.tensor(body["actions"]).to(out["action"].dtype), out["action"], atol=1e-5)
     assert body["policy"] == name and body["version"] == 1
     kind = SPECS[name]["kind"]
     if kind == "qvalue":
@@ -61,8 +60,7 @@ def test_served_action_equals_module_called_directly(client, name):
 @pytest.mark.parametrize("name", ["normal", "cat"])
 def test_mode_equals_module_in_mode(client, name):
     rows = obs_for(name, 4)
-    body = client.post(f"/v1/policies/{name}/act",
-                       json={"observations": rows, "exploration": "mode"}).json()
+    body = client.post(f"/v1/policies/{name}/act", json={"observations": rows, "exploration": "mode"}).json()
     out = direct_call(name, rows, ExplorationType.MODE)
     assert torch.allclose(torch.tensor(body["actions"]).to(out["action"].dtype), out["action"])
     assert body["exploration"] == "mode"
@@ -72,8 +70,7 @@ def test_tanh_normal_mode_falls_back_to_deterministic_and_says_so(client):
     rows = obs_for("tanh", 3)
     det = client.post("/v1/policies/tanh/act", json={"observations": rows}).json()
     for mode in ("mode", "mean"):
-        body = client.post("/v1/policies/tanh/act",
-                           json={"observations": rows, "exploration": mode}).json()
+        body = client.post("/v1/policies/tanh/act", json={"observations": rows, "exploration": mode}).json()
         assert body["exploration"] == "deterministic"
         assert body["actions"] == det["actions"]
 
@@ -103,11 +100,13 @@ def test_epsilon_zero_is_greedy_and_one_covers_every_action(client):
     client.app.state.settings.max_batch_size = 512
     rows = obs_for("q", 1) * 200
     greedy = client.post("/v1/policies/q/act", json={"observations": rows}).json()["actions"]
-    eps0 = client.post("/v1/policies/q/act", json={"observations": rows, "exploration": "random",
-                                                   "epsilon": 0.0}).json()["actions"]
+    eps0 = client.post(
+        "/v1/policies/q/act", json={"observations": rows, "exploration": "random", "epsilon": 0.0}
+    ).json()["actions"]
     assert eps0 == greedy
-    eps1 = client.post("/v1/policies/q/act", json={"observations": rows, "exploration": "random",
-                                                   "epsilon": 1.0}).json()["actions"]
+    eps1 = client.post(
+        "/v1/policies/q/act", json={"observations": rows, "exploration": "random", "epsilon": 1.0}
+    ).json()["actions"]
     assert set(eps1) == {0, 1, 2}
 
 
@@ -115,20 +114,28 @@ def test_epsilon_zero_is_greedy_and_one_covers_every_action(client):
 def test_box_actions_stay_inside_bounds(client, name):
     rows = obs_for(name, 64, seed=3)
     for exploration in ("deterministic", "random"):
-        acts = torch.tensor(client.post(f"/v1/policies/{name}/act", json={
-            "observations": rows, "exploration": exploration, "noise_std": 50.0,
-        }).json()["actions"])
-        low, high = torch.tensor(SPECS[name]["action"]["low"]), torch.tensor(
-            SPECS[name]["action"]["high"])
+        acts = torch.tensor(
+            client.post(
+                f"/v1/policies/{name}/act",
+                json={
+                    "observations": rows,
+                    "exploration": exploration,
+                    "noise_std": 50.0,
+                },
+            ).json()["actions"]
+        )
+        low, high = torch.tensor(SPECS[name]["action"]["low"]), torch.tensor(SPECS[name]["action"]["high"])
         assert (acts >= low).all() and (acts <= high).all()
 
 
 def test_actor_random_adds_noise(client):
     rows = obs_for("actor", 16, seed=5)
-    det = torch.tensor(client.post("/v1/policies/actor/act", json={"observations": rows}).json()[
-        "actions"])
-    noisy = torch.tensor(client.post("/v1/policies/actor/act", json={
-        "observations": rows, "exploration": "random", "noise_std": 0.05}).json()["actions"])
+    det = torch.tensor(client.post("/v1/policies/actor/act", json={"observations": rows}).json()["actions"])
+    noisy = torch.tensor(
+        client.post(
+            "/v1/policies/actor/act", json={"observations": rows, "exploration": "random", "noise_std": 0.05}
+        ).json()["actions"]
+    )
     diff = (noisy - det).abs()
     assert diff.max() > 0 and diff.max() < 0.5
 
@@ -136,11 +143,9 @@ def test_actor_random_adds_noise(client):
 @pytest.mark.parametrize("name", ["q", "q-lstm", "tanh", "cat"])
 def test_batch_equals_single_calls(client, name):
     rows = obs_for(name, 6, seed=11)
-    batch = client.post(f"/v1/policies/{name}/act",
-                        json={"observations": rows, "return_info": True}).json()
+    batch = client.post(f"/v1/policies/{name}/act", json={"observations": rows, "return_info": True}).json()
     for i, row in enumerate(rows):
-        one = client.post(f"/v1/policies/{name}/act",
-                          json={"observation": row, "return_info": True}).json()
+        one = client.post(f"/v1/policies/{name}/act", json={"observation": row, "return_info": True}).json()
         assert one["action"] == pytest.approx(batch["actions"][i], abs=1e-5)
         for k, v in one["info"].items():
             assert v == pytest.approx(batch["info"][i][k], abs=1e-5)
@@ -148,10 +153,14 @@ def test_batch_equals_single_calls(client, name):
 
 # -- versions ---------------------------------------------------------------------------------
 def upload(client, name, spec, weights, headers=None):
-    return client.post(f"/v1/policies/{name}/versions", headers=headers or {}, files={
-        "spec": ("policy.json", json.dumps(spec), "application/json"),
-        "weights": ("weights.safetensors", weights, "application/octet-stream"),
-    })
+    return client.post(
+        f"/v1/policies/{name}/versions",
+        headers=headers or {},
+        files={
+            "spec": ("policy.json", json.dumps(spec), "application/json"),
+            "weights": ("weights.safetensors", weights, "application/octet-stream"),
+        },
+    )
 
 
 def test_upload_switch_default_and_delete(client):
@@ -250,8 +259,11 @@ def test_bad_input_gets_4xx_that_says_what_was_expected(client, body, expected):
 
 def test_non_finite_json_numbers_refused(client):
     for token in ("NaN", "Infinity", "-Infinity"):
-        r = client.post("/v1/policies/q/act", content=f'{{"observation": [{token}, 0, 0, 0]}}',
-                        headers={"content-type": "application/json"})
+        r = client.post(
+            "/v1/policies/q/act",
+            content=f'{{"observation": [{token}, 0, 0, 0]}}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422 and "finite" in r.text
 
 
@@ -290,15 +302,19 @@ def test_admin_endpoints_need_the_key(settings):
 def test_real_uvicorn_serves_the_repository(model_dir, tmp_path):
     import httpx
 
-    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(model_dir),
-                         "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
-                         "POLICY_SERVER_EMBEDDED_WORKER": "false"}, tmp_path)
+    server = LiveServer(
+        {
+            "POLICY_SERVER_MODEL_DIR": str(model_dir),
+            "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
+            "POLICY_SERVER_EMBEDDED_WORKER": "false",
+        },
+        tmp_path,
+    )
     try:
         names = [p["name"] for p in httpx.get(server.url + "/v1/policies").json()["policies"]]
         assert names == sorted(SPECS)
         rows = obs_for("q-lstm", 4)
-        body = httpx.post(server.url + "/v1/policies/q-lstm/act",
-                          json={"observations": rows}).json()
+        body = httpx.post(server.url + "/v1/policies/q-lstm/act", json={"observations": rows}).json()
         assert body["actions"] == direct_call("q-lstm", rows)["action"].tolist()
     finally:
         server.stop()

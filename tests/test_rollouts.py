@@ -14,15 +14,29 @@ from torchrl.envs.utils import step_mdp
 from service.envs import make_env
 from tests.helpers import LiveServer, write_policy
 
-CARTPOLE_Q = {"kind": "qvalue", "observation": {"shape": [4]},
-              "action": {"type": "discrete", "n": 2}, "env_id": "CartPole-v1",
-              "network": {"num_cells": [16]}}
-NOVEL_LSTM = {"kind": "qvalue", "observation": {"shape": [2]},
-              "action": {"type": "discrete", "n": 2}, "env_id": "CartPoleNoVel-v1",
-              "recurrent": {"type": "lstm", "hidden_size": 8}, "network": {"num_cells": [16]}}
-PENDULUM = {"kind": "probabilistic", "distribution": "tanh_normal", "observation": {"shape": [3]},
-            "action": {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]},
-            "env_id": "Pendulum-v1", "network": {"num_cells": [16]}}
+CARTPOLE_Q = {
+    "kind": "qvalue",
+    "observation": {"shape": [4]},
+    "action": {"type": "discrete", "n": 2},
+    "env_id": "CartPole-v1",
+    "network": {"num_cells": [16]},
+}
+NOVEL_LSTM = {
+    "kind": "qvalue",
+    "observation": {"shape": [2]},
+    "action": {"type": "discrete", "n": 2},
+    "env_id": "CartPoleNoVel-v1",
+    "recurrent": {"type": "lstm", "hidden_size": 8},
+    "network": {"num_cells": [16]},
+}
+PENDULUM = {
+    "kind": "probabilistic",
+    "distribution": "tanh_normal",
+    "observation": {"shape": [3]},
+    "action": {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]},
+    "env_id": "Pendulum-v1",
+    "network": {"num_cells": [16]},
+}
 
 
 @pytest.fixture()
@@ -45,11 +59,16 @@ def rclient(env_models, settings):
 
 def test_envs_lists_the_allow_list_with_specs(client):
     envs = {e["env_id"]: e for e in client.get("/v1/envs").json()["envs"]}
-    assert set(envs) == {"CartPole-v1", "CartPoleNoVel-v1", "Acrobot-v1", "MountainCar-v0",
-                         "MountainCarContinuous-v0", "Pendulum-v1"}
+    assert set(envs) == {
+        "CartPole-v1",
+        "CartPoleNoVel-v1",
+        "Acrobot-v1",
+        "MountainCar-v0",
+        "MountainCarContinuous-v0",
+        "Pendulum-v1",
+    }
     assert envs["CartPoleNoVel-v1"]["observation"]["shape"] == [2]
-    assert envs["Pendulum-v1"]["action"] == {"type": "box", "shape": [1], "low": [-2.0],
-                                             "high": [2.0]}
+    assert envs["Pendulum-v1"]["action"] == {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]}
 
 
 def test_cartpole_novel_observes_only_the_two_positions():
@@ -65,8 +84,7 @@ def test_cartpole_novel_observes_only_the_two_positions():
 
 
 def test_rollout_equals_episode_stepped_by_hand_through_act(rclient):
-    r = rclient.post("/v1/policies/cp/rollout",
-                     json={"seed": 5, "max_steps": 300, "return_trajectory": True})
+    r = rclient.post("/v1/policies/cp/rollout", json={"seed": 5, "max_steps": 300, "return_trajectory": True})
     assert r.status_code == 200, r.text
     ep = r.json()["episodes"][0]
     env = make_env("CartPole-v1", max_steps=300)
@@ -74,8 +92,9 @@ def test_rollout_equals_episode_stepped_by_hand_through_act(rclient):
     td = env.reset()
     total, actions = 0.0, []
     while True:
-        a = rclient.post("/v1/policies/cp/act",
-                         json={"observation": td["observation"].tolist()}).json()["action"]
+        a = rclient.post("/v1/policies/cp/act", json={"observation": td["observation"].tolist()}).json()[
+            "action"
+        ]
         actions.append(a)
         td["action"] = torch.tensor(a)
         td = env.step(td)
@@ -89,8 +108,14 @@ def test_rollout_equals_episode_stepped_by_hand_through_act(rclient):
 
 
 def test_seeded_rollouts_reproduce_and_episodes_end(rclient):
-    body = {"seed": 11, "episodes": 3, "max_steps": 40, "exploration": "random", "epsilon": 0.5,
-            "return_trajectory": True}
+    body = {
+        "seed": 11,
+        "episodes": 3,
+        "max_steps": 40,
+        "exploration": "random",
+        "epsilon": 0.5,
+        "return_trajectory": True,
+    }
     a = rclient.post("/v1/policies/cp/rollout", json=body).json()
     b = rclient.post("/v1/policies/cp/rollout", json=body).json()
     c = rclient.post("/v1/policies/cp/rollout", json={**body, "seed": 12}).json()
@@ -106,22 +131,24 @@ def test_seeded_rollouts_reproduce_and_episodes_end(rclient):
 def test_recurrent_and_continuous_rollouts(rclient):
     r = rclient.post("/v1/policies/novel/rollout", json={"seed": 1, "episodes": 2})
     assert r.status_code == 200, r.text
-    p = rclient.post("/v1/policies/pend/rollout", json={"seed": 1, "max_steps": 50,
-                                                          "exploration": "random"})
+    p = rclient.post("/v1/policies/pend/rollout", json={"seed": 1, "max_steps": 50, "exploration": "random"})
     assert p.status_code == 200 and p.json()["episodes"][0]["length"] == 50
     assert p.json()["mean_return"] < 0
 
 
-@pytest.mark.parametrize(("body", "status", "expected"), [
-    ({"env_id": "Humanoid-v5"}, 422, "not allowed"),
-    ({"env_id": "os:system"}, 422, "not allowed"),
-    ({"env_id": "gymnasium.envs.classic_control:CartPoleEnv"}, 422, "not allowed"),
-    ({"env_id": "Pendulum-v1"}, 422, "does not fit policy cp"),
-    ({"env_id": "CartPoleNoVel-v1"}, 422, "observation [2]"),
-    ({"episodes": 101}, 422, "limit of 100"),
-    ({"max_steps": 10_001}, 422, "limit of 10000"),
-    ({"episodes": 0}, 422, "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"env_id": "Humanoid-v5"}, 422, "not allowed"),
+        ({"env_id": "os:system"}, 422, "not allowed"),
+        ({"env_id": "gymnasium.envs.classic_control:CartPoleEnv"}, 422, "not allowed"),
+        ({"env_id": "Pendulum-v1"}, 422, "does not fit policy cp"),
+        ({"env_id": "CartPoleNoVel-v1"}, 422, "observation [2]"),
+        ({"episodes": 101}, 422, "limit of 100"),
+        ({"max_steps": 10_001}, 422, "limit of 10000"),
+        ({"episodes": 0}, 422, "greater than or equal to 1"),
+    ],
+)
 def test_bad_rollouts_are_refused(rclient, body, status, expected):
     r = rclient.post("/v1/policies/cp/rollout", json=body)
     assert r.status_code == status
@@ -135,15 +162,20 @@ def test_policy_without_env_id_needs_one(rclient):
 
 
 def test_act_keeps_answering_during_a_long_rollout(env_models, tmp_path):
-    server = LiveServer({"POLICY_SERVER_MODEL_DIR": str(env_models),
-                         "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
-                         "POLICY_SERVER_EMBEDDED_WORKER": "false"}, tmp_path)
+    server = LiveServer(
+        {
+            "POLICY_SERVER_MODEL_DIR": str(env_models),
+            "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
+            "POLICY_SERVER_EMBEDDED_WORKER": "false",
+        },
+        tmp_path,
+    )
     try:
         with httpx.Client(base_url=server.url) as c:
+
             def lat() -> float:
                 t = time.perf_counter()
-                assert c.post("/v1/policies/cp/act",
-                              json={"observation": [0, 0, 0, 0]}).status_code == 200
+                assert c.post("/v1/policies/cp/act", json={"observation": [0, 0, 0, 0]}).status_code == 200
                 return time.perf_counter() - t
 
             for _ in range(20):
@@ -152,8 +184,11 @@ def test_act_keeps_answering_during_a_long_rollout(env_models, tmp_path):
             done = threading.Event()
 
             def long_rollout():
-                httpx.post(server.url + "/v1/policies/pend/rollout",
-                           json={"episodes": 20, "max_steps": 200}, timeout=120)
+                httpx.post(
+                    server.url + "/v1/policies/pend/rollout",
+                    json={"episodes": 20, "max_steps": 200},
+                    timeout=120,
+                )
                 done.set()
 
             t = threading.Thread(target=long_rollout)

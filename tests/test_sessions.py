@@ -60,14 +60,16 @@ def test_stepping_equals_recurrent_mode_over_the_sequence(client, name):
     T, L, H = len(seq), spec.recurrent.num_layers, spec.recurrent.hidden_size
     is_init = torch.zeros(1, T, 1, dtype=torch.bool)
     is_init[0, 0] = is_init[0, boundary] = True
-    td = TensorDict({
-        "observation": torch.tensor([seq]),
-        "is_init": is_init,
-        "recurrent_state_h": torch.zeros(1, T, L, H),
-        "recurrent_state_c": torch.zeros(1, T, L, H),
-    }, batch_size=[1, T])
-    with torch.no_grad(), set_recurrent_mode(True), \
-            set_exploration_type(ExplorationType.DETERMINISTIC):
+    td = TensorDict(
+        {
+            "observation": torch.tensor([seq]),
+            "is_init": is_init,
+            "recurrent_state_h": torch.zeros(1, T, L, H),
+            "recurrent_state_c": torch.zeros(1, T, L, H),
+        },
+        batch_size=[1, T],
+    )
+    with torch.no_grad(), set_recurrent_mode(True), set_exploration_type(ExplorationType.DETERMINISTIC):
         out = core(td)
     assert [s["step"] for s in stepped] == list(range(1, T + 1))
     got = torch.tensor([s["action"] for s in stepped], dtype=out["action"].dtype)
@@ -115,8 +117,10 @@ def test_num_envs_equals_separate_sessions(client):
     multi = []
     for t in range(6):
         reset = [t == 3, False, t == 2]
-        r = client.post(f"/v1/sessions/{sid}/act", json={
-            "observations": [s[t] for s in seqs], "reset": reset, "return_info": True})
+        r = client.post(
+            f"/v1/sessions/{sid}/act",
+            json={"observations": [s[t] for s in seqs], "reset": reset, "return_info": True},
+        )
         assert r.status_code == 200, r.text
         multi.append(r.json())
     for i, seq in enumerate(seqs):
@@ -128,8 +132,9 @@ def test_num_envs_equals_separate_sessions(client):
 
 def test_session_stays_pinned_to_its_version(client):
     sid = new_session(client, "q-lstm")
-    assert upload(client, "q-lstm", SPECS["q-lstm"],
-                  random_weights(SPECS["q-lstm"], seed=5)).status_code == 201
+    assert (
+        upload(client, "q-lstm", SPECS["q-lstm"], random_weights(SPECS["q-lstm"], seed=5)).status_code == 201
+    )
     o = obs_for("q-lstm", 1)[0]
     assert step(client, sid, o)["version"] == 1
     assert new_session(client, "q-lstm") != sid
@@ -216,8 +221,10 @@ def redis_url(tmp_path):
     if binary is None:
         pytest.skip("no redis-server binary on this machine (.ci/run installs it)")
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
     import redis
 
     r = redis.Redis(port=port)

@@ -25,8 +25,9 @@ def list_envs() -> dict:
     }
 
 
-@router.post("/v1/policies/{name}/rollout", response_model=RolloutResponse,
-             dependencies=[Inference], tags=["policies"])
+@router.post(
+    "/v1/policies/{name}/rollout", response_model=RolloutResponse, dependencies=[Inference], tags=["policies"]
+)
 async def rollout(
     name: PolicyName,
     body: RolloutRequest,
@@ -41,11 +42,9 @@ async def rollout(
         raise Unprocessable(f"policy {name} records no env_id; send env_id, one of {sorted(ALLOWED)}")
     check_env_id(env_id)
     if body.episodes > settings.max_rollout_episodes:
-        raise Unprocessable(f"episodes={body.episodes} exceeds the limit of "
-                            f"{settings.max_rollout_episodes}")
+        raise Unprocessable(f"episodes={body.episodes} exceeds the limit of {settings.max_rollout_episodes}")
     if body.max_steps > settings.max_rollout_steps:
-        raise Unprocessable(f"max_steps={body.max_steps} exceeds the limit of "
-                            f"{settings.max_rollout_steps}")
+        raise Unprocessable(f"max_steps={body.max_steps} exceeds the limit of {settings.max_rollout_steps}")
     check_compatible(env_id, loaded.spec, name)
     with request.app.state.rollout_slots:
         result = await run_in_threadpool(

@@ -29,8 +29,7 @@ ACT_ROUTE = "/v1/policies/{name}/act"
 
 
 def validation_detail(exc: ValidationError, prefix: tuple = ("body",)) -> list[dict]:
-    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors()]
+    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
 class FastActMiddleware:
@@ -63,17 +62,26 @@ class FastActMiddleware:
             except ValidationError as exc:
                 status, payload = 422, {"detail": validation_detail(exc)}
             else:
-                payload = await act_on_policy(state.registry, state.batcher,
-                                              settings.max_batch_size, name, request)
+                payload = await act_on_policy(
+                    state.registry, state.batcher, settings.max_batch_size, name, request
+                )
         except ServiceError as exc:
             status, payload = exc.status_code, {"detail": exc.detail}
             headers = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
         except _Unauthorized as exc:
             status, payload, headers = exc.status, {"detail": exc.detail}, exc.headers
         out = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(out)).encode()),
-            *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(out)).encode()),
+                    *headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": out})
 
 
@@ -105,7 +113,10 @@ def _check_bearer(scope, key: str) -> None:
     header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise _Unauthorized(401, "missing credentials: send 'Authorization: Bearer "
-                                 "<POLICY_SERVER_API_KEY>'", [(b"www-authenticate", b"Bearer")])
+        raise _Unauthorized(
+            401,
+            "missing credentials: send 'Authorization: Bearer <POLICY_SERVER_API_KEY>'",
+            [(b"www-authenticate", b"Bearer")],
+        )
     if not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise _Unauthorized(403, "invalid API key", [])

@@ -33,6 +33,7 @@ async def metrics(request: Request) -> Response:
     jobs = await run_in_threadpool(state.jobs.store.list, 1000)
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         m.jobs.labels(status).set(sum(j["status"] == status for j in jobs))
-    m.training_fps.set(sum((j.get("progress") or {}).get("fps") or 0.0
-                           for j in jobs if j["status"] == "running"))
+    m.training_fps.set(
+        sum((j.get("progress") or {}).get("fps") or 0.0 for j in jobs if j["status"] == "running")
+    )
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

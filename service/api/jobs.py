@@ -37,24 +37,31 @@ async def submit_job(body: JobCreate, jobs: JobsDep, settings: SettingsDep) -> d
     space = env_specs(body.env_id)["action"]["type"]
     needs = "discrete" if body.algorithm == "dqn" else "box"
     if space != needs:
-        raise Unprocessable(f"algorithm {body.algorithm!r} needs a {needs} action space; "
-                            f"{body.env_id} has a {space} action space")
+        raise Unprocessable(
+            f"algorithm {body.algorithm!r} needs a {needs} action space; "
+            f"{body.env_id} has a {space} action space"
+        )
     if body.recurrent and body.algorithm != "dqn":
         raise Unprocessable(f"recurrent=true is available for 'dqn' only, not {body.algorithm!r}")
     if body.total_frames > settings.max_total_frames:
-        raise Unprocessable(f"total_frames={body.total_frames} exceeds the limit of "
-                            f"{settings.max_total_frames}")
+        raise Unprocessable(
+            f"total_frames={body.total_frames} exceeds the limit of {settings.max_total_frames}"
+        )
     queued = await run_in_threadpool(jobs.store.list, 10_000)
     if sum(j["status"] == JobStatus.queued.value for j in queued) >= settings.max_queued_jobs:
-        raise TooManyRequests(f"{settings.max_queued_jobs} jobs are already queued; retry later",
-                              retry_after_s=30)
+        raise TooManyRequests(
+            f"{settings.max_queued_jobs} jobs are already queued; retry later", retry_after_s=30
+        )
     try:
         build_config(body.model_dump())
     except ValidationError as exc:
-        raise Unprocessable("invalid hyperparameters: " + "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}"
-            for e in exc.errors()
-        )) from None
+        raise Unprocessable(
+            "invalid hyperparameters: "
+            + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}"
+                for e in exc.errors()
+            )
+        ) from None
     doc = await run_in_threadpool(jobs.submit, body.model_dump())
     return {"job_id": doc["job_id"], "status": doc["status"]}
 
@@ -81,6 +88,5 @@ async def job_metrics(job_id: str, jobs: JobsDep) -> dict:
 async def cancel_job(job_id: str, jobs: JobsDep) -> dict:
     doc = await run_in_threadpool(_job, jobs, job_id)
     if JobStatus(doc["status"]) in FINISHED:
-        raise Conflict(f"job {job_id} already {doc['status']}; only queued or running jobs "
-                       "can be cancelled")
+        raise Conflict(f"job {job_id} already {doc['status']}; only queued or running jobs can be cancelled")
     return await run_in_threadpool(jobs.cancel, job_id)

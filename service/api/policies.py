@@ -96,9 +96,7 @@ async def set_default(entry: PolicyDep, body: DefaultVersionIn, registry: Regist
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, dependencies=[Admin])
-async def delete_version(
-    entry: PolicyDep, version: int, registry: RegistryDep, request: Request
-) -> Response:
+async def delete_version(entry: PolicyDep, version: int, registry: RegistryDep, request: Request) -> Response:
     await run_in_threadpool(registry.delete_version, entry.name, version)
     await request.app.state.sessions.close_version(entry.name, version)
     return Response(status_code=204)
@@ -142,5 +140,4 @@ async def act(
     settings: SettingsDep,
 ) -> Response:
     """Documented here; served by ``service.api.fastpath`` ahead of the router (same code)."""
-    return FastJSONResponse(
-        await act_on_policy(registry, batcher, settings.max_batch_size, name, body))
+    return FastJSONResponse(await act_on_policy(registry, batcher, settings.max_batch_size, name, body))

@@ -42,14 +42,19 @@ async def create_session(
 ) -> dict:
     loaded = registry.resolve(body.policy, body.version)
     if body.num_envs > settings.max_session_envs:
-        raise Unprocessable(f"num_envs={body.num_envs} exceeds the limit of "
-                            f"{settings.max_session_envs}")
+        raise Unprocessable(f"num_envs={body.num_envs} exceeds the limit of {settings.max_session_envs}")
     ttl = body.ttl_s or settings.session_ttl_s
     if ttl > settings.max_session_ttl_s:
         raise Unprocessable(f"ttl_s={ttl:g} exceeds the limit of {settings.max_session_ttl_s:g}")
-    session = Session(policy=loaded.name, version=loaded.version, num_envs=body.num_envs,
-                      ttl_s=ttl, exploration=body.exploration, epsilon=body.epsilon,
-                      noise_std=body.noise_std)
+    session = Session(
+        policy=loaded.name,
+        version=loaded.version,
+        num_envs=body.num_envs,
+        ttl_s=ttl,
+        exploration=body.exploration,
+        epsilon=body.epsilon,
+        noise_std=body.noise_std,
+    )
     await store.create(session, settings.max_sessions)
     return session.public()
 
@@ -102,29 +107,35 @@ async def step_session(
             loaded = registry.resolve(session.policy, session.version)
         except NotFound:
             await store.delete(session_id)
-            raise NotFound(f"session {session_id!r} was closed: policy {session.policy} "
-                           f"version {session.version} is no longer served") from None
+            raise NotFound(
+                f"session {session_id!r} was closed: policy {session.policy} "
+                f"version {session.version} is no longer served"
+            ) from None
         rows = body.rows
         check_batch(len(rows), max_batch)
         if len(rows) != session.num_envs:
             raise Unprocessable(
                 f"the session has num_envs={session.num_envs}: send {session.num_envs} "
                 f"observation(s) in 'observations' (or one 'observation' when num_envs=1), "
-                f"got {len(rows)}")
+                f"got {len(rows)}"
+            )
         runtime = loaded.runtime
-        obs = runtime.observation_batch(rows, "observation" if body.single else "observations",
-                                        session.policy)
+        obs = runtime.observation_batch(
+            rows, "observation" if body.single else "observations", session.policy
+        )
         is_init = session.needs_init | _reset_mask(body.reset, session.num_envs)
         state = None
         if runtime.recurrent:
-            state = (session.h, session.c) if session.h is not None else runtime.zero_state(
-                session.num_envs)
+            state = (session.h, session.c) if session.h is not None else runtime.zero_state(session.num_envs)
         result = await batcher.act(
-            runtime, obs,
+            runtime,
+            obs,
             exploration=body.exploration or session.exploration or Exploration.deterministic,
             epsilon=body.epsilon if body.epsilon is not None else session.epsilon,
             noise_std=body.noise_std if body.noise_std is not None else session.noise_std,
-            return_info=body.return_info, state=state, is_init=is_init,
+            return_info=body.return_info,
+            state=state,
+            is_init=is_init,
         )
         if result.state is not None:
             session.h, session.c = result.state
@@ -145,8 +156,9 @@ async def act_session(
     batcher: BatcherDep,
     settings: SettingsDep,
 ) -> Response:
-    payload = await step_session(session_id, body, store=store, registry=registry,
-                                 batcher=batcher, max_batch=settings.max_batch_size)
+    payload = await step_session(
+        session_id, body, store=store, registry=registry, batcher=batcher, max_batch=settings.max_batch_size
+    )
     return FastJSONResponse(payload)
 
 
@@ -162,14 +174,21 @@ async def stream_session(websocket: WebSocket, session_id: str) -> None:
             text = await websocket.receive_text()
             try:
                 body = SessionActRequest.model_validate_json(text)
-                reply = await step_session(session_id, body, store=store,
-                                           registry=app.state.registry,
-                                           batcher=app.state.batcher,
-                                           max_batch=settings.max_batch_size)
+                reply = await step_session(
+                    session_id,
+                    body,
+                    store=store,
+                    registry=app.state.registry,
+                    batcher=app.state.batcher,
+                    max_batch=settings.max_batch_size,
+                )
             except ValidationError as exc:
-                reply = {"status": 422, "detail": [
-                    {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                    for e in exc.errors()]}
+                reply = {
+                    "status": 422,
+                    "detail": [
+                        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+                    ],
+                }
             except ServiceError as exc:
                 reply = {"status": exc.status_code, "detail": exc.detail}
             await websocket.send_text(orjson.dumps(reply).decode())

@@ -119,8 +119,7 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltP
         net = _mlp(spec, in_features, spec.action.n)
         modules.append(TensorDictModule(net, in_keys=[in_key], out_keys=["action_value"]))
         modules.append(QValueModule(action_space="categorical", spec=a_spec))
-        explore = EGreedyModule(a_spec, eps_init=spec.exploration.epsilon,
-                                eps_end=spec.exploration.epsilon)
+        explore = EGreedyModule(a_spec, eps_init=spec.exploration.epsilon, eps_end=spec.exploration.epsilon)
     elif spec.kind == "actor":
         net = nn.Sequential(
             _mlp(spec, in_features, spec.action.shape[0]),

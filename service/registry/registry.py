@@ -59,9 +59,11 @@ class PolicyEntry:
 
     def summary(self) -> dict[str, Any]:
         d = self.default_version
-        base = self.versions[d].spec.summary() if d is not None else {
-            "kind": None, "recurrent": None, "observation": None, "action": None, "env_id": None
-        }
+        base = (
+            self.versions[d].spec.summary()
+            if d is not None
+            else {"kind": None, "recurrent": None, "observation": None, "action": None, "env_id": None}
+        )
         return {
             "name": self.name,
             "default_version": d,
@@ -74,9 +76,7 @@ def parse_spec(raw: Any) -> PolicySpec:
     try:
         return PolicySpec.model_validate(raw)
     except ValidationError as exc:
-        msgs = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
-        )
+        msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
         raise InvalidPolicy(f"invalid policy spec: {msgs}") from None
 
 
@@ -171,9 +171,7 @@ class Registry:
         Nothing is written or changed unless the whole version loads.
         """
         if not is_valid_name(name):
-            raise InvalidPolicy(
-                f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'"
-            )
+            raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'")
         spec = parse_spec(spec_json)
         runtime = load_version(spec, weights, self.device)
         with self._write_lock:
@@ -189,8 +187,7 @@ class Registry:
             entry = self.entry(name)
             if version not in entry.versions:
                 raise VersionNotFound(
-                    f"policy {name!r} has no servable version {version}; "
-                    f"servable: {sorted(entry.versions)}"
+                    f"policy {name!r} has no servable version {version}; servable: {sorted(entry.versions)}"
                 )
             self.store.write_default(name, version)
             self._entries[name] = replace(entry, default_file=version)

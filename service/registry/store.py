@@ -41,9 +41,7 @@ class ModelStore:
         return self._policy_dir(name) / str(version)
 
     def names(self) -> list[str]:
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and is_valid_name(p.name)
-        )
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_name(p.name))
 
     def versions(self, name: str) -> list[int]:
         d = self._policy_dir(name)

@@ -57,8 +57,13 @@ class MicroBatcher:
         max_batch: most observations in one forward pass.
     """
 
-    def __init__(self, executor: InferenceExecutor, max_batch: int = 1024,
-                 inline_rows: int = 64, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        executor: InferenceExecutor,
+        max_batch: int = 1024,
+        inline_rows: int = 64,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.executor = executor
         self.max_batch = max_batch
         self.inline_rows = inline_rows
@@ -72,8 +77,7 @@ class MicroBatcher:
         """From a worker thread (rollouts): the same serialised path as HTTP calls."""
         if self._loop is None:
             raise RuntimeError("the micro-batcher was built without an event loop")
-        return asyncio.run_coroutine_threadsafe(
-            self.act(runtime, obs, **kwargs), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self.act(runtime, obs, **kwargs), self._loop).result()
 
     async def act(
         self,
@@ -91,13 +95,18 @@ class MicroBatcher:
         self._loop = loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
         # Seeded calls go alone: their random draws must not depend on who else is in the batch.
-        key = (runtime, runtime.resolve(exploration), epsilon, noise_std,
-               object() if seed is not None else None, seed)
+        key = (
+            runtime,
+            runtime.resolve(exploration),
+            epsilon,
+            noise_std,
+            object() if seed is not None else None,
+            seed,
+        )
         if runtime.recurrent and state is None:
             state = runtime.zero_state(obs.shape[0])
             is_init = torch.ones(obs.shape[0], dtype=torch.bool)
-        self._groups.setdefault(key, []).append(
-            _Item(obs, state, is_init, return_info, future))
+        self._groups.setdefault(key, []).append(_Item(obs, state, is_init, return_info, future))
         self._schedule()
         return await future
 
@@ -140,11 +149,22 @@ class MicroBatcher:
         state = is_init = None
         if runtime.recurrent:
             state = (torch.cat([i.state[0] for i in items]), torch.cat([i.state[1] for i in items]))
-            is_init = torch.cat([i.is_init if i.is_init is not None else
-                                 torch.zeros(i.obs.shape[0], dtype=torch.bool) for i in items])
-        result = runtime.act(obs, exploration=exploration, epsilon=epsilon, noise_std=noise_std,
-                             seed=seed, return_info=any(i.return_info for i in items),
-                             state=state, is_init=is_init)
+            is_init = torch.cat(
+                [
+                    i.is_init if i.is_init is not None else torch.zeros(i.obs.shape[0], dtype=torch.bool)
+                    for i in items
+                ]
+            )
+        result = runtime.act(
+            obs,
+            exploration=exploration,
+            epsilon=epsilon,
+            noise_std=noise_std,
+            seed=seed,
+            return_info=any(i.return_info for i in items),
+            state=state,
+            is_init=is_init,
+        )
         if len(items) == 1:
             return [result]
         out, start = [], 0

@@ -100,15 +100,11 @@ class PolicyRuntime:
         self.device = device
         self.core = built.core.eval()
         self.explore = built.explore
-        self.explorer = (
-            TensorDictSequential(self.core, self.explore).eval() if self.explore else None
-        )
+        self.explorer = TensorDictSequential(self.core, self.explore).eval() if self.explore else None
         self.obs_dim = spec.observation.dim
         self.discrete = spec.action.type == "discrete"
         self.recurrent = spec.recurrent is not None
-        self.state_shape = (
-            (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
-        )
+        self.state_shape = (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
         # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
         # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
         # small MLPs). Tests check it against the TorchRL module called directly.
@@ -143,9 +139,7 @@ class PolicyRuntime:
         for i, row in enumerate(rows):
             if len(row) != dim:
                 where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
-                raise Unprocessable(
-                    f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]"
-                )
+                raise Unprocessable(f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]")
         t = torch.from_numpy(np.asarray(rows, dtype=np.float32))
         if not torch.isfinite(t).all():
             raise Unprocessable(f"{what} holds values that are not finite as float32")

@@ -79,9 +79,16 @@ def run_rollout(
                         "ask for fewer episodes or a smaller max_steps"
                     )
                 obs = td["observation"].reshape(1, -1)
-                res = call(runtime, obs, exploration=exploration, epsilon=epsilon,
-                           noise_std=noise_std, seed=step_seed(ep_seed, length),
-                           state=state, is_init=is_init)
+                res = call(
+                    runtime,
+                    obs,
+                    exploration=exploration,
+                    epsilon=epsilon,
+                    noise_std=noise_std,
+                    seed=step_seed(ep_seed, length),
+                    state=state,
+                    is_init=is_init,
+                )
                 td["action"] = res.action[0]
                 td = env.step(td)
                 reward = float(td["next", "reward"].item())
@@ -99,8 +106,13 @@ def run_rollout(
                     break
                 state, is_init = res.state, torch.zeros(1, dtype=torch.bool)
                 td = step_mdp(td)
-            ep: dict[str, Any] = {"return": total, "length": length, "seed": ep_seed,
-                                  "terminated": terminated, "truncated": truncated}
+            ep: dict[str, Any] = {
+                "return": total,
+                "length": length,
+                "seed": ep_seed,
+                "terminated": terminated,
+                "truncated": truncated,
+            }
             if return_trajectory:
                 ep["trajectory"] = traj
             out.append(ep)

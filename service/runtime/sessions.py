@@ -55,19 +55,32 @@ class Session:
         self.h = self.c = None
 
     def public(self) -> dict:
-        return {"session_id": self.session_id, "policy": self.policy, "version": self.version,
-                "num_envs": self.num_envs, "steps": self.steps,
-                "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at))}
+        return {
+            "session_id": self.session_id,
+            "policy": self.policy,
+            "version": self.version,
+            "num_envs": self.num_envs,
+            "steps": self.steps,
+            "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at)),
+        }
 
     # -- raw serialisation (Redis) ----------------------------------------------------------
     def meta_json(self) -> str:
-        return json.dumps({
-            "policy": self.policy, "version": self.version, "num_envs": self.num_envs,
-            "ttl_s": self.ttl_s, "exploration": self.exploration.value if self.exploration else None,
-            "epsilon": self.epsilon, "noise_std": self.noise_std, "session_id": self.session_id,
-            "steps": self.steps, "expires_at": self.expires_at,
-            "state_shape": list(self.h.shape) if self.h is not None else None,
-        })
+        return json.dumps(
+            {
+                "policy": self.policy,
+                "version": self.version,
+                "num_envs": self.num_envs,
+                "ttl_s": self.ttl_s,
+                "exploration": self.exploration.value if self.exploration else None,
+                "epsilon": self.epsilon,
+                "noise_std": self.noise_std,
+                "session_id": self.session_id,
+                "steps": self.steps,
+                "expires_at": self.expires_at,
+                "state_shape": list(self.h.shape) if self.h is not None else None,
+            }
+        )
 
     def to_fields(self) -> dict[str, bytes | str]:
         fields: dict[str, bytes | str] = {
@@ -86,7 +99,8 @@ class Session:
         expl = meta.pop("exploration")
         s = cls(**meta, exploration=Exploration(expl) if expl else None)
         s.needs_init = torch.from_numpy(
-            np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy())
+            np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy()
+        )
         if shape is not None:
             s.h = torch.from_numpy(np.frombuffer(fields[b"h"], np.float32).copy()).reshape(shape)
             s.c = torch.from_numpy(np.frombuffer(fields[b"c"], np.float32).copy()).reshape(shape)
@@ -96,8 +110,9 @@ class Session:
 def _limit_error(max_sessions: int, soonest_expiry: float | None) -> TooManyRequests:
     wait = 1 if soonest_expiry is None else max(1, int(soonest_expiry - time.time()) + 1)
     return TooManyRequests(
-        f"the server holds its limit of {max_sessions} live sessions; delete idle sessions or "
-        "retry later", retry_after_s=wait)
+        f"the server holds its limit of {max_sessions} live sessions; delete idle sessions or retry later",
+        retry_after_s=wait,
+    )
 
 
 class SessionStore(ABC):

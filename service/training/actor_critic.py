@@ -40,8 +40,9 @@ class ActorCriticHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num_cells: list[int] = Field([256, 256], min_length=1, max_length=4,
-                                 description="Hidden layers of actor and critics.")
+    num_cells: list[int] = Field(
+        [256, 256], min_length=1, max_length=4, description="Hidden layers of actor and critics."
+    )
     activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
     lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate (actor and critics).")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
@@ -57,14 +58,16 @@ class ActorCriticHyperparameters(BaseModel):
     noise_clip: float = Field(0.5, ge=0, description="TD3: smoothing noise clip.")
     policy_delay: int = Field(2, ge=1, description="TD3: critic updates per actor update.")
     eval_episodes: int = Field(10, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(5000, ge=0, description="Periodic evaluation (5 episodes); "
-                                   "the best weights are kept. 0 = only at the end.")
+    eval_every_frames: int = Field(
+        5000,
+        ge=0,
+        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
+    )
 
 
 class ActorCriticConfig(TrainConfig):
     algorithm: Literal["sac", "td3"] = "sac"
-    hyperparameters: ActorCriticHyperparameters = Field(
-        default_factory=ActorCriticHyperparameters)
+    hyperparameters: ActorCriticHyperparameters = Field(default_factory=ActorCriticHyperparameters)
 
     @classmethod
     def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
@@ -76,23 +79,37 @@ def policy_spec_for(config: ActorCriticConfig) -> PolicySpec:
     specs = env_specs(config.env_id)
     if specs["action"]["type"] != "box":
         raise ValueError(f"{config.algorithm} needs a box action space; {config.env_id} is discrete")
-    kind = {"kind": "probabilistic", "distribution": "tanh_normal"} if config.algorithm == "sac" \
+    kind = (
+        {"kind": "probabilistic", "distribution": "tanh_normal"}
+        if config.algorithm == "sac"
         else {"kind": "actor", "exploration": {"noise_std": hp.exploration_noise}}
-    return PolicySpec.model_validate({
-        **kind, **specs, "env_id": config.env_id,
-        "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
-    })
+    )
+    return PolicySpec.model_validate(
+        {
+            **kind,
+            **specs,
+            "env_id": config.env_id,
+            "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
+        }
+    )
 
 
 def _critic(spec: PolicySpec, hp: ActorCriticHyperparameters, device: torch.device):
     act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "elu": torch.nn.ELU}[hp.activation]
-    net = MLP(in_features=spec.observation.dim + spec.action.shape[0], out_features=1,
-              num_cells=hp.num_cells, activation_class=act)
+    net = MLP(
+        in_features=spec.observation.dim + spec.action.shape[0],
+        out_features=1,
+        num_cells=hp.num_cells,
+        activation_class=act,
+    )
     return ValueOperator(net, in_keys=["observation", "action"]).to(device)
 
 
-def train(config: ActorCriticConfig, on_progress: Progress | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainedPolicy:
+def train(
+    config: ActorCriticConfig,
+    on_progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainedPolicy:
     """Train SAC or TD3 (``config.algorithm``) and return the policy ready to publish."""
     hp = config.hyperparameters
     device = torch.device(config.device)
@@ -103,32 +120,57 @@ def train(config: ActorCriticConfig, on_progress: Progress | None = None,
     critic = _critic(spec, hp, device)
     actor = built.core.module[0]  # the ProbabilisticActor / Actor itself (shares the weights)
     if config.algorithm == "sac":
-        loss_fn = SACLoss(actor, critic, num_qvalue_nets=2, loss_function="l2",
-                          alpha_init=hp.alpha_init, action_spec=built.action_spec)
+        loss_fn = SACLoss(
+            actor,
+            critic,
+            num_qvalue_nets=2,
+            loss_function="l2",
+            alpha_init=hp.alpha_init,
+            action_spec=built.action_spec,
+        )
         collect_policy = built.core  # samples from the TanhNormal in RANDOM mode
     else:
-        loss_fn = TD3Loss(actor, critic, action_spec=built.action_spec, num_qvalue_nets=2,
-                          policy_noise=hp.policy_noise, noise_clip=hp.noise_clip,
-                          loss_function="l2")
-        collect_policy = TensorDictSequential(built.core, AdditiveGaussianModule(
-            built.action_spec, sigma_init=hp.exploration_noise, sigma_end=hp.exploration_noise,
-            device=device))
+        loss_fn = TD3Loss(
+            actor,
+            critic,
+            action_spec=built.action_spec,
+            num_qvalue_nets=2,
+            policy_noise=hp.policy_noise,
+            noise_clip=hp.noise_clip,
+            loss_function="l2",
+        )
+        collect_policy = TensorDictSequential(
+            built.core,
+            AdditiveGaussianModule(
+                built.action_spec,
+                sigma_init=hp.exploration_noise,
+                sigma_end=hp.exploration_noise,
+                device=device,
+            ),
+        )
     loss_fn.make_value_estimator(gamma=hp.gamma)
     target = SoftUpdate(loss_fn, tau=hp.tau)
     actor_params = list(loss_fn.actor_network_params.flatten_keys().values())
     critic_params = list(loss_fn.qvalue_network_params.flatten_keys().values())
     actor_optim = torch.optim.Adam(actor_params, lr=hp.lr)
     critic_optim = torch.optim.Adam(critic_params, lr=hp.lr)
-    alpha_optim = torch.optim.Adam([loss_fn.log_alpha], lr=hp.lr) \
-        if config.algorithm == "sac" else None
+    alpha_optim = torch.optim.Adam([loss_fn.log_alpha], lr=hp.lr) if config.algorithm == "sac" else None
 
     env = train_env(config.env_id, built, device)
     env.set_seed(config.seed)
-    collector = Collector(env, collect_policy, frames_per_batch=hp.frames_per_batch,
-                          total_frames=config.total_frames,
-                          init_random_frames=hp.init_random_frames, device=device)
-    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(hp.buffer_size, device=device),
-                                    sampler=RandomSampler(), batch_size=hp.batch_size)
+    collector = Collector(
+        env,
+        collect_policy,
+        frames_per_batch=hp.frames_per_batch,
+        total_frames=config.total_frames,
+        init_random_frames=hp.init_random_frames,
+        device=device,
+    )
+    buffer = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(hp.buffer_size, device=device),
+        sampler=RandomSampler(),
+        batch_size=hp.batch_size,
+    )
     step = 0
 
     def update(sample) -> float:
@@ -154,13 +196,28 @@ def train(config: ActorCriticConfig, on_progress: Progress | None = None,
 
     try:
         loop = run_offpolicy(
-            collector=collector, buffer=buffer, total_frames=config.total_frames,
-            init_random_frames=hp.init_random_frames, updates_per_batch=hp.updates_per_batch,
-            update=update, start=start,
+            collector=collector,
+            buffer=buffer,
+            total_frames=config.total_frames,
+            init_random_frames=hp.init_random_frames,
+            updates_per_batch=hp.updates_per_batch,
+            update=update,
+            start=start,
             eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
-            eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
-            should_stop=should_stop, snapshot=snapshot_of(built))
+            eval_every_frames=hp.eval_every_frames,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            snapshot=snapshot_of(built),
+        )
     finally:
         env.close()
-    return artifact(algorithm=config.algorithm, spec=spec, built=built, config=config,
-                    hyperparameters=hp, eval_episodes=hp.eval_episodes, loop=loop, start=start)
+    return artifact(
+        algorithm=config.algorithm,
+        spec=spec,
+        built=built,
+        config=config,
+        hyperparameters=hp,
+        eval_episodes=hp.eval_episodes,
+        loop=loop,
+        start=start,
+    )

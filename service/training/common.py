@@ -70,8 +70,9 @@ def train_env(env_id: str, built: BuiltPolicy, device: torch.device) -> Transfor
     return env
 
 
-def evaluate(env_id: str, built: BuiltPolicy, device: torch.device, episodes: int,
-             seed: int = EVAL_SEED) -> float:
+def evaluate(
+    env_id: str, built: BuiltPolicy, device: torch.device, episodes: int, seed: int = EVAL_SEED
+) -> float:
     """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…)."""
     env = train_env(env_id, built, device)
     returns = []
@@ -144,10 +145,14 @@ def run_offpolicy(
             collector.update_policy_weights_()
             now = time.perf_counter() - start
             point: dict[str, Any] = {
-                "frames": frames, "total_frames": total_frames, "episodes": episodes,
+                "frames": frames,
+                "total_frames": total_frames,
+                "episodes": episodes,
                 "mean_return": sum(recent) / len(recent) if recent else None,
                 "loss": None if math.isnan(last_loss) else last_loss,
-                "epsilon": None, "fps": frames / now, "time_s": now,
+                "epsilon": None,
+                "fps": frames / now,
+                "time_s": now,
             }
             if after_batch is not None:
                 point.update(after_batch(data.numel()))
@@ -171,13 +176,24 @@ def snapshot_of(built: BuiltPolicy) -> Callable[[], dict[str, torch.Tensor]]:
     return lambda: {k: v.detach().clone() for k, v in built.core.state_dict().items()}
 
 
-def artifact(*, algorithm: str, spec: PolicySpec, built: BuiltPolicy, config: TrainConfig,
-             hyperparameters: BaseModel, eval_episodes: int, loop: LoopResult,
-             start: float) -> TrainedPolicy:
+def artifact(
+    *,
+    algorithm: str,
+    spec: PolicySpec,
+    built: BuiltPolicy,
+    config: TrainConfig,
+    hyperparameters: BaseModel,
+    eval_episodes: int,
+    loop: LoopResult,
+    start: float,
+) -> TrainedPolicy:
     """Evaluate (unless cancelled) and package spec + provenance + safetensors weights."""
     device = torch.device(config.device)
-    eval_return = float("nan") if loop.cancelled else evaluate(
-        config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
+    eval_return = (
+        float("nan")
+        if loop.cancelled
+        else evaluate(config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
+    )
     selected = "final"
     if loop.best_state is not None and not loop.cancelled:
         final_state = {k: v.detach().clone() for k, v in built.core.state_dict().items()}
@@ -189,13 +205,26 @@ def artifact(*, algorithm: str, spec: PolicySpec, built: BuiltPolicy, config: Tr
             built.core.load_state_dict(final_state)
     wall = time.perf_counter() - start
     spec.provenance = {
-        "algorithm": algorithm, "job_id": config.job_id, "frames": loop.frames,
-        "updates": loop.updates, "wall_time_s": round(wall, 2), "device": str(device),
-        "seed": config.seed, "eval_mean_return": eval_return, "eval_episodes": eval_episodes,
-        "hyperparameters": hyperparameters.model_dump(), "command": config.command,
+        "algorithm": algorithm,
+        "job_id": config.job_id,
+        "frames": loop.frames,
+        "updates": loop.updates,
+        "wall_time_s": round(wall, 2),
+        "device": str(device),
+        "seed": config.seed,
+        "eval_mean_return": eval_return,
+        "eval_episodes": eval_episodes,
+        "hyperparameters": hyperparameters.model_dump(),
+        "command": config.command,
         "weights": selected,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return TrainedPolicy(spec=spec.model_dump(mode="json"), weights=weights_bytes(built),
-                         eval_mean_return=eval_return, frames=loop.frames, wall_time_s=wall,
-                         device=str(device), cancelled=loop.cancelled)
+    return TrainedPolicy(
+        spec=spec.model_dump(mode="json"),
+        weights=weights_bytes(built),
+        eval_mean_return=eval_return,
+        frames=loop.frames,
+        wall_time_s=wall,
+        device=str(device),
+        cancelled=loop.cancelled,
+    )

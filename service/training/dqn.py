@@ -45,8 +45,9 @@ class DQNHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num_cells: list[int] = Field([256, 256], min_length=1, max_length=4,
-                                 description="Hidden layers of the Q-network MLP.")
+    num_cells: list[int] = Field(
+        [256, 256], min_length=1, max_length=4, description="Hidden layers of the Q-network MLP."
+    )
     activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
     hidden_size: int = Field(64, ge=4, le=1024, description="LSTM width (recurrent only).")
     lr: float = Field(2.3e-3, gt=0, le=1, description="Adam learning rate.")
@@ -58,25 +59,38 @@ class DQNHyperparameters(BaseModel):
     init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames before learning.")
     eps_start: float = Field(1.0, ge=0, le=1, description="Initial epsilon.")
     eps_end: float = Field(0.04, ge=0, le=1, description="Final epsilon.")
-    exploration_fraction: float = Field(0.16, gt=0, le=1,
-                                        description="Share of total_frames to anneal epsilon over.")
+    exploration_fraction: float = Field(
+        0.16, gt=0, le=1, description="Share of total_frames to anneal epsilon over."
+    )
     target_update: Literal["hard", "soft"] = Field("hard", description="Target network update.")
-    target_update_interval: int = Field(128, ge=1,
-                                        description="Gradient steps between hard updates.")
+    target_update_interval: int = Field(128, ge=1, description="Gradient steps between hard updates.")
     tau: float = Field(0.005, gt=0, le=1, description="Soft update rate.")
     double_dqn: bool = Field(False, description="Double DQN targets.")
     loss_function: Literal["l2", "smooth_l1"] = Field("l2", description="TD loss.")
     max_grad_norm: float = Field(10.0, gt=0, description="Gradient clipping.")
     slice_len: int = Field(16, ge=2, le=512, description="Sequence length (recurrent only).")
     eval_episodes: int = Field(20, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(5000, ge=0, description="Periodic evaluation (5 episodes); "
-                                   "the best weights are kept. 0 = only at the end.")
+    eval_every_frames: int = Field(
+        5000,
+        ge=0,
+        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
+    )
 
 
 RECURRENT_DEFAULTS: dict[str, Any] = {
-    "num_cells": [64], "hidden_size": 64, "lr": 1e-3, "batch_size": 32, "frames_per_batch": 100,
-    "updates_per_batch": 25, "init_random_frames": 1000, "target_update": "soft", "tau": 0.01,
-    "exploration_fraction": 0.3, "eps_end": 0.02, "loss_function": "smooth_l1", "slice_len": 20,
+    "num_cells": [64],
+    "hidden_size": 64,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "frames_per_batch": 100,
+    "updates_per_batch": 25,
+    "init_random_frames": 1000,
+    "target_update": "soft",
+    "tau": 0.01,
+    "exploration_fraction": 0.3,
+    "eps_end": 0.02,
+    "loss_function": "smooth_l1",
+    "slice_len": 20,
 }
 
 
@@ -96,18 +110,21 @@ def policy_spec_for(config: DQNConfig) -> PolicySpec:
     specs = env_specs(config.env_id)
     if specs["action"]["type"] != "discrete":
         raise ValueError(f"DQN needs a discrete action space; {config.env_id} has a box")
-    return PolicySpec.model_validate({
-        "kind": "qvalue",
-        **specs,
-        "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
-        "recurrent": {"type": "lstm", "hidden_size": hp.hidden_size} if config.recurrent else None,
-        "env_id": config.env_id,
-        "exploration": {"epsilon": max(hp.eps_end, 0.01)},
-    })
+    return PolicySpec.model_validate(
+        {
+            "kind": "qvalue",
+            **specs,
+            "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
+            "recurrent": {"type": "lstm", "hidden_size": hp.hidden_size} if config.recurrent else None,
+            "env_id": config.env_id,
+            "exploration": {"epsilon": max(hp.eps_end, 0.01)},
+        }
+    )
 
 
-def train(config: DQNConfig, on_progress: Progress | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainedPolicy:
+def train(
+    config: DQNConfig, on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
+) -> TrainedPolicy:
     """Train a DQN policy and return it ready to publish (``cancelled`` if stopped early)."""
     hp = config.hyperparameters
     device = torch.device(config.device)
@@ -117,7 +134,9 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
     built = build_policy(spec, device)
     core = built.core
     egreedy = EGreedyModule(
-        built.action_spec, eps_init=hp.eps_start, eps_end=hp.eps_end,
+        built.action_spec,
+        eps_init=hp.eps_start,
+        eps_end=hp.eps_end,
         annealing_num_steps=max(1, int(hp.exploration_fraction * config.total_frames)),
     ).to(device)
     explore_policy = TensorDictSequential(core, egreedy)
@@ -125,8 +144,11 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
     env = train_env(config.env_id, built, device)
     env.set_seed(config.seed)
     collector = Collector(
-        env, explore_policy, frames_per_batch=hp.frames_per_batch,
-        total_frames=config.total_frames, init_random_frames=hp.init_random_frames,
+        env,
+        explore_policy,
+        frames_per_batch=hp.frames_per_batch,
+        total_frames=config.total_frames,
+        init_random_frames=hp.init_random_frames,
         device=device,
     )
     if config.recurrent:
@@ -141,10 +163,16 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
     else:
         buffer = TensorDictReplayBuffer(
             storage=LazyTensorStorage(hp.buffer_size, device=device),
-            sampler=RandomSampler(), batch_size=hp.batch_size,
+            sampler=RandomSampler(),
+            batch_size=hp.batch_size,
         )
-    loss_fn = DQNLoss(core, action_space=built.action_spec, delay_value=True,
-                      double_dqn=hp.double_dqn, loss_function=hp.loss_function)
+    loss_fn = DQNLoss(
+        core,
+        action_space=built.action_spec,
+        delay_value=True,
+        double_dqn=hp.double_dqn,
+        loss_function=hp.loss_function,
+    )
     loss_fn.make_value_estimator(gamma=hp.gamma)
     if hp.target_update == "hard":
         target = HardUpdate(loss_fn, value_network_update_interval=hp.target_update_interval)
@@ -174,16 +202,33 @@ def train(config: DQNConfig, on_progress: Progress | None = None,
 
     try:
         loop = run_offpolicy(
-            collector=collector, buffer=buffer, total_frames=config.total_frames,
-            init_random_frames=hp.init_random_frames, updates_per_batch=hp.updates_per_batch,
-            update=update, start=start, prepare=prepare, after_batch=after_batch,
+            collector=collector,
+            buffer=buffer,
+            total_frames=config.total_frames,
+            init_random_frames=hp.init_random_frames,
+            updates_per_batch=hp.updates_per_batch,
+            update=update,
+            start=start,
+            prepare=prepare,
+            after_batch=after_batch,
             eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
-            eval_every_frames=hp.eval_every_frames, on_progress=on_progress,
-            should_stop=should_stop, snapshot=snapshot_of(built))
+            eval_every_frames=hp.eval_every_frames,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            snapshot=snapshot_of(built),
+        )
     finally:
         env.close()
-    return artifact(algorithm="dqn", spec=spec, built=built, config=config, hyperparameters=hp,
-                    eval_episodes=hp.eval_episodes, loop=loop, start=start)
+    return artifact(
+        algorithm="dqn",
+        spec=spec,
+        built=built,
+        config=config,
+        hyperparameters=hp,
+        eval_episodes=hp.eval_episodes,
+        loop=loop,
+        start=start,
+    )
 
 
 def _as_sequences(sample, slice_len: int):

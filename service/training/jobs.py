@@ -80,9 +80,13 @@ class JobStore(ABC):
         for doc in self.list(limit=10_000):
             silent = time.time() - doc.get("heartbeat", 0)
             if doc["status"] == JobStatus.running.value and silent > timeout_s:
-                self.update(doc["job_id"], status=JobStatus.failed.value, finished_at=now_iso(),
-                            error=reason or f"the worker stopped reporting for {silent:.0f} s "
-                                            "(it died or was stopped)")
+                self.update(
+                    doc["job_id"],
+                    status=JobStatus.failed.value,
+                    finished_at=now_iso(),
+                    error=reason
+                    or f"the worker stopped reporting for {silent:.0f} s (it died or was stopped)",
+                )
                 n += 1
         return n
 
@@ -93,10 +97,14 @@ class SqliteJobStore(JobStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created REAL, "
-                       "cancel INTEGER DEFAULT 0, doc TEXT)")
-            db.execute("CREATE TABLE IF NOT EXISTS points (job_id TEXT, seq INTEGER "
-                       "PRIMARY KEY AUTOINCREMENT, doc TEXT)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created REAL, "
+                "cancel INTEGER DEFAULT 0, doc TEXT)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS points (job_id TEXT, seq INTEGER "
+                "PRIMARY KEY AUTOINCREMENT, doc TEXT)"
+            )
             db.execute("CREATE INDEX IF NOT EXISTS points_job ON points (job_id)")
 
     def _db(self) -> sqlite3.Connection:
@@ -104,8 +112,10 @@ class SqliteJobStore(JobStore):
 
     def create(self, doc: dict[str, Any]) -> None:
         with self._db() as db:
-            db.execute("INSERT INTO jobs (id, created, doc) VALUES (?, ?, ?)",
-                       (doc["job_id"], time.time(), json.dumps(doc)))
+            db.execute(
+                "INSERT INTO jobs (id, created, doc) VALUES (?, ?, ?)",
+                (doc["job_id"], time.time(), json.dumps(doc)),
+            )
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._db() as db:
@@ -114,8 +124,7 @@ class SqliteJobStore(JobStore):
 
     def list(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._db() as db:
-            rows = db.execute("SELECT doc FROM jobs ORDER BY created DESC LIMIT ?",
-                              (limit,)).fetchall()
+            rows = db.execute("SELECT doc FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any] | None:
@@ -139,8 +148,7 @@ class SqliteJobStore(JobStore):
 
     def points(self, job_id: str) -> list[dict[str, Any]]:
         with self._db() as db:
-            rows = db.execute("SELECT doc FROM points WHERE job_id = ? ORDER BY seq",
-                              (job_id,)).fetchall()
+            rows = db.execute("SELECT doc FROM points WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def request_cancel(self, job_id: str) -> None:
@@ -211,17 +219,23 @@ ALGORITHMS = ("dqn", "sac", "td3")
 
 def build_config(request: dict[str, Any], **extra: Any):
     """The trainer's config for a job request (raises pydantic's ValidationError on bad input)."""
-    common = {"env_id": request["env_id"], "total_frames": request["total_frames"],
-              "seed": request.get("seed") or 0, **extra}
+    common = {
+        "env_id": request["env_id"],
+        "total_frames": request["total_frames"],
+        "seed": request.get("seed") or 0,
+        **extra,
+    }
     if request["algorithm"] == "dqn":
         from service.training.dqn import DQNConfig
 
-        return DQNConfig.with_defaults(request.get("hyperparameters"),
-                                       recurrent=request.get("recurrent", False), **common)
+        return DQNConfig.with_defaults(
+            request.get("hyperparameters"), recurrent=request.get("recurrent", False), **common
+        )
     from service.training.actor_critic import ActorCriticConfig
 
-    return ActorCriticConfig.with_defaults(request.get("hyperparameters"),
-                                           algorithm=request["algorithm"], **common)
+    return ActorCriticConfig.with_defaults(
+        request.get("hyperparameters"), algorithm=request["algorithm"], **common
+    )
 
 
 def trainer_for(algorithm: str) -> Callable[..., Any]:
@@ -258,11 +272,11 @@ class JSONMessageSerializer(Serializer):
 def make_huey(settings: Settings) -> Huey:
     serializer = JSONMessageSerializer()
     if settings.queue_url:
-        return RedisHuey("policy-server", url=settings.queue_url, results=False,
-                         serializer=serializer)
+        return RedisHuey("policy-server", url=settings.queue_url, results=False, serializer=serializer)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SqliteHuey("policy-server", filename=str(settings.data_dir / "queue.db"),
-                      results=False, serializer=serializer)
+    return SqliteHuey(
+        "policy-server", filename=str(settings.data_dir / "queue.db"), results=False, serializer=serializer
+    )
 
 
 def make_job_store(settings: Settings) -> JobStore:
@@ -288,9 +302,18 @@ class Jobs:
 
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
         job_id = uuid.uuid4().hex[:16]
-        doc = {"job_id": job_id, "status": JobStatus.queued.value, "created_at": now_iso(),
-               "started_at": None, "finished_at": None, "request": request,
-               "progress": None, "result": None, "error": None, "device": None}
+        doc = {
+            "job_id": job_id,
+            "status": JobStatus.queued.value,
+            "created_at": now_iso(),
+            "started_at": None,
+            "finished_at": None,
+            "request": request,
+            "progress": None,
+            "result": None,
+            "error": None,
+            "device": None,
+        }
         self.store.create(doc)
         self._task(job_id)
         return doc
@@ -299,32 +322,43 @@ class Jobs:
         self.store.request_cancel(job_id)
         doc = self.store.get(job_id)
         if doc and doc["status"] == JobStatus.queued.value:
-            doc = self.store.update(job_id, status=JobStatus.cancelled.value,
-                                    finished_at=now_iso()) or doc
+            doc = self.store.update(job_id, status=JobStatus.cancelled.value, finished_at=now_iso()) or doc
         return doc
 
     def run(self, job_id: str) -> None:
         """The huey task: train, then publish; every outcome is recorded."""
         doc = self.store.get(job_id)
-        if doc is None or doc["status"] != JobStatus.queued.value or \
-                self.store.cancel_requested(job_id):
+        if doc is None or doc["status"] != JobStatus.queued.value or self.store.cancel_requested(job_id):
             if doc and doc["status"] == JobStatus.queued.value:
                 self.store.update(job_id, status=JobStatus.cancelled.value, finished_at=now_iso())
             return
         req = doc["request"]
         try:
             device = resolve_device(req.get("device", "auto"))
-            self.store.update(job_id, status=JobStatus.running.value, started_at=now_iso(),
-                              device=device, heartbeat=time.time())
-            config = build_config(req, device=device, job_id=job_id,
-                                  command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}")
+            self.store.update(
+                job_id,
+                status=JobStatus.running.value,
+                started_at=now_iso(),
+                device=device,
+                heartbeat=time.time(),
+            )
+            config = build_config(
+                req, device=device, job_id=job_id, command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}"
+            )
 
             def on_progress(point: dict[str, Any]) -> None:
-                progress = {k: point.get(k) for k in ("frames", "total_frames", "episodes",
-                                                      "mean_return", "loss", "epsilon", "fps")}
+                progress = {
+                    k: point.get(k)
+                    for k in ("frames", "total_frames", "episodes", "mean_return", "loss", "epsilon", "fps")
+                }
                 self.store.update(job_id, progress=progress, heartbeat=time.time())
-                self.store.add_point(job_id, {k: point.get(k) for k in (
-                    "frames", "time_s", "mean_return", "loss", "epsilon", "eval_mean_return")})
+                self.store.add_point(
+                    job_id,
+                    {
+                        k: point.get(k)
+                        for k in ("frames", "time_s", "mean_return", "loss", "epsilon", "eval_mean_return")
+                    },
+                )
 
             def should_stop() -> bool:
                 return self.stopping.is_set() or self.store.cancel_requested(job_id)
@@ -332,22 +366,36 @@ class Jobs:
             trained = trainer_for(req["algorithm"])(config, on_progress, should_stop)
             if trained.cancelled:
                 if self.stopping.is_set() and not self.store.cancel_requested(job_id):
-                    self.store.update(job_id, status=JobStatus.failed.value, finished_at=now_iso(),
-                                      error="interrupted: the worker shut down during training")
+                    self.store.update(
+                        job_id,
+                        status=JobStatus.failed.value,
+                        finished_at=now_iso(),
+                        error="interrupted: the worker shut down during training",
+                    )
                 else:
-                    self.store.update(job_id, status=JobStatus.cancelled.value,
-                                      finished_at=now_iso())
+                    self.store.update(job_id, status=JobStatus.cancelled.value, finished_at=now_iso())
                 return
             version = self.publish(req["policy_name"], trained.spec, trained.weights)
-            self.store.update(job_id, status=JobStatus.succeeded.value, finished_at=now_iso(),
-                              result={"policy": req["policy_name"], "version": version,
-                                      "eval_mean_return": trained.eval_mean_return,
-                                      "frames": trained.frames,
-                                      "wall_time_s": round(trained.wall_time_s, 2)})
+            self.store.update(
+                job_id,
+                status=JobStatus.succeeded.value,
+                finished_at=now_iso(),
+                result={
+                    "policy": req["policy_name"],
+                    "version": version,
+                    "eval_mean_return": trained.eval_mean_return,
+                    "frames": trained.frames,
+                    "wall_time_s": round(trained.wall_time_s, 2),
+                },
+            )
         except Exception as exc:
             log.error("job %s failed: %s", job_id, traceback.format_exc())
-            self.store.update(job_id, status=JobStatus.failed.value, finished_at=now_iso(),
-                              error=f"{type(exc).__name__}: {exc}")
+            self.store.update(
+                job_id,
+                status=JobStatus.failed.value,
+                finished_at=now_iso(),
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
 
 class JobWorker:
