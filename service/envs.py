@@ -69,14 +69,19 @@ def check_env_id(env_id: str) -> EnvEntry:
     return entry
 
 
-def make_env(env_id: str, *, max_steps: int | None = None, device: str = "cpu") -> TransformedEnv:
+def make_env(
+    env_id: str, *, max_steps: int | None = None, device: str = "cpu", trackers: bool = True
+) -> TransformedEnv:
     """A TorchRL env for an allow-listed id with ``StepCounter`` and ``InitTracker``.
 
     Discrete actions are integer indices (``categorical_action_encoding=True``). Recurrent
-    training adds the LSTM primer on top (``lstm.make_tensordict_primer()``).
+    training adds the LSTM primer on top (``lstm.make_tensordict_primer()``). ``trackers=False``
+    leaves both transforms out (stateless training: each costs time on every step).
     """
     entry = check_env_id(env_id)
     base = GymEnv(entry.env_id, categorical_action_encoding=True, device=device)
+    if not trackers:
+        return TransformedEnv(base)
     return TransformedEnv(base, Compose(StepCounter(max_steps), InitTracker()))
 
 

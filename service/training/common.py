@@ -63,7 +63,7 @@ class TrainedPolicy:
 
 def train_env(env_id: str, built: BuiltPolicy, device: torch.device) -> TransformedEnv:
     """The allow-listed env with the LSTM primer (recurrent policies) and episode returns."""
-    env = make_env(env_id, device=str(device))
+    env = make_env(env_id, device=str(device), trackers=built.lstm is not None)
     if built.lstm is not None:
         env.append_transform(built.lstm.make_tensordict_primer())
     env.append_transform(RewardSum())
