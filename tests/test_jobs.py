@@ -12,7 +12,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.main import create_app
-from service.training.dqn import DQNConfig, evaluate, policy_spec_for, train
+from service.training.common import evaluate
+from service.training.dqn import DQNConfig, policy_spec_for, train
 from tests.test_sessions import redis_url  # noqa: F401  (fixture)
 
 FAST = {

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tensordict.nn import TensorDictSequential
-from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, RandomSampler, TensorDictReplayBuffer
 from torchrl.modules import MLP, AdditiveGaussianModule, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate, TD3Loss
@@ -23,15 +22,10 @@ from service.envs import env_specs
 from service.registry.build import BuiltPolicy, build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
-    EVAL_SEED,
     Progress,
     TrainConfig,
     TrainedPolicy,
-    artifact,
-    evaluate,
-    run_offpolicy,
-    snapshot_of,
-    train_env,
+    train_offpolicy,
 )
 
 
@@ -156,16 +150,6 @@ def train(
     critic_optim = torch.optim.Adam(critic_params, lr=hp.lr)
     alpha_optim = torch.optim.Adam([loss_fn.log_alpha], lr=hp.lr) if config.algorithm == "sac" else None
 
-    env = train_env(config.env_id, built, device)
-    env.set_seed(config.seed)
-    collector = Collector(
-        env,
-        collect_policy,
-        frames_per_batch=hp.frames_per_batch,
-        total_frames=config.total_frames,
-        init_random_frames=hp.init_random_frames,
-        device=device,
-    )
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(hp.buffer_size, device=device),
         sampler=RandomSampler(),
@@ -194,30 +178,16 @@ def train(
         step += 1
         return float(losses["loss_qvalue"].detach())
 
-    try:
-        loop = run_offpolicy(
-            collector=collector,
-            buffer=buffer,
-            total_frames=config.total_frames,
-            init_random_frames=hp.init_random_frames,
-            updates_per_batch=hp.updates_per_batch,
-            update=update,
-            start=start,
-            eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
-            eval_every_frames=hp.eval_every_frames,
-            on_progress=on_progress,
-            should_stop=should_stop,
-            snapshot=snapshot_of(built),
-        )
-    finally:
-        env.close()
-    return artifact(
+    return train_offpolicy(
         algorithm=config.algorithm,
-        spec=spec,
-        built=built,
         config=config,
         hyperparameters=hp,
-        eval_episodes=hp.eval_episodes,
-        loop=loop,
+        spec=spec,
+        built=built,
+        collect_policy=collect_policy,
+        buffer=buffer,
+        update=update,
         start=start,
+        on_progress=on_progress,
+        should_stop=should_stop,
     )

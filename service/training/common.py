@@ -228,3 +228,67 @@ def artifact(
         device=str(device),
         cancelled=loop.cancelled,
     )
+
+
+def train_offpolicy(
+    *,
+    algorithm: str,
+    config: TrainConfig,
+    hyperparameters: BaseModel,
+    spec: PolicySpec,
+    built: BuiltPolicy,
+    collect_policy: Callable,
+    buffer: ReplayBuffer,
+    update: Callable[[TensorDictBase], float],
+    start: float,
+    on_progress: Progress | None,
+    should_stop: Callable[[], bool] | None,
+    prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
+    after_batch: Callable[[int], dict[str, Any]] | None = None,
+) -> TrainedPolicy:
+    """Env + collector, the loop, and the artifact: what every trainer does the same way.
+
+    ``hyperparameters`` needs ``frames_per_batch``, ``init_random_frames``,
+    ``updates_per_batch``, ``eval_every_frames`` and ``eval_episodes``.
+    """
+    hp: Any = hyperparameters
+    device = torch.device(config.device)
+    env = train_env(config.env_id, built, device)
+    env.set_seed(config.seed)
+    collector = Collector(
+        env,
+        collect_policy,
+        frames_per_batch=hp.frames_per_batch,
+        total_frames=config.total_frames,
+        init_random_frames=hp.init_random_frames,
+        device=device,
+    )
+    try:
+        loop = run_offpolicy(
+            collector=collector,
+            buffer=buffer,
+            total_frames=config.total_frames,
+            init_random_frames=hp.init_random_frames,
+            updates_per_batch=hp.updates_per_batch,
+            update=update,
+            start=start,
+            prepare=prepare,
+            after_batch=after_batch,
+            eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
+            eval_every_frames=hp.eval_every_frames,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            snapshot=snapshot_of(built),
+        )
+    finally:
+        env.close()
+    return artifact(
+        algorithm=algorithm,
+        spec=spec,
+        built=built,
+        config=config,
+        hyperparameters=hyperparameters,
+        eval_episodes=hp.eval_episodes,
+        loop=loop,
+        start=start,
+    )

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tensordict.nn import TensorDictSequential
-from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorDictReplayBuffer
 from torchrl.modules import EGreedyModule
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate
@@ -25,15 +24,10 @@ from service.envs import env_specs
 from service.registry.build import build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
-    EVAL_SEED,
     Progress,
     TrainConfig,
     TrainedPolicy,
-    artifact,
-    evaluate,
-    run_offpolicy,
-    snapshot_of,
-    train_env,
+    train_offpolicy,
 )
 
 log = logging.getLogger(__name__)
@@ -141,16 +135,6 @@ def train(
     ).to(device)
     explore_policy = TensorDictSequential(core, egreedy)
 
-    env = train_env(config.env_id, built, device)
-    env.set_seed(config.seed)
-    collector = Collector(
-        env,
-        explore_policy,
-        frames_per_batch=hp.frames_per_batch,
-        total_frames=config.total_frames,
-        init_random_frames=hp.init_random_frames,
-        device=device,
-    )
     if config.recurrent:
         buffer = TensorDictReplayBuffer(
             storage=LazyTensorStorage(hp.buffer_size, device=device),
@@ -200,34 +184,20 @@ def train(
         egreedy.step(n)
         return {"epsilon": float(egreedy.eps)}
 
-    try:
-        loop = run_offpolicy(
-            collector=collector,
-            buffer=buffer,
-            total_frames=config.total_frames,
-            init_random_frames=hp.init_random_frames,
-            updates_per_batch=hp.updates_per_batch,
-            update=update,
-            start=start,
-            prepare=prepare,
-            after_batch=after_batch,
-            eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
-            eval_every_frames=hp.eval_every_frames,
-            on_progress=on_progress,
-            should_stop=should_stop,
-            snapshot=snapshot_of(built),
-        )
-    finally:
-        env.close()
-    return artifact(
+    return train_offpolicy(
         algorithm="dqn",
-        spec=spec,
-        built=built,
         config=config,
         hyperparameters=hp,
-        eval_episodes=hp.eval_episodes,
-        loop=loop,
+        spec=spec,
+        built=built,
+        collect_policy=explore_policy,
+        buffer=buffer,
+        update=update,
         start=start,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        prepare=prepare,
+        after_batch=after_batch,
     )
 
 
