@@ -257,3 +257,20 @@ def test_redis_store_shares_sessions_between_app_instances(settings, redis_url):
         assert live
         r = c.post("/v1/sessions", json={"policy": "q"})
         assert r.status_code == 429 and "Retry-After" in r.headers
+
+
+def test_protected_inference_needs_the_key_for_act_sessions_and_stream(settings):
+    from starlette.testclient import WebSocketDenialResponse
+
+    settings.api_key, settings.protect_inference = "k", True
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/v1/policies/q/act", json={"observation": [0, 0, 0, 0]}).status_code == 401
+        assert c.post("/v1/sessions", json={"policy": "q"}).status_code == 401
+        sid = c.post("/v1/sessions", json={"policy": "q"}, headers=auth).json()["session_id"]
+        with pytest.raises(WebSocketDenialResponse):
+            with c.websocket_connect(f"/v1/sessions/{sid}/stream"):
+                pass
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=auth) as ws:
+            ws.send_json({"observation": [0, 0, 0, 0]})
+            assert ws.receive_json()["step"] == 1
