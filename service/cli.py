@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -108,6 +109,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """The serving benchmark of ``benchmarks/`` (run from a checkout; ``make bench`` does)."""
+    sys.path.insert(0, os.getcwd())  # benchmarks/ lives in the checkout, not in the package
+    try:
+        from benchmarks import run
+    except ImportError:
+        print("benchmarks/ is not importable: run from the repository root (make bench)")
+        return 2
+    sys.argv = ["benchmarks.run", "--seconds", str(args.seconds), "--connections", str(args.connections)]
+    run.main()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     tr.add_argument("--verbose", action="store_true")
     tr.set_defaults(func=_train)
+    bench = sub.add_parser("bench", help="serving benchmark against baselines (make bench)")
+    bench.add_argument("--seconds", type=int, default=10)
+    bench.add_argument("--connections", type=int, default=32)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return args.func(args)
