@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, RandomSampler, TensorDictReplayBuffer
 from torchrl.modules import MLP, AdditiveGaussianModule, ValueOperator
@@ -22,6 +22,7 @@ from service.envs import env_specs
 from service.registry.build import BuiltPolicy, build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
+    OffPolicyHyperparameters,
     Progress,
     TrainConfig,
     TrainedPolicy,
@@ -29,34 +30,15 @@ from service.training.common import (
 )
 
 
-class ActorCriticHyperparameters(BaseModel):
-    """Knobs shared by SAC and TD3; defaults solve Pendulum-v1 in 20k frames."""
+class ActorCriticHyperparameters(OffPolicyHyperparameters):
+    """Knobs of SAC and TD3; defaults solve Pendulum-v1 in 20k frames."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    num_cells: list[int] = Field(
-        [256, 256], min_length=1, max_length=4, description="Hidden layers of actor and critics."
-    )
-    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
-    lr: float = Field(3e-4, gt=0, le=1, description="Adam learning rate (actor and critics).")
-    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
-    batch_size: int = Field(256, ge=1, le=4096, description="Transitions per update.")
-    buffer_size: int = Field(100_000, ge=100, le=2_000_000, description="Replay capacity.")
-    frames_per_batch: int = Field(100, ge=1, le=10_000, description="Frames collected per batch.")
-    updates_per_batch: int = Field(100, ge=1, le=10_000, description="Gradient steps per batch.")
-    init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames first.")
     tau: float = Field(0.005, gt=0, le=1, description="Soft target update rate.")
     alpha_init: float = Field(1.0, gt=0, description="SAC: initial entropy coefficient.")
     exploration_noise: float = Field(0.1, ge=0, description="TD3: action noise (action units).")
     policy_noise: float = Field(0.2, ge=0, description="TD3: target policy smoothing noise.")
     noise_clip: float = Field(0.5, ge=0, description="TD3: smoothing noise clip.")
     policy_delay: int = Field(2, ge=1, description="TD3: critic updates per actor update.")
-    eval_episodes: int = Field(10, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(
-        5000,
-        ge=0,
-        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
-    )
 
 
 class ActorCriticConfig(TrainConfig):

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,37 @@ from service.registry.spec import PolicySpec
 
 Progress = Callable[[dict[str, Any]], None]
 EVAL_SEED = 10_000
+
+
+# Constrained types shared by every trainer's hyperparameters; subclasses change only defaults.
+LayerSizes = Annotated[list[int], Field(min_length=1, max_length=4, description="Hidden layers of the MLPs.")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Adam learning rate.")]
+BatchSize = Annotated[int, Field(ge=1, le=4096, description="Transitions (or sequences) per update.")]
+FramesPerBatch = Annotated[int, Field(ge=1, le=10_000, description="Frames collected per batch.")]
+UpdatesPerBatch = Annotated[int, Field(ge=1, le=10_000, description="Gradient steps per batch.")]
+EvalEpisodes = Annotated[int, Field(ge=1, le=200, description="Deterministic episodes at the end.")]
+
+
+class OffPolicyHyperparameters(BaseModel):
+    """What the shared loop (``train_offpolicy``) reads; each algorithm adds its own knobs."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    num_cells: LayerSizes = [256, 256]
+    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
+    lr: LearningRate = 3e-4
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    batch_size: BatchSize = 256
+    buffer_size: int = Field(100_000, ge=100, le=2_000_000, description="Replay capacity (frames).")
+    frames_per_batch: FramesPerBatch = 100
+    updates_per_batch: UpdatesPerBatch = 100
+    init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames before learning.")
+    eval_episodes: EvalEpisodes = 10
+    eval_every_frames: int = Field(
+        5000,
+        ge=0,
+        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
+    )
 
 
 class TrainConfig(BaseModel):
@@ -234,7 +265,7 @@ def train_offpolicy(
     *,
     algorithm: str,
     config: TrainConfig,
-    hyperparameters: BaseModel,
+    hyperparameters: OffPolicyHyperparameters,
     spec: PolicySpec,
     built: BuiltPolicy,
     collect_policy: Callable,
@@ -246,12 +277,8 @@ def train_offpolicy(
     prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
     after_batch: Callable[[int], dict[str, Any]] | None = None,
 ) -> TrainedPolicy:
-    """Env + collector, the loop, and the artifact: what every trainer does the same way.
-
-    ``hyperparameters`` needs ``frames_per_batch``, ``init_random_frames``,
-    ``updates_per_batch``, ``eval_every_frames`` and ``eval_episodes``.
-    """
-    hp: Any = hyperparameters
+    """Env + collector, the loop, and the artifact: what every trainer does the same way."""
+    hp = hyperparameters
     device = torch.device(config.device)
     env = train_env(config.env_id, built, device)
     env.set_seed(config.seed)

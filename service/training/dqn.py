@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorDictReplayBuffer
 from torchrl.modules import EGreedyModule
@@ -24,9 +24,15 @@ from service.envs import env_specs
 from service.registry.build import build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
+    BatchSize,
+    EvalEpisodes,
+    FramesPerBatch,
+    LearningRate,
+    OffPolicyHyperparameters,
     Progress,
     TrainConfig,
     TrainedPolicy,
+    UpdatesPerBatch,
     train_offpolicy,
 )
 
@@ -34,23 +40,15 @@ log = logging.getLogger(__name__)
 SEGMENT = "segment"
 
 
-class DQNHyperparameters(BaseModel):
+class DQNHyperparameters(OffPolicyHyperparameters):
     """DQN knobs; the defaults solve CartPole-v1 (see benchmarks/train_dqn.py)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    num_cells: list[int] = Field(
-        [256, 256], min_length=1, max_length=4, description="Hidden layers of the Q-network MLP."
-    )
-    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
+    lr: LearningRate = 2.3e-3
+    batch_size: BatchSize = 64
+    frames_per_batch: FramesPerBatch = 256
+    updates_per_batch: UpdatesPerBatch = 128
+    eval_episodes: EvalEpisodes = 20
     hidden_size: int = Field(64, ge=4, le=1024, description="LSTM width (recurrent only).")
-    lr: float = Field(2.3e-3, gt=0, le=1, description="Adam learning rate.")
-    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
-    batch_size: int = Field(64, ge=1, le=4096, description="Transitions (or sequences) per update.")
-    buffer_size: int = Field(100_000, ge=100, le=2_000_000, description="Replay capacity (frames).")
-    frames_per_batch: int = Field(256, ge=1, le=10_000, description="Frames collected per batch.")
-    updates_per_batch: int = Field(128, ge=1, le=10_000, description="Gradient steps per batch.")
-    init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames before learning.")
     eps_start: float = Field(1.0, ge=0, le=1, description="Initial epsilon.")
     eps_end: float = Field(0.04, ge=0, le=1, description="Final epsilon.")
     exploration_fraction: float = Field(
@@ -63,12 +61,6 @@ class DQNHyperparameters(BaseModel):
     loss_function: Literal["l2", "smooth_l1"] = Field("l2", description="TD loss.")
     max_grad_norm: float = Field(10.0, gt=0, description="Gradient clipping.")
     slice_len: int = Field(16, ge=2, le=512, description="Sequence length (recurrent only).")
-    eval_episodes: int = Field(20, ge=1, le=200, description="Deterministic episodes at the end.")
-    eval_every_frames: int = Field(
-        5000,
-        ge=0,
-        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
-    )
 
 
 RECURRENT_DEFAULTS: dict[str, Any] = {
