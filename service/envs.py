@@ -13,7 +13,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from torchrl.envs import Compose, GymEnv, InitTracker, StepCounter, TransformedEnv
+from torchrl.envs import Compose, GymEnv, GymWrapper, InitTracker, StepCounter, TransformedEnv
 
 from service.errors import Unprocessable
 from service.registry.spec import PolicySpec
@@ -70,16 +70,31 @@ def check_env_id(env_id: str) -> EnvEntry:
 
 
 def make_env(
-    env_id: str, *, max_steps: int | None = None, device: str = "cpu", trackers: bool = True
+    env_id: str,
+    *,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    trackers: bool = True,
+    num_envs: int = 1,
 ) -> TransformedEnv:
     """A TorchRL env for an allow-listed id with ``StepCounter`` and ``InitTracker``.
 
     Discrete actions are integer indices (``categorical_action_encoding=True``). Recurrent
     training adds the LSTM primer on top (``lstm.make_tensordict_primer()``). ``trackers=False``
     leaves both transforms out (stateless training: each costs time on every step).
+    ``num_envs > 1`` steps that many copies in one gymnasium ``SyncVectorEnv`` (same process,
+    batch ``[num_envs]``): one policy call and one TorchRL step per ``num_envs`` frames. TorchRL
+    resets the finished copies itself (gymnasium's autoreset off).
     """
     entry = check_env_id(env_id)
-    base = GymEnv(entry.env_id, categorical_action_encoding=True, device=device)
+    if num_envs > 1:
+        vector = gym.vector.SyncVectorEnv(
+            [lambda: gym.make(entry.env_id)] * num_envs,
+            autoreset_mode=gym.vector.AutoresetMode.DISABLED,
+        )
+        base = GymWrapper(vector, categorical_action_encoding=True, device=device)
+    else:
+        base = GymEnv(entry.env_id, categorical_action_encoding=True, device=device)
     if not trackers:
         return TransformedEnv(base)
     return TransformedEnv(base, Compose(StepCounter(max_steps), InitTracker()))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service.envs import make_env
 from service.main import create_app
 from service.training.common import evaluate
-from service.training.dqn import DQNConfig, policy_spec_for, train
+from service.training.dqn import DQNConfig, policy_spec_for, segment_ids, train
 from tests.test_sessions import redis_url  # noqa: F401  (fixture)
 
 FAST = {
@@ -137,6 +138,8 @@ def test_job_records_survive_a_restart(settings):
         ({"hyperparameters": {"learning_rate_typo": 1}}, "learning_rate_typo"),
         ({"hyperparameters": {"lr": -1}}, "lr"),
         ({"device": "tpu"}, "auto"),
+        ({"hyperparameters": {**FAST, "value_estimator": "td_lambda"}}, "recurrent=true"),
+        ({"hyperparameters": {**FAST, "num_envs": 3}}, "multiple of num_envs"),
     ],
 )
 def test_bad_job_requests_are_422_and_create_nothing(client, patch, expected):
@@ -197,17 +200,67 @@ def test_short_training_run_really_learns():
     assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)
 
 
-def test_recurrent_training_runs_and_publishes_a_recurrent_spec():
+@pytest.mark.parametrize("num_envs", [1, 4])
+def test_recurrent_training_runs_and_publishes_a_recurrent_spec(num_envs):
     config = DQNConfig.with_defaults(
-        {"eval_episodes": 2, "init_random_frames": 200},
+        {"eval_episodes": 2, "init_random_frames": 200, "num_envs": num_envs},
         env_id="CartPoleNoVel-v1",
         recurrent=True,
         total_frames=600,
     )
-    trained = train(config)
+    points = []
+    trained = train(config, on_progress=points.append)
     assert trained.spec["recurrent"]["type"] == "lstm"
     assert trained.spec["observation"]["shape"] == [2]
     assert trained.frames == 600 and trained.eval_mean_return > 0
+    assert points[-1]["loss"] is not None  # sequences were sampled and learned from
+
+
+def test_segments_keep_each_env_copy_apart():
+    ids = segment_ids(torch.Size([3, 4]), batch_index=2)
+    assert ids.shape == (3, 4)
+    assert all(len(set(row.tolist())) == 1 for row in ids)  # one id per copy's row
+    assert len(set(ids[:, 0].tolist())) == 3  # copies differ
+    earlier = set(segment_ids(torch.Size([3, 4]), batch_index=1).flatten().tolist())
+    assert earlier.isdisjoint(ids.flatten().tolist())  # batches differ
+    assert set(segment_ids(torch.Size([5]), batch_index=7).tolist()) == {7}  # one env: the batch
+
+
+def test_vector_env_resets_each_finished_copy():
+    env = make_env("CartPole-v1", num_envs=4)
+    env.set_seed(0)
+    td = env.rollout(300, break_when_any_done=False)
+    env.close()
+    assert td.batch_size == (4, 300)
+    done = td["next", "done"].squeeze(-1)
+    assert done.sum() > 20  # random play ends many short episodes in every copy
+    after = done[:, :-1]
+    # the step after an end starts a new episode of that copy only: fresh count, small state
+    assert (td["step_count"][:, 1:].squeeze(-1)[after] == 0).all()
+    assert (td["is_init"][:, 1:].squeeze(-1)[after]).all()
+    assert (td["observation"][:, 1:][after].abs() <= 0.05).all()
+    assert (td["step_count"][:, 1:].squeeze(-1)[~after] > 0).all()
+
+
+def test_tensordict_modules_do_not_search_the_file_system():
+    import importlib.machinery
+
+    from tensordict import TensorDict
+    from tensordict.nn import TensorDictModule
+
+    module = TensorDictModule(torch.nn.Linear(4, 2), in_keys=["x"], out_keys=["y"])
+    td = TensorDict(x=torch.zeros(1, 4), batch_size=[1])
+    calls = []
+    original = importlib.machinery.PathFinder.find_spec
+    try:
+        importlib.machinery.PathFinder.find_spec = classmethod(
+            lambda cls, *a, **k: calls.append(a[0]) or original(*a, **k)
+        )
+        for _ in range(10):
+            module(td)
+    finally:
+        importlib.machinery.PathFinder.find_spec = original
+    assert calls == []
 
 
 def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tmp_path):

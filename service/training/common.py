@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector
 from torchrl.data import ReplayBuffer
@@ -47,6 +47,12 @@ class OffPolicyHyperparameters(BaseModel):
     buffer_size: int = Field(100_000, ge=100, le=2_000_000, description="Replay capacity (frames).")
     frames_per_batch: FramesPerBatch = 100
     updates_per_batch: UpdatesPerBatch = 100
+    num_envs: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Env copies stepped together in one process (a multiple of it per batch).",
+    )
     init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames before learning.")
     eval_episodes: EvalEpisodes = 10
     eval_every_frames: int = Field(
@@ -54,6 +60,15 @@ class OffPolicyHyperparameters(BaseModel):
         ge=0,
         description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
     )
+
+    @model_validator(mode="after")
+    def _whole_steps(self) -> OffPolicyHyperparameters:
+        if self.frames_per_batch % self.num_envs:
+            raise ValueError(
+                f"frames_per_batch ({self.frames_per_batch}) must be a multiple of num_envs "
+                f"({self.num_envs}): each batch steps every env copy the same number of times"
+            )
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -92,9 +107,9 @@ class TrainedPolicy:
     cancelled: bool
 
 
-def train_env(env_id: str, built: BuiltPolicy, device: torch.device) -> TransformedEnv:
+def train_env(env_id: str, built: BuiltPolicy, device: torch.device, num_envs: int = 1) -> TransformedEnv:
     """The allow-listed env with the LSTM primer (recurrent policies) and episode returns."""
-    env = make_env(env_id, device=str(device), trackers=built.lstm is not None)
+    env = make_env(env_id, device=str(device), trackers=built.lstm is not None, num_envs=num_envs)
     if built.lstm is not None:
         env.append_transform(built.lstm.make_tensordict_primer())
     env.append_transform(RewardSum())
@@ -164,14 +179,19 @@ def run_offpolicy(
                 finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
                 episodes += len(finished)
                 recent = (recent + finished)[-20:]
-            data = data.reshape(-1)
             if prepare is not None:
-                data = prepare(data, batches)
+                data = prepare(data, batches)  # still [*envs, time]
+            data = data.reshape(-1)
             batches += 1
             buffer.extend(data)
             if frames >= init_random_frames:
-                for _ in range(updates_per_batch):
-                    last_loss = update(buffer.sample())
+                # One draw for the whole batch of updates, cut into minibatches: the same
+                # distribution as a draw per update (uniform, with replacement, from a buffer
+                # that does not change until the next batch), one storage gather instead of many.
+                size = buffer.batch_size
+                draw = buffer.sample(size * updates_per_batch)
+                for i in range(updates_per_batch):
+                    last_loss = update(draw[i * size : (i + 1) * size])
                     updates += 1
             collector.update_policy_weights_()
             now = time.perf_counter() - start
@@ -280,7 +300,12 @@ def train_offpolicy(
     """Env + collector, the loop, and the artifact: what every trainer does the same way."""
     hp = hyperparameters
     device = torch.device(config.device)
-    env = train_env(config.env_id, built, device)
+    # Denormal floats (Adam's moments of dead units decaying toward zero) are ~100x slower on
+    # x86 CPUs: without this, fused Adam took 0.5 ms of a 1.9 ms DQN update. Flushing them to
+    # zero changes values below 1e-38 only. The flag is per thread: it covers the training
+    # thread (a worker thread or the CLI), not the server's event loop.
+    torch.set_flush_denormal(True)
+    env = train_env(config.env_id, built, device, hp.num_envs)
     env.set_seed(config.seed)
     collector = Collector(
         env,
