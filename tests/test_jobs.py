@@ -20,6 +20,7 @@ from tests.test_sessions import redis_url  # noqa: F401  (fixture)
 FAST = {
     "num_cells": [32],
     "frames_per_batch": 100,
+    "num_envs": 4,
     "updates_per_batch": 5,
     "init_random_frames": 200,
     "eval_episodes": 2,

@@ -31,6 +31,12 @@ LearningRate = Annotated[float, Field(gt=0, le=1, description="Adam learning rat
 BatchSize = Annotated[int, Field(ge=1, le=4096, description="Transitions (or sequences) per update.")]
 FramesPerBatch = Annotated[int, Field(ge=1, le=10_000, description="Frames collected per batch.")]
 UpdatesPerBatch = Annotated[int, Field(ge=1, le=10_000, description="Gradient steps per batch.")]
+NumEnvs = Annotated[
+    int,
+    Field(
+        ge=1, le=64, description="Env copies stepped together in one process (frames_per_batch a multiple)."
+    ),
+]
 EvalEpisodes = Annotated[int, Field(ge=1, le=200, description="Deterministic episodes at the end.")]
 
 
@@ -47,12 +53,7 @@ class OffPolicyHyperparameters(BaseModel):
     buffer_size: int = Field(100_000, ge=100, le=2_000_000, description="Replay capacity (frames).")
     frames_per_batch: FramesPerBatch = 100
     updates_per_batch: UpdatesPerBatch = 100
-    num_envs: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Env copies stepped together in one process (a multiple of it per batch).",
-    )
+    num_envs: NumEnvs = 1
     init_random_frames: int = Field(1000, ge=0, description="Uniform-random frames before learning.")
     eval_episodes: EvalEpisodes = 10
     eval_every_frames: int = Field(
@@ -162,8 +163,8 @@ def run_offpolicy(
     """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped.
 
     With ``eval_every_frames`` and ``snapshot``, the weights of the best periodic evaluation are
-    kept (like SB3's EvalCallback ``best_model``); ``artifact`` publishes them if they beat the
-    final weights on the final evaluation.
+    kept (like SB3's EvalCallback ``best_model``; on a tie the later weights, trained longer);
+    ``artifact`` publishes them if they beat the final weights on the final evaluation.
     """
     frames = episodes = updates = batches = 0
     best_return, best_state, best_frames = -math.inf, None, None
@@ -210,7 +211,7 @@ def run_offpolicy(
             if eval_fn is not None and frames >= next_eval:
                 point["eval_mean_return"] = eval_fn()
                 next_eval += eval_every_frames
-                if snapshot is not None and point["eval_mean_return"] > best_return:
+                if snapshot is not None and point["eval_mean_return"] >= best_return:
                     best_return, best_state = point["eval_mean_return"], snapshot()
                     best_frames = frames
             if on_progress:
@@ -314,6 +315,9 @@ def train_offpolicy(
         total_frames=config.total_frames,
         init_random_frames=hp.init_random_frames,
         device=device,
+        # train_env already has what the policy reads (InitTracker + primer when recurrent);
+        # torchrl 0.15 would otherwise start appending transforms on its own.
+        auto_register_policy_transforms=False,
     )
     try:
         loop = run_offpolicy(

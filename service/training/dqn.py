@@ -28,6 +28,7 @@ from service.training.common import (
     EvalEpisodes,
     FramesPerBatch,
     LearningRate,
+    NumEnvs,
     OffPolicyHyperparameters,
     Progress,
     TrainConfig,
@@ -47,6 +48,7 @@ class DQNHyperparameters(OffPolicyHyperparameters):
     batch_size: BatchSize = 64
     frames_per_batch: FramesPerBatch = 256
     updates_per_batch: UpdatesPerBatch = 128
+    num_envs: NumEnvs = 16
     eval_episodes: EvalEpisodes = 20
     hidden_size: int = Field(64, ge=4, le=1024, description="LSTM width (recurrent only).")
     eps_start: float = Field(1.0, ge=0, le=1, description="Initial epsilon.")
@@ -78,6 +80,7 @@ RECURRENT_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "frames_per_batch": 100,
     "updates_per_batch": 25,
+    "num_envs": 1,
     "init_random_frames": 1000,
     "target_update": "soft",
     "tau": 0.01,
