@@ -139,7 +139,7 @@ def train(
     )
     step = 0
 
-    def update(sample) -> float:
+    def update(sample) -> torch.Tensor:
         nonlocal step
         losses = loss_fn(sample)
         critic_optim.zero_grad(set_to_none=True)
@@ -158,7 +158,7 @@ def train(
         if update_actor:
             target.step()
         step += 1
-        return float(losses["loss_qvalue"].detach())
+        return losses["loss_qvalue"].detach()
 
     return train_offpolicy(
         algorithm=config.algorithm,

@@ -150,7 +150,7 @@ def run_offpolicy(
     total_frames: int,
     init_random_frames: int,
     updates_per_batch: int,
-    update: Callable[[TensorDictBase], float],
+    update: Callable[[TensorDictBase], torch.Tensor],
     start: float,
     prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
     after_batch: Callable[[int], dict[str, Any]] | None = None,
@@ -169,7 +169,7 @@ def run_offpolicy(
     frames = episodes = updates = batches = 0
     best_return, best_state, best_frames = -math.inf, None, None
     recent: list[float] = []
-    last_loss = float("nan")
+    last_loss: torch.Tensor | None = None  # read once per batch: a float() per update syncs
     next_eval = eval_every_frames or math.inf
     cancelled = False
     try:
@@ -201,7 +201,7 @@ def run_offpolicy(
                 "total_frames": total_frames,
                 "episodes": episodes,
                 "mean_return": sum(recent) / len(recent) if recent else None,
-                "loss": None if math.isnan(last_loss) else last_loss,
+                "loss": None if last_loss is None else float(last_loss),
                 "epsilon": None,
                 "fps": frames / now,
                 "time_s": now,
@@ -291,7 +291,7 @@ def train_offpolicy(
     built: BuiltPolicy,
     collect_policy: Callable,
     buffer: ReplayBuffer,
-    update: Callable[[TensorDictBase], float],
+    update: Callable[[TensorDictBase], torch.Tensor],
     start: float,
     on_progress: Progress | None,
     should_stop: Callable[[], bool] | None,
