@@ -3,7 +3,7 @@
     python -m benchmarks.train_dqn --seeds 5 --frames 50000            # CartPole-v1 success
     python -m benchmarks.train_dqn --seeds 5 --hp '{"eval_every_frames": 5000}'  # + keep-best
     python -m benchmarks.train_dqn --speed --frames 20000              # fps vs SB3, same run
-    python -m benchmarks.train_dqn --recurrent --frames 100000         # CartPoleNoVel-v1, LSTM vs MLP
+    python -m benchmarks.train_dqn --recurrent --seeds 3 --frames 100000  # CartPoleNoVel-v1, LSTM vs MLP
 
 SB3 (``pip install stable-baselines3``) is run with the same network, batch size, buffer,
 learning starts, train frequency and gradient steps (rl-baselines3-zoo's CartPole settings).
@@ -101,9 +101,12 @@ def main() -> None:
         )
         return
     if args.recurrent:
-        lstm = ours("CartPoleNoVel-v1", args.frames, 0, recurrent=True)
+        hp = json.loads(args.hp)
+        for seed in range(args.seeds):
+            lstm = ours("CartPoleNoVel-v1", args.frames, seed, recurrent=True, hp=hp)
+            print(json.dumps({"lstm_dqn": lstm, "seed": seed}), flush=True)
         mlp = ours("CartPoleNoVel-v1", min(args.frames, 50_000), 0)
-        print(json.dumps({"lstm_dqn": lstm, "mlp_dqn": mlp}))
+        print(json.dumps({"mlp_dqn": mlp, "seed": 0}))
         return
     runs = []
     hp = json.loads(args.hp)
