@@ -82,8 +82,8 @@ def main() -> None:
     if args.speed:
         # No periodic evaluation on either side: SB3's learn() runs none without a callback.
         a = ours("CartPole-v1", args.frames, 0, hp={"eval_every_frames": 0, **json.loads(args.hp)})
-        # Our trainer flushes denormal floats to zero (see train_offpolicy); the flag is per
-        # thread and train() set it here. SB3 is timed as it ships (flag off) and with the flag.
+        # Our trainer flushes denormal floats to zero while it trains (flushed_denormals in
+        # service/training/common.py). SB3 is timed as it ships (flag off) and with the flag.
         torch.set_flush_denormal(False)
         b = sb3(args.frames, 0)
         torch.set_flush_denormal(True)

@@ -215,6 +215,8 @@ def test_recurrent_training_runs_and_publishes_a_recurrent_spec(num_envs):
     assert trained.spec["observation"]["shape"] == [2]
     assert trained.frames == 600 and trained.eval_mean_return > 0
     assert points[-1]["loss"] is not None  # sequences were sampled and learned from
+    # training flushes denormals in its thread and puts the caller's IEEE behaviour back
+    assert (torch.tensor([1e-40]) * 1.0)[0] != 0
 
 
 def test_segments_keep_each_env_copy_apart():
