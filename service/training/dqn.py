@@ -72,8 +72,8 @@ class DQNHyperparameters(OffPolicyHyperparameters):
 
 
 RECURRENT_DEFAULTS: dict[str, Any] = {
-    # CartPoleNoVel-v1 reaches 500 with these (benchmarks/train_dqn.py --recurrent); the
-    # lambda-return along each sequence was the change that took it from ~230 to 500.
+    # CartPoleNoVel-v1, 100k frames, seeds 0-2: 500 / 500 / 452 (README, Training
+    # measurements); the lambda-return along each sequence took the same net from ~230 to 500.
     "num_cells": [128],
     "hidden_size": 128,
     "lr": 1e-3,
