@@ -112,6 +112,18 @@ class LiveServer:
         self.stop()
         raise RuntimeError("server did not become ready")
 
+    @classmethod
+    def serving(cls, model_dir: Path, root: Path, **settings: str) -> LiveServer:
+        """A server of ``model_dir`` with its data under ``root/var``, no embedded worker, and
+        ``settings`` as ``POLICY_SERVER_<NAME>`` variables."""
+        env = {
+            "POLICY_SERVER_MODEL_DIR": str(model_dir),
+            "POLICY_SERVER_DATA_DIR": str(root / "var"),
+            "POLICY_SERVER_EMBEDDED_WORKER": "false",
+            **{f"POLICY_SERVER_{k.upper()}": v for k, v in settings.items()},
+        }
+        return cls(env, root)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -20,14 +20,7 @@ def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("batching")
     for name in ("q", "q-lstm", "tanh"):
         write_policy(root / "models", name, SPECS[name])
-    server = LiveServer(
-        {
-            "POLICY_SERVER_MODEL_DIR": str(root / "models"),
-            "POLICY_SERVER_DATA_DIR": str(root / "var"),
-            "POLICY_SERVER_EMBEDDED_WORKER": "false",
-        },
-        root,
-    )
+    server = LiveServer.serving(root / "models", root)
     yield server
     server.stop()
 

@@ -43,16 +43,7 @@ def test_request_id_is_echoed_or_made(client):
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("schemathesis")
     write_policy(root / "models", "cp", CARTPOLE_Q)
-    server = LiveServer(
-        {
-            "POLICY_SERVER_MODEL_DIR": str(root / "models"),
-            "POLICY_SERVER_DATA_DIR": str(root / "var"),
-            "POLICY_SERVER_EMBEDDED_WORKER": "false",
-            "POLICY_SERVER_MAX_ROLLOUT_STEPS": "200",
-            "POLICY_SERVER_MAX_ROLLOUT_EPISODES": "3",
-        },
-        root,
-    )
+    server = LiveServer.serving(root / "models", root, max_rollout_steps="200", max_rollout_episodes="3")
     yield server
     server.stop()
 

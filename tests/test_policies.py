@@ -302,14 +302,7 @@ def test_admin_endpoints_need_the_key(settings):
 def test_real_uvicorn_serves_the_repository(model_dir, tmp_path):
     import httpx
 
-    server = LiveServer(
-        {
-            "POLICY_SERVER_MODEL_DIR": str(model_dir),
-            "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
-            "POLICY_SERVER_EMBEDDED_WORKER": "false",
-        },
-        tmp_path,
-    )
+    server = LiveServer.serving(model_dir, tmp_path)
     try:
         names = [p["name"] for p in httpx.get(server.url + "/v1/policies").json()["policies"]]
         assert names == sorted(SPECS)

@@ -162,14 +162,7 @@ def test_policy_without_env_id_needs_one(rclient):
 
 
 def test_act_keeps_answering_during_a_long_rollout(env_models, tmp_path):
-    server = LiveServer(
-        {
-            "POLICY_SERVER_MODEL_DIR": str(env_models),
-            "POLICY_SERVER_DATA_DIR": str(tmp_path / "var"),
-            "POLICY_SERVER_EMBEDDED_WORKER": "false",
-        },
-        tmp_path,
-    )
+    server = LiveServer.serving(env_models, tmp_path)
     try:
         with httpx.Client(base_url=server.url) as c:
 
