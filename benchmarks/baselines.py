@@ -16,12 +16,13 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
+from service.runtime.policy import PolicyRuntime
 
 kind, model_dir, name, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)
 app = FastAPI()
 if kind == "naive":
-    registry = Registry(ModelStore(model_dir))
+    registry = Registry(ModelStore(model_dir), prepare=PolicyRuntime)
     registry.load_all()
     policy = registry.resolve(name).runtime.core
 

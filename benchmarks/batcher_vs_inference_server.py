@@ -20,13 +20,13 @@ from tensordict import TensorDict
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.policy import Exploration
+from service.runtime.policy import Exploration, PolicyRuntime
 
 CALLERS, PER_CALLER = 32, 300
 
 
 def policy():
-    registry = Registry(ModelStore("models"))
+    registry = Registry(ModelStore("models"), prepare=PolicyRuntime)
     registry.load_all()
     return registry.resolve("cartpole-dqn").runtime
 

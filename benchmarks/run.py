@@ -150,6 +150,7 @@ async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
 def big_batch(base: str, repeats: int = 20) -> dict:
     from service.registry.registry import Registry
     from service.registry.store import ModelStore
+    from service.runtime.policy import PolicyRuntime
 
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(1024, 4, generator=g)
@@ -162,7 +163,7 @@ def big_batch(base: str, repeats: int = 20) -> dict:
             r = c.post(f"/v1/policies/{POLICY}/act", content=body, headers=headers)
             assert r.status_code == 200
         http_s = (time.perf_counter() - t) / repeats
-    registry = Registry(ModelStore(ROOT / "models"))
+    registry = Registry(ModelStore(ROOT / "models"), prepare=PolicyRuntime)
     registry.load_all()
     runtime = registry.resolve(POLICY).runtime
     runtime.act(obs)

@@ -10,6 +10,8 @@ import shlex
 import signal
 import sys
 
+from service.training.algorithms import ALGORITHMS
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -17,8 +19,10 @@ def _serve(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.main import create_app
     from service.observability import configure_json_logging
+    from service.process import configure_process
 
     settings = Settings()
+    configure_process(settings.torch_threads)
     configure_json_logging(args.log_level)
     common = dict(
         host=args.host,
@@ -52,13 +56,14 @@ def _publisher(settings):
 def _worker(args: argparse.Namespace) -> int:
     """Consume training jobs (SQLite queue in the data dir, or Redis with QUEUE_URL)."""
     from service.config import Settings
-    from service.training.jobs import Jobs, JobWorker
+    from service.process import configure_process
+    from service.training.job_system import build_jobs
 
     settings = Settings()
-    jobs = Jobs(settings, publish=_publisher(settings))
-    worker = JobWorker(jobs)
+    configure_process()
+    _, worker = build_jobs(settings, _publisher(settings))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: jobs.stopping.set())
+        signal.signal(sig, lambda *_: worker.ctx.stopping.set())
     logging.getLogger(__name__).info("worker consuming %s", settings.queue_url or "SQLite queue")
     worker.run_forever()
     return 0
@@ -67,9 +72,11 @@ def _worker(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Train without the server and publish into the model repository."""
     from service.config import Settings, resolve_device
-    from service.training.jobs import build_config, trainer_for
+    from service.process import configure_process
+    from service.training.algorithms import build_config, trainer_for
 
     settings = Settings()
+    configure_process()
     hp = {}
     for item in args.hp:
         key, _, value = item.partition("=")
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="consume training jobs")
     worker.set_defaults(func=_worker)
     tr = sub.add_parser("train", help="train a policy into the model repository")
-    tr.add_argument("--algorithm", choices=["dqn", "sac", "td3"], default="dqn")
+    tr.add_argument("--algorithm", choices=ALGORITHMS, default="dqn")
     tr.add_argument("--env", required=True)
     tr.add_argument("--name", required=True)
     tr.add_argument("--recurrent", action="store_true")

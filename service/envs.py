@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchrl.envs import Compose, GymEnv, GymWrapper, InitTracker, StepCounter, TransformedEnv
 
-from service.errors import Unprocessable
+from service.errors import InvalidInput
 from service.registry.spec import PolicySpec
 
 
@@ -37,8 +37,10 @@ def _make_cartpole_novel(**kwargs: Any) -> gym.Env:
     return NoVelocityObservation(gym.make("CartPole-v1", **kwargs))
 
 
-if "CartPoleNoVel-v1" not in gym.registry:
-    gym.register(id="CartPoleNoVel-v1", entry_point=_make_cartpole_novel)
+def register_envs() -> None:
+    """Register this project's own gymnasium ids (idempotent)."""
+    if "CartPoleNoVel-v1" not in gym.registry:
+        gym.register(id="CartPoleNoVel-v1", entry_point=_make_cartpole_novel)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ ALLOWED: dict[str, EnvEntry] = {
 def check_env_id(env_id: str) -> EnvEntry:
     entry = ALLOWED.get(env_id)
     if entry is None:
-        raise Unprocessable(f"environment {env_id[:80]!r} is not allowed; expected one of {sorted(ALLOWED)}")
+        raise InvalidInput(f"environment {env_id[:80]!r} is not allowed; expected one of {sorted(ALLOWED)}")
     return entry
 
 
@@ -87,6 +89,7 @@ def make_env(
     resets the finished copies itself (gymnasium's autoreset off).
     """
     entry = check_env_id(env_id)
+    register_envs()
     if num_envs > 1:
         vector = gym.vector.SyncVectorEnv(
             [lambda: gym.make(entry.env_id)] * num_envs,
@@ -104,6 +107,7 @@ def make_env(
 def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
     """Observation and action of ``env_id`` in the model repository's spec format."""
     entry = check_env_id(env_id)
+    register_envs()
     env = gym.make(entry.env_id)
     try:
         obs_space, act_space = env.observation_space, env.action_space
@@ -136,7 +140,7 @@ def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
             torch.tensor([ea["low"], ea["high"]]), torch.tensor([pa["low"], pa["high"]]), atol=1e-4
         )
     if not ok:
-        raise Unprocessable(
+        raise InvalidInput(
             f"environment {env_id} (observation {env['observation']['shape']}, action {ea}) does "
             f"not fit policy {policy} (observation {spec.observation.shape}, action {pa})"
         )

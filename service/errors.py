@@ -1,31 +1,62 @@
-"""Typed errors that carry their HTTP status; one handler in ``main`` turns them into JSON."""
+"""Domain errors: what went wrong, in words, with no HTTP in them.
+
+The runtime, the registry, the stores and the service layer raise these; the HTTP edge
+(``service.api.errors``) is the one place that maps each to a status code. Every message says
+what was wrong and what was expected.
+"""
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    status_code = 400
+    """Base of the errors a client can cause or must wait out.
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    Args:
+        detail: the sentence sent back to the client.
+        retry_after_s: for errors that pass (limits, outages), when to try again.
+    """
+
+    def __init__(self, detail: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.headers = headers
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(ServiceError, LookupError):
-    status_code = 404
+    """An unknown policy, version, session, job or environment."""
 
 
-class Unprocessable(ServiceError, ValueError):
-    status_code = 422
+class InvalidInput(ServiceError, ValueError):
+    """The request's content does not fit (shapes, values, limits on its content)."""
 
 
 class Conflict(ServiceError):
-    status_code = 409
+    """The request fits but the resource's state forbids it (e.g. cancelling a finished job)."""
 
 
-class TooManyRequests(ServiceError):
-    status_code = 429
+class Busy(ServiceError):
+    """A capacity limit is reached (sessions, rollouts, queued jobs); retry later."""
 
-    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+    def __init__(self, detail: str, retry_after_s: float = 1) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s)
+
+
+class Unavailable(ServiceError):
+    """A backing service (Redis) is unreachable; the call changed nothing, retry later."""
+
+    def __init__(self, detail: str, retry_after_s: float = 2) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s)
+
+
+class TimedOut(ServiceError):
+    """The work ran past its time limit and was stopped."""
+
+
+def _number(x: object) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def check_limit(what: str, value: float, limit: float) -> None:
+    """The one check, and the one wording, of a request asking for more than a limit allows."""
+    if value > limit:
+        raise InvalidInput(f"{what}={_number(value)} exceeds the limit of {_number(limit)}")

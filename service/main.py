@@ -1,131 +1,68 @@
-"""``create_app(settings)``: the FastAPI application; its lifespan builds the stores on app.state."""
+"""``create_app(settings)``: the FastAPI application. Its lifespan is the composition root: it
+builds the registry, stores, queue and services on ``app.state``; routers reach them through
+``service.api.deps``."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
-from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from service.api import envs, health, jobs, policies, sessions
+from service.api.errors import install_error_handlers
 from service.api.fastpath import FastActMiddleware
-from service.api.responses import FastJSONResponse
+from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.config import Settings, resolve_device
-from service.errors import ServiceError
-from service.observability import Metrics, RequestContextMiddleware
+from service.observability import Metrics
+from service.process import configure_process, freeze_loaded_objects
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.rollout import RolloutSlots
+from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import make_session_store
-from service.training.jobs import Jobs, JobWorker
+from service.serving.acting import ActService
+from service.serving.jobs import JobService
+from service.serving.policies import PolicyService
+from service.serving.rollouts import RolloutService
+from service.serving.sessions import SessionService
+from service.training.job_system import build_jobs
 
 log = logging.getLogger(__name__)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit, by Content-Length or while streaming; uploads get their own."""
-
-    def __init__(self, app, max_body: int, max_upload: int) -> None:
-        self.app, self.max_body, self.max_upload = app, max_body, max_upload
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        is_upload = scope["method"] == "POST" and scope["path"].endswith("/versions")
-        limit = self.max_upload if is_upload else self.max_body
-        for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > limit:
-                await self._too_large(send, limit)
-                return
-        received = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._too_large(send, limit)
-
-    @staticmethod
-    async def _too_large(send, limit: int) -> None:
-        body = FastJSONResponse(
-            {"detail": f"request body is larger than the limit of {limit} bytes"}, 413
-        ).body
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
+    configure_process(settings.torch_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(settings.torch_threads)
+        state = app.state
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        registry = Registry(ModelStore(settings.model_dir), resolve_device(settings.device))
-        app.state.settings = settings
-        app.state.registry = registry
-        app.state.executor = InferenceExecutor()
-        app.state.batcher = MicroBatcher(
-            app.state.executor, settings.max_forward_batch, loop=asyncio.get_running_loop()
+        store = ModelStore(settings.model_dir)
+        await asyncio.to_thread(store.sweep)  # what a crashed publisher left
+        registry = Registry(store, resolve_device(settings.device), prepare=PolicyRuntime)
+        state.registry = registry
+        state.executor = InferenceExecutor()
+        state.batcher = MicroBatcher(
+            state.executor, settings.max_forward_batch, loop=asyncio.get_running_loop()
         )
-        app.state.batcher.on_batch = app.state.metrics.batch_size.observe
-        app.state.rollout_slots = RolloutSlots(settings.max_concurrent_rollouts)
-        app.state.sessions = make_session_store(settings.session_store)
-        await run_in_threadpool(registry.load_all)
-        app.state.jobs = Jobs(settings, publish=registry.publish)
-        worker = None
+        state.batcher.on_batch = state.metrics.batch_size.observe
+        state.session_store = make_session_store(settings.session_store)
+        await asyncio.to_thread(registry.load_all)
+        queue, worker = build_jobs(settings, registry.publish)
+        state.act_service = ActService(registry, state.batcher, settings)
+        state.session_service = SessionService(state.session_store, registry, state.batcher, settings)
+        state.rollout_service = RolloutService(registry, state.batcher, settings)
+        state.policy_service = PolicyService(registry, state.session_service)
+        state.job_service = JobService(queue.store, queue, settings)
         if settings.embedded_worker:
-            if not settings.queue_url:
-                # This process was the only worker: a job still 'running' lost its worker.
-                app.state.jobs.store.fail_stale(
-                    0, "interrupted: the server stopped while the job was running"
-                )
-            worker = JobWorker(app.state.jobs)
-            worker.start()
-        # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's
-        # full collections, which otherwise show up as tens-of-milliseconds tail latencies.
-        gc.collect()
-        gc.freeze()
-        tasks = []
+            worker.start()  # its first act is failing the jobs of dead workers
+        freeze_loaded_objects()
+        tasks = [asyncio.create_task(_sweep_jobs(state.job_service, settings.job_heartbeat_timeout_s))]
         if settings.registry_poll_s > 0:
             tasks.append(asyncio.create_task(_poll_registry(registry, settings.registry_poll_s)))
         try:
@@ -133,10 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             for t in tasks:
                 t.cancel()
-            if worker is not None:
-                await run_in_threadpool(worker.stop)
-            app.state.executor.shutdown()
-            await app.state.sessions.close()
+            if settings.embedded_worker:
+                await asyncio.to_thread(worker.stop)
+            state.executor.shutdown()
+            await state.session_store.close()
 
     app = FastAPI(
         title="policy-server",
@@ -148,17 +85,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.add_middleware(FastActMiddleware, fastapi_app=app)
     app.add_middleware(
-        RequestContextMiddleware, metrics=app.state.metrics, timeout_s=settings.request_timeout_s
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        known_policy=lambda name: app.state.registry.has(name),
+        timeout_s=settings.request_timeout_s,
     )
     app.add_middleware(
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes
     )
-    _install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(policies.router)
-    app.include_router(envs.router)
-    app.include_router(sessions.router)
-    app.include_router(jobs.router)
+    install_error_handlers(app)
+    for router in (health, policies, envs, sessions, jobs):
+        app.include_router(router.router)
     return app
 
 
@@ -167,29 +104,17 @@ async def _poll_registry(registry: Registry, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            await run_in_threadpool(registry.refresh)
+            await asyncio.to_thread(registry.load_all)
         except Exception:  # keep polling; a broken scan must not stop serving
             log.exception("registry refresh failed")
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> FastJSONResponse:
-        return FastJSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> FastJSONResponse:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
-        return FastJSONResponse({"detail": errors}, 422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> FastJSONResponse:
-        return FastJSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> FastJSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return FastJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
+async def _sweep_jobs(jobs: JobService, heartbeat_timeout_s: float) -> None:
+    """Fail the running jobs whose worker is gone (also when no worker runs in this process)."""
+    every_s = max(1.0, min(30.0, heartbeat_timeout_s / 4))
+    while True:
+        try:
+            await asyncio.to_thread(jobs.store.fail_orphaned, heartbeat_timeout_s)
+        except Exception:  # a store outage: try again at the next round
+            log.warning("sweep of orphaned jobs failed", exc_info=True)
+        await asyncio.sleep(every_s)

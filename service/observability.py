@@ -1,17 +1,11 @@
-"""Prometheus metrics, request ids and JSON-lines logs."""
+"""Prometheus metrics and JSON-lines logs (the request middleware is ``service.api.middleware``)."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import logging
-import os
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-log = logging.getLogger("service.access")
 
 
 class Metrics:
@@ -70,89 +64,3 @@ def configure_json_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-class RequestContextMiddleware:
-    """Request id (``X-Request-ID``, echoed or made up), access log line, metrics per route."""
-
-    def __init__(self, app, metrics: Metrics, timeout_s: float | None = None) -> None:
-        self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
-        # unique per process and cheap: a random prefix and a counter
-        self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = None
-        status = 500
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                request_id = v.decode("latin-1")[:128]
-                break
-        request_id = request_id or f"{self._prefix}-{next(self._counter):x}"
-        start = time.perf_counter()
-
-        started = False
-
-        async def send_with_id(message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
-            await send(message)
-
-        timed = self.timeout_s is not None and not _long_running(scope)
-        try:
-            if timed:
-                try:
-                    async with asyncio.timeout(self.timeout_s):
-                        await self.app(scope, receive, send_with_id)
-                except TimeoutError:
-                    if started:  # nothing more can be sent on this response
-                        raise
-                    await _send_json(
-                        send_with_id, 504, {"detail": f"the request took longer than {self.timeout_s:g} s"}
-                    )
-            else:
-                await self.app(scope, receive, send_with_id)
-        finally:
-            elapsed = time.perf_counter() - start
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            policy = (scope.get("path_params") or {}).get("name", "")
-            self.metrics.requests.labels(path, scope["method"], str(status), policy).inc()
-            self.metrics.latency.labels(path, policy).observe(elapsed)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "fields": {
-                            "request_id": request_id,
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 3),
-                        }
-                    },
-                )
-
-
-def _long_running(scope) -> bool:
-    """Rollouts (their own ROLLOUT_TIMEOUT_S) and uploads are not held to the request timeout."""
-    path = scope["path"]
-    return path.endswith("/rollout") or path.endswith("/versions")
-
-
-async def _send_json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

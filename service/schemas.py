@@ -9,6 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from service.registry.spec import NAME_PATTERN
 from service.runtime.policy import Exploration
+from service.serving.params import (
+    ActParams,
+    ExplorationParams,
+    RolloutParams,
+    SessionCreateParams,
+    SessionStepParams,
+)
+from service.training.algorithms import Algorithm
+from service.training.job import JobProgress
 
 Number = Annotated[float, Strict()]
 Row = list[Number]
@@ -47,10 +56,19 @@ class ExplorationIn(_In):
     noise_std: float | None = Field(None, ge=0.0, le=1e6, description="Actor + random.")
     return_info: bool = False
 
+    @property
+    def explore(self) -> ExplorationParams:
+        return ExplorationParams(self.exploration, self.epsilon, self.noise_std)
+
 
 class ActRequest(_ObservationsIn, ExplorationIn):
     version: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    def params(self, policy: str) -> ActParams:
+        return ActParams(
+            policy, self.rows, self.single, self.explore, self.version, self.seed, self.return_info
+        )
 
 
 class ActResponse(BaseModel):
@@ -107,6 +125,15 @@ class SessionCreate(_In):
     noise_std: float | None = Field(None, ge=0.0, le=1e6)
     ttl_s: float | None = Field(None, gt=0)
 
+    def params(self) -> SessionCreateParams:
+        return SessionCreateParams(
+            self.policy,
+            self.version,
+            self.num_envs,
+            ExplorationParams(self.exploration, self.epsilon, self.noise_std),
+            self.ttl_s,
+        )
+
 
 class SessionPublic(BaseModel):
     session_id: str
@@ -121,6 +148,11 @@ class SessionActRequest(_ObservationsIn, ExplorationIn):
     reset: bool | list[bool] | None = Field(
         None, description="First step of a new episode: one bool, or one per env."
     )
+
+    def params(self, session_id: str) -> SessionStepParams:
+        return SessionStepParams(
+            session_id, self.rows, self.single, self.reset, self.explore, self.return_info
+        )
 
 
 class SessionActResponse(BaseModel):
@@ -144,6 +176,18 @@ class RolloutRequest(_In):
     noise_std: float | None = Field(None, ge=0.0, le=1e6)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     return_trajectory: bool = False
+
+    def params(self, policy: str) -> RolloutParams:
+        return RolloutParams(
+            policy,
+            self.version,
+            self.env_id,
+            self.episodes,
+            self.max_steps,
+            ExplorationParams(self.exploration, self.epsilon, self.noise_std),
+            self.seed,
+            self.return_trajectory,
+        )
 
 
 class RolloutResponse(BaseModel):
@@ -171,7 +215,7 @@ JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelle
 
 
 class JobCreate(_In):
-    algorithm: Literal["dqn", "sac", "td3"] = Field(
+    algorithm: Algorithm = Field(
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
         "policy) or td3 (box; deterministic actor)."
     )
@@ -184,16 +228,6 @@ class JobCreate(_In):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hyperparameters: dict[str, Any] | None = None
-
-
-class JobProgress(BaseModel):
-    frames: int | None = None
-    total_frames: int | None = None
-    episodes: int | None = None
-    mean_return: float | None = None
-    loss: float | None = None
-    epsilon: float | None = None
-    fps: float | None = None
 
 
 class JobPublic(BaseModel):

@@ -5,7 +5,10 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.helpers import SPECS, write_policy
+from service.process import configure_process
+from tests.helpers import CARTPOLE_Q, NOVEL_LSTM, PENDULUM, SPECS, RedisServer, write_policy
+
+configure_process()  # what the CLI and create_app do; tests that train call trainers directly
 
 
 @pytest.fixture()
@@ -36,3 +39,39 @@ def client(settings):
 @pytest.fixture()
 def app(client):
     return client.app
+
+
+@pytest.fixture()
+def jclient(settings):
+    """An app whose embedded worker consumes training jobs."""
+    settings.embedded_worker = True
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture()
+def env_models(model_dir):
+    """The model directory plus policies bound to allow-listed environments."""
+    write_policy(model_dir, "cp", CARTPOLE_Q, seed=3)
+    write_policy(model_dir, "novel", NOVEL_LSTM)
+    write_policy(model_dir, "pend", PENDULUM)
+    return model_dir
+
+
+@pytest.fixture()
+def rclient(env_models, settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_url(redis_server):
+    return redis_server.url

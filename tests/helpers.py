@@ -1,8 +1,11 @@
-"""Test helpers: specs of every kind, policies written to a model repository, a live server."""
+"""Test helpers: specs of every kind, policies written to a model repository, the TorchRL module
+called directly, API call shorthands, a live server and a real redis-server."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,9 +13,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from service.registry.build import build_policy, weights_bytes
+from service.registry.build import build_policy, load_weights, weights_bytes
 from service.registry.spec import PolicySpec
 from service.registry.store import ModelStore
 
@@ -132,3 +138,184 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+# -- the TorchRL module called directly --------------------------------------------------
+def obs_for(name: str, n: int = 1, seed: int = 0) -> list[list[float]]:
+    g = torch.Generator().manual_seed(seed)
+    dim = SPECS[name]["observation"]["shape"][0]
+    return (torch.randn(n, dim, generator=g) * 2).tolist()
+
+
+def direct_module(name: str):
+    spec = PolicySpec.model_validate(SPECS[name])
+    built = build_policy(spec)
+    load_weights(built, random_weights(SPECS[name]))
+    return spec, built.core
+
+
+def direct_call(name: str, rows, etype=ExplorationType.DETERMINISTIC):
+    spec, core = direct_module(name)
+    td = TensorDict({"observation": torch.tensor(rows)}, batch_size=[len(rows)])
+    if spec.recurrent:
+        shape = (len(rows), spec.recurrent.num_layers, spec.recurrent.hidden_size)
+        td["recurrent_state_h"] = torch.zeros(shape)
+        td["recurrent_state_c"] = torch.zeros(shape)
+        td["is_init"] = torch.ones(len(rows), 1, dtype=torch.bool)
+    with torch.no_grad(), set_exploration_type(etype):
+        return core(td)
+
+
+# -- API shorthands ---------------------------------------------------------------------------
+def upload(client, name, spec, weights, headers=None):
+    return client.post(
+        f"/v1/policies/{name}/versions",
+        headers=headers or {},
+        files={
+            "spec": ("policy.json", json.dumps(spec), "application/json"),
+            "weights": ("weights.safetensors", weights, "application/octet-stream"),
+        },
+    )
+
+
+def new_session(client, policy, **kw):
+    r = client.post("/v1/sessions", json={"policy": policy, **kw})
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def step(client, sid, obs, **kw):
+    r = client.post(f"/v1/sessions/{sid}/act", json={"observation": obs, "return_info": True, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_close(a, b, tol=1e-5):
+    """Equal structure, numbers equal up to float32 rounding (batched matmuls round differently)."""
+    ta, tb = torch.tensor(_flat(a)), torch.tensor(_flat(b))
+    assert ta.shape == tb.shape and torch.allclose(ta, tb, atol=tol), (a, b)
+
+
+def _flat(x):
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _flat(x[k])]
+    if isinstance(x, list):
+        return [v for i in x for v in _flat(i)]
+    return [float(x)]
+
+
+def replay_alone(client, policy, seq, resets=()):
+    sid = new_session(client, policy)
+    return [step(client, sid, o, reset=(t in resets)) for t, o in enumerate(seq)]
+
+
+# -- jobs ------------------------------------------------------------------------------------
+FAST = {
+    "num_cells": [32],
+    "frames_per_batch": 100,
+    "num_envs": 4,
+    "updates_per_batch": 5,
+    "init_random_frames": 200,
+    "eval_episodes": 2,
+    "buffer_size": 5000,
+}
+
+
+def job_body(**kw):
+    body = {
+        "algorithm": "dqn",
+        "env_id": "CartPole-v1",
+        "policy_name": "trained",
+        "total_frames": 600,
+        "seed": 1,
+        "device": "cpu",
+        "hyperparameters": FAST,
+    }
+    body.update(kw)
+    return body
+
+
+def wait_for(client, job_id, statuses, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = client.get(f"/v1/jobs/{job_id}").json()
+        if doc["status"] in statuses:
+            return doc
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} stayed {doc['status']}")
+
+
+# -- env-bound specs ---------------------------------------------------------------------------
+CARTPOLE_Q = {
+    "kind": "qvalue",
+    "observation": {"shape": [4]},
+    "action": {"type": "discrete", "n": 2},
+    "env_id": "CartPole-v1",
+    "network": {"num_cells": [16]},
+}
+NOVEL_LSTM = {
+    "kind": "qvalue",
+    "observation": {"shape": [2]},
+    "action": {"type": "discrete", "n": 2},
+    "env_id": "CartPoleNoVel-v1",
+    "recurrent": {"type": "lstm", "hidden_size": 8},
+    "network": {"num_cells": [16]},
+}
+PENDULUM = {
+    "kind": "probabilistic",
+    "distribution": "tanh_normal",
+    "observation": {"shape": [3]},
+    "action": {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]},
+    "env_id": "Pendulum-v1",
+    "network": {"num_cells": [16]},
+}
+
+
+# -- a real redis-server -----------------------------------------------------------------------
+class RedisServer:
+    """A ``redis-server`` process on a free port that can be stopped and started again (same port).
+
+    ``start`` returns once the server answers PING; ``stop`` once the process has exited.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("no redis-server binary on this machine (.ci/run installs it)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        r = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r.ping()
+                return
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

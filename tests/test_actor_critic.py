@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from service.main import create_app
 from service.registry.build import build_policy
 from service.training.actor_critic import ActorCriticConfig, policy_spec_for, train
-from service.training.common import evaluate
-from tests.test_jobs import wait_for
+from service.training.common import HELDOUT_SEED, evaluate
+from tests.helpers import wait_for
 
 FAST = {
     "num_cells": [32, 32],
@@ -20,13 +18,6 @@ FAST = {
     "eval_episodes": 1,
     "batch_size": 64,
 }
-
-
-@pytest.fixture()
-def jclient(settings):
-    settings.embedded_worker = True
-    with TestClient(create_app(settings)) as c:
-        yield c
 
 
 @pytest.mark.parametrize("algorithm", ["sac", "td3"])
@@ -91,7 +82,9 @@ def test_sac_short_run_beats_the_untrained_policy():
         env_id="Pendulum-v1",
         total_frames=3000,
     )
-    untrained = evaluate("Pendulum-v1", build_policy(policy_spec_for(config)), torch.device("cpu"), 3)
-    trained = train(config)
+    untrained = evaluate(
+        "Pendulum-v1", build_policy(policy_spec_for(config)), torch.device("cpu"), 3, HELDOUT_SEED
+    )
+    trained = train(config)  # reports its return on the held-out seeds
     # untrained policies score about -1200 to -1600; a broken learner does not move
     assert trained.eval_mean_return > untrained + 300, (untrained, trained.eval_mean_return)

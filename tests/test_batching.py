@@ -8,9 +8,7 @@ import httpx
 import pytest
 import torch
 
-from tests.helpers import LiveServer
-from tests.test_policies import direct_call, obs_for
-from tests.test_sessions import assert_close
+from tests.helpers import LiveServer, assert_close, direct_call, obs_for
 
 
 @pytest.fixture(scope="module")

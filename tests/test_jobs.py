@@ -13,50 +13,9 @@ from fastapi.testclient import TestClient
 
 from service.envs import make_env
 from service.main import create_app
-from service.training.common import evaluate
+from service.training.common import HELDOUT_SEED, evaluate
 from service.training.dqn import DQNConfig, policy_spec_for, segment_ids, train
-from tests.test_sessions import redis_url  # noqa: F401  (fixture)
-
-FAST = {
-    "num_cells": [32],
-    "frames_per_batch": 100,
-    "num_envs": 4,
-    "updates_per_batch": 5,
-    "init_random_frames": 200,
-    "eval_episodes": 2,
-    "buffer_size": 5000,
-}
-
-
-def job_body(**kw):
-    body = {
-        "algorithm": "dqn",
-        "env_id": "CartPole-v1",
-        "policy_name": "trained",
-        "total_frames": 600,
-        "seed": 1,
-        "device": "cpu",
-        "hyperparameters": FAST,
-    }
-    body.update(kw)
-    return body
-
-
-def wait_for(client, job_id, statuses, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = client.get(f"/v1/jobs/{job_id}").json()
-        if doc["status"] in statuses:
-            return doc
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} stayed {doc['status']}")
-
-
-@pytest.fixture()
-def jclient(settings):
-    settings.embedded_worker = True
-    with TestClient(create_app(settings)) as c:
-        yield c
+from tests.helpers import FAST, job_body, wait_for
 
 
 def test_job_runs_to_success_and_is_served_at_once(jclient):
@@ -158,7 +117,7 @@ def test_jobs_need_the_admin_key(settings):
         assert c.get("/v1/jobs/unknown").status_code == 404
 
 
-def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):  # noqa: F811
+def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):
     settings.queue_url = redis_url
     settings.registry_poll_s = 0.2
     env = {
@@ -195,7 +154,9 @@ def test_short_training_run_really_learns():
     )
     from service.registry.build import build_policy
 
-    untrained = evaluate("CartPole-v1", build_policy(policy_spec_for(config)), torch.device("cpu"), 10)
+    untrained = evaluate(
+        "CartPole-v1", build_policy(policy_spec_for(config)), torch.device("cpu"), 10, HELDOUT_SEED
+    )
     trained = train(config)
     assert untrained < 40
     assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)

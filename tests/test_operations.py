@@ -8,8 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from tests.helpers import LiveServer, write_policy
-from tests.test_rollouts import CARTPOLE_Q
+from tests.helpers import CARTPOLE_Q, LiveServer, write_policy
 
 
 def test_metrics_counters_move(client):
@@ -82,9 +81,9 @@ def test_limits_answer_429_with_retry_after(settings):
         assert "queued" in r.json()["detail"]
         assert len(c.get("/v1/jobs").json()["jobs"]) == 1
         # a rollout slot held elsewhere: the next rollout is refused, not queued
-        with c.app.state.rollout_slots:
+        with c.app.state.rollout_service.slots:
             write_policy(settings.model_dir, "cp", CARTPOLE_Q)
-            c.app.state.registry.refresh()
+            c.app.state.registry.load_all()
             r = c.post("/v1/policies/cp/rollout", json={})
             assert r.status_code == 429 and "Retry-After" in r.headers
         assert c.post("/v1/policies/cp/rollout", json={"max_steps": 5}).status_code == 200

@@ -6,37 +6,9 @@ import json
 
 import pytest
 import torch
-from tensordict import TensorDict
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.envs.utils import ExplorationType
 
-from service.registry.build import build_policy, load_weights
-from service.registry.spec import PolicySpec
-from tests.helpers import SPECS, LiveServer, random_weights, write_policy
-
-
-def obs_for(name: str, n: int = 1, seed: int = 0) -> list[list[float]]:
-    g = torch.Generator().manual_seed(seed)
-    dim = SPECS[name]["observation"]["shape"][0]
-    return (torch.randn(n, dim, generator=g) * 2).tolist()
-
-
-def direct_module(name: str):
-    spec = PolicySpec.model_validate(SPECS[name])
-    built = build_policy(spec)
-    load_weights(built, random_weights(SPECS[name]))
-    return spec, built.core
-
-
-def direct_call(name: str, rows, etype=ExplorationType.DETERMINISTIC):
-    spec, core = direct_module(name)
-    td = TensorDict({"observation": torch.tensor(rows)}, batch_size=[len(rows)])
-    if spec.recurrent:
-        shape = (len(rows), spec.recurrent.num_layers, spec.recurrent.hidden_size)
-        td["recurrent_state_h"] = torch.zeros(shape)
-        td["recurrent_state_c"] = torch.zeros(shape)
-        td["is_init"] = torch.ones(len(rows), 1, dtype=torch.bool)
-    with torch.no_grad(), set_exploration_type(etype):
-        return core(td)
+from tests.helpers import SPECS, LiveServer, direct_call, obs_for, random_weights, upload, write_policy
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -152,17 +124,6 @@ def test_batch_equals_single_calls(client, name):
 
 
 # -- versions ---------------------------------------------------------------------------------
-def upload(client, name, spec, weights, headers=None):
-    return client.post(
-        f"/v1/policies/{name}/versions",
-        headers=headers or {},
-        files={
-            "spec": ("policy.json", json.dumps(spec), "application/json"),
-            "weights": ("weights.safetensors", weights, "application/octet-stream"),
-        },
-    )
-
-
 def test_upload_switch_default_and_delete(client):
     spec = SPECS["q"]
     r = upload(client, "q", spec, random_weights(spec, seed=42))

@@ -12,49 +12,7 @@ import torch
 from torchrl.envs.utils import step_mdp
 
 from service.envs import make_env
-from tests.helpers import LiveServer, write_policy
-
-CARTPOLE_Q = {
-    "kind": "qvalue",
-    "observation": {"shape": [4]},
-    "action": {"type": "discrete", "n": 2},
-    "env_id": "CartPole-v1",
-    "network": {"num_cells": [16]},
-}
-NOVEL_LSTM = {
-    "kind": "qvalue",
-    "observation": {"shape": [2]},
-    "action": {"type": "discrete", "n": 2},
-    "env_id": "CartPoleNoVel-v1",
-    "recurrent": {"type": "lstm", "hidden_size": 8},
-    "network": {"num_cells": [16]},
-}
-PENDULUM = {
-    "kind": "probabilistic",
-    "distribution": "tanh_normal",
-    "observation": {"shape": [3]},
-    "action": {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]},
-    "env_id": "Pendulum-v1",
-    "network": {"num_cells": [16]},
-}
-
-
-@pytest.fixture()
-def env_models(model_dir):
-    write_policy(model_dir, "cp", CARTPOLE_Q, seed=3)
-    write_policy(model_dir, "novel", NOVEL_LSTM)
-    write_policy(model_dir, "pend", PENDULUM)
-    return model_dir
-
-
-@pytest.fixture()
-def rclient(env_models, settings):
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
-
-    with TestClient(create_app(settings)) as c:
-        yield c
+from tests.helpers import LiveServer
 
 
 def test_envs_lists_the_allow_list_with_specs(client):

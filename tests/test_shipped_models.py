@@ -13,7 +13,6 @@ import gymnasium as gym
 import pytest
 from fastapi.testclient import TestClient
 
-import service.envs  # noqa: F401  (registers CartPoleNoVel-v1)
 from service.config import Settings
 from service.main import create_app
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import RegistryDep
+from service.api.deps import JobsDep, RegistryDep, SessionsDep
 from service.api.responses import FastJSONResponse
+from service.errors import Unavailable
 
 router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
 
 
 @router.get("/healthz")
@@ -25,15 +28,16 @@ def readyz(registry: RegistryDep) -> Response:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    """Prometheus exposition; gauges that live in stores are read at scrape time."""
-    state = request.app.state
-    m = state.metrics
-    m.live_sessions.set(await state.sessions.count())
-    jobs = await run_in_threadpool(state.jobs.store.list, 1000)
-    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
-        m.jobs.labels(status).set(sum(j["status"] == status for j in jobs))
-    m.training_fps.set(
-        sum((j.get("progress") or {}).get("fps") or 0.0 for j in jobs if j["status"] == "running")
-    )
+async def metrics(request: Request, sessions: SessionsDep, jobs: JobsDep) -> Response:
+    """Prometheus exposition; gauges that live in stores are read at scrape time (and left as
+    they were while a store is unreachable)."""
+    m = request.app.state.metrics
+    try:
+        m.live_sessions.set(await sessions.store.count())
+        counts = await jobs.counts()
+        m.training_fps.set(counts.pop("fps"))
+        for status, n in counts.items():
+            m.jobs.labels(status).set(n)
+    except Unavailable as exc:
+        log.warning("metrics: %s", exc.detail)
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

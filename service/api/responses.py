@@ -1,15 +1,16 @@
-"""A JSON response rendered by orjson (fast; NaN/inf become null instead of invalid JSON)."""
+"""A JSON response rendered like every other answer of the service (``asgi.dumps``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi.responses import JSONResponse
+
+from service.api.asgi import dumps
 
 
 class FastJSONResponse(JSONResponse):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+        return dumps(content)

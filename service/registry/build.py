@@ -26,12 +26,12 @@ from torchrl.modules import (
     TanhNormal,
 )
 
-from service.registry.spec import PolicySpec
+from service.registry.spec import Activation, PolicySpec
 
 OBSERVATION = "observation"
 FEATURES = "features"
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
@@ -83,7 +83,7 @@ def _mlp(spec: PolicySpec, in_features: int, out_features: int) -> MLP:
         in_features=in_features,
         out_features=out_features,
         num_cells=list(spec.network.num_cells),
-        activation_class=_ACTIVATIONS[spec.network.activation],
+        activation_class=ACTIVATIONS[spec.network.activation],
     )
 
 
@@ -91,7 +91,7 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltP
     """Build the TorchRL policy described by ``spec``.
 
     Examples:
-        >>> from service.registry.spec import PolicySpec
+        >>> from service.registry.spec import Activation, PolicySpec
         >>> spec = PolicySpec.model_validate({"kind": "qvalue", "observation": {"shape": [4]},
         ...     "action": {"type": "discrete", "n": 2}})
         >>> built = build_policy(spec)

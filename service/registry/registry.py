@@ -3,23 +3,27 @@
 The registry holds an immutable ``PolicyEntry`` per policy name; every change builds a new entry
 and swaps the reference, so a request holding a ``LoadedVersion`` keeps a whole, working version
 while a new one is published or an old one deleted.
+
+The registry builds each version's TorchRL module and loads its checked weights; what the caller
+wants to keep per version (the serving runtime, for the API) is made by the ``prepare`` callable
+it passes in. That keeps this layer below the runtime: nothing here imports ``service.runtime``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from pydantic import ValidationError
 
-from service.errors import NotFound, Unprocessable
-from service.registry.build import build_policy, load_weights
+from service.errors import InvalidInput, NotFound
+from service.registry.build import BuiltPolicy, build_policy, load_weights
 from service.registry.spec import PolicySpec, is_valid_name
 from service.registry.store import ModelStore
-from service.runtime.policy import PolicyRuntime
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +36,27 @@ class VersionNotFound(NotFound):
     pass
 
 
-class InvalidPolicy(Unprocessable):
+class InvalidPolicy(InvalidInput):
     """A spec or weights that cannot be served; the message says why."""
 
 
+R = TypeVar("R")
+Prepare = Callable[[PolicySpec, BuiltPolicy, torch.device], Any]
+
+
+def keep_built(spec: PolicySpec, built: BuiltPolicy, device: torch.device) -> BuiltPolicy:
+    """The default ``prepare``: keep the built module itself (publishing-only processes)."""
+    return built
+
+
 @dataclass(frozen=True)
-class LoadedVersion:
+class LoadedVersion(Generic[R]):
+    """One servable version: its spec and what ``prepare`` made of its loaded module."""
+
     name: str
     version: int
     spec: PolicySpec
-    runtime: PolicyRuntime
+    runtime: R
 
 
 @dataclass(frozen=True)
@@ -80,22 +95,32 @@ def parse_spec(raw: Any) -> PolicySpec:
         raise InvalidPolicy(f"invalid policy spec: {msgs}") from None
 
 
-def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> PolicyRuntime:
-    """Build the module for ``spec``, load ``weights`` into it (checked), wrap it for acting."""
+def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> BuiltPolicy:
+    """Build the module for ``spec`` and load ``weights`` into it (checked)."""
     built = build_policy(spec, device)
     try:
         load_weights(built, weights)
     except ValueError as exc:
         raise InvalidPolicy(str(exc)) from None
-    return PolicyRuntime(spec, built, device)
+    return built
 
 
 class Registry:
-    """Every servable policy version in the model repository."""
+    """Every servable policy version in the model repository.
 
-    def __init__(self, store: ModelStore, device: torch.device | str = "cpu") -> None:
+    Args:
+        store: the model repository on disk.
+        device: where modules are built.
+        prepare: ``(spec, built, device) -> runtime`` kept per loaded version (default: the
+            built module); the API passes ``PolicyRuntime``.
+    """
+
+    def __init__(
+        self, store: ModelStore, device: torch.device | str = "cpu", prepare: Prepare = keep_built
+    ) -> None:
         self.store = store
         self.device = torch.device(device)
+        self.prepare = prepare
         self._entries: dict[str, PolicyEntry] = {}
         self._write_lock = threading.RLock()
         self.ready = False
@@ -103,6 +128,10 @@ class Registry:
     # -- reading ---------------------------------------------------------------------------
     def entries(self) -> list[PolicyEntry]:
         return [self._entries[n] for n in sorted(self._entries)]
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a policy the registry knows (cheap; for metric labels)."""
+        return name in self._entries
 
     def entry(self, name: str) -> PolicyEntry:
         entry = self._entries.get(name)
@@ -128,7 +157,8 @@ class Registry:
     def _load_from_disk(self, name: str, version: int) -> LoadedVersion:
         try:
             spec = parse_spec(self.store.read_spec_json(name, version))
-            runtime = load_version(spec, self.store.read_weights(name, version), self.device)
+            built = load_version(spec, self.store.read_weights(name, version), self.device)
+            runtime = self.prepare(spec, built, self.device)
         except InvalidPolicy:
             raise
         except Exception as exc:  # unreadable files, bad JSON: reported, never fatal
@@ -144,8 +174,6 @@ class Registry:
             for gone in set(self._entries) - names:
                 self._drop(gone)
             self.ready = True
-
-    refresh = load_all
 
     def _sync_policy(self, name: str) -> None:
         old = self._entries.get(name, PolicyEntry(name))
@@ -173,7 +201,7 @@ class Registry:
         if not is_valid_name(name):
             raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'")
         spec = parse_spec(spec_json)
-        runtime = load_version(spec, weights, self.device)
+        runtime = self.prepare(spec, load_version(spec, weights, self.device), self.device)
         with self._write_lock:
             version = self.store.write_version(name, spec.model_dump(mode="json"), weights)
             old = self._entries.get(name, PolicyEntry(name))

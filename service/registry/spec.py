@@ -17,6 +17,10 @@ def is_valid_name(name: str) -> bool:
     return bool(NAME_RE.match(name)) and ".." not in name
 
 
+# The activations a spec (and a training job) may name; build.ACTIVATIONS maps each to its class.
+Activation = Literal["relu", "tanh", "elu", "leaky_relu", "silu"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -60,7 +64,7 @@ class NetworkSpec(_Strict):
     num_cells: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64, 64], max_length=8
     )
-    activation: Literal["relu", "tanh", "elu", "leaky_relu", "silu"] = "relu"
+    activation: Activation = "relu"
 
 
 class RecurrentSpec(_Strict):

@@ -1,15 +1,19 @@
 """The model repository on disk: ``<root>/<name>/<version>/{policy.json,weights.safetensors}``.
 
-Writes are atomic: a version is assembled in ``<root>/.staging`` and renamed into place, so a
-reader sees a whole version or none. Nothing here unpickles anything.
+Writes are atomic: a version is assembled (and fsynced) in ``<root>/.staging`` and renamed into
+place in one step, so a reader sees a whole version or none, also after a crash. Nothing here
+unpickles anything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +25,32 @@ SPEC_FILE = "policy.json"
 WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_FILE = "default"
 MAX_SPEC_BYTES = 1024 * 1024
+STAGING = ".staging"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class ModelStore:
@@ -74,26 +104,69 @@ class ModelStore:
         return (self._version_dir(name, version) / WEIGHTS_FILE).read_bytes()
 
     def write_version(self, name: str, spec_json: dict, weights: bytes) -> int:
-        """Write a new version (highest + 1) atomically and return its number."""
-        staging = self.root / ".staging" / uuid.uuid4().hex
+        """Write a new version (highest + 1) and return its number.
+
+        The version directory appears complete or not at all: both files are written and
+        fsynced in a staging directory, which one ``rename`` turns into ``<name>/<version>``
+        (a rename onto a version another process took fails, and the next number is tried).
+        A crash at any point leaves at most a staging directory, swept at the next start.
+        """
+        staging = self._staging_dir()
         staging.mkdir(parents=True)
         try:
-            (staging / SPEC_FILE).write_text(json.dumps(spec_json, indent=2), encoding="utf-8")
-            (staging / WEIGHTS_FILE).write_bytes(weights)
+            _write_synced(staging / SPEC_FILE, json.dumps(spec_json, indent=2).encode("utf-8"))
+            _write_synced(staging / WEIGHTS_FILE, weights)
+            _fsync_dir(staging)
             pdir = self._policy_dir(name)
             pdir.mkdir(exist_ok=True)
             version = max(self.versions(name), default=0) + 1
             while True:
-                target = pdir / str(version)
                 try:
-                    target.mkdir()  # claims the number, also against other processes
-                except FileExistsError:
-                    version += 1
+                    os.rename(staging, pdir / str(version))
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    version += 1  # taken by another publisher meanwhile
                     continue
-                os.rename(staging, target)  # replaces the empty claimed directory
+                _fsync_dir(pdir)
                 return version
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging_dir(self) -> Path:
+        # <host>-<pid>-<random>: a sweep can tell a dead publisher's leftovers from live ones.
+        return self.root / STAGING / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+    def sweep(self, max_age_s: float = 24 * 3600) -> list[str]:
+        """Remove what a crashed publisher left: its staging directories (this host's dead
+        processes', or anyone's older than ``max_age_s``) and empty version directories.
+
+        Returns the paths removed, relative to the root.
+        """
+        removed = []
+        staging = self.root / STAGING
+        host = socket.gethostname()
+        if staging.is_dir():
+            for d in staging.iterdir():
+                owner_host, _, rest = d.name.rpartition("-")[0].rpartition("-")
+                pid = int(rest) if rest.isdigit() else None
+                dead = owner_host == host and pid is not None and not _pid_alive(pid)
+                try:
+                    old = time.time() - d.stat().st_mtime > max_age_s
+                except FileNotFoundError:
+                    continue
+                if dead or old or d.name.startswith("deleted-"):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(str(d.relative_to(self.root)))
+        for name in self.names():
+            for v in self.versions(name):
+                vdir = self._version_dir(name, v)
+                try:
+                    vdir.rmdir()  # succeeds only when empty: never a published version
+                except OSError:
+                    continue
+                removed.append(str(vdir.relative_to(self.root)))
+        return removed
 
     def write_default(self, name: str, version: int | None) -> None:
         f = self._policy_dir(name) / DEFAULT_FILE
@@ -106,7 +179,7 @@ class ModelStore:
 
     def delete_version(self, name: str, version: int) -> None:
         target = self._version_dir(name, version)
-        trash = self.root / ".staging" / f"deleted-{uuid.uuid4().hex}"
+        trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.rename(target, trash)  # atomic disappearance, then the slow part
         shutil.rmtree(trash, ignore_errors=True)

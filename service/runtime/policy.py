@@ -19,7 +19,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from service.errors import Unprocessable
+from service.errors import InvalidInput
 from service.registry.build import BuiltPolicy
 from service.registry.spec import PolicySpec
 
@@ -133,16 +133,16 @@ class PolicyRuntime:
         """Validate rows of numbers against the spec and stack them into ``[B, obs_dim]``.
 
         Raises:
-            Unprocessable: naming the offending row and the expected shape.
+            InvalidInput: naming the offending row and the expected shape.
         """
         dim = self.obs_dim
         for i, row in enumerate(rows):
             if len(row) != dim:
                 where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
-                raise Unprocessable(f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]")
+                raise InvalidInput(f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]")
         t = torch.from_numpy(np.asarray(rows, dtype=np.float32))
         if not torch.isfinite(t).all():
-            raise Unprocessable(f"{what} holds values that are not finite as float32")
+            raise InvalidInput(f"{what} holds values that are not finite as float32")
         return t
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:

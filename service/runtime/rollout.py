@@ -16,12 +16,8 @@ import torch
 from torchrl.envs.utils import step_mdp
 
 from service.envs import make_env
-from service.errors import ServiceError, TooManyRequests
+from service.errors import Busy, TimedOut
 from service.runtime.policy import ActResult, Exploration, PolicyRuntime
-
-
-class RolloutTimeout(ServiceError):
-    status_code = 504
 
 
 class RolloutSlots:
@@ -32,7 +28,7 @@ class RolloutSlots:
 
     def __enter__(self) -> RolloutSlots:
         if not self._sem.acquire(blocking=False):
-            raise TooManyRequests("too many rollouts running; retry later", retry_after_s=2)
+            raise Busy("too many rollouts running; retry later", retry_after_s=2)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,7 +70,7 @@ def run_rollout(
             traj: dict[str, list] = {"observation": [], "action": [], "reward": [], "done": []}
             while True:
                 if time.monotonic() > deadline:
-                    raise RolloutTimeout(
+                    raise TimedOut(
                         f"rollout ran past its time limit of {timeout_s:g} s; "
                         "ask for fewer episodes or a smaller max_steps"
                     )

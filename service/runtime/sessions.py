@@ -8,19 +8,23 @@ Calls on one session are applied in order through ``lock(session_id)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from service.errors import TooManyRequests
+from service.errors import Busy
+from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_available
 from service.runtime.policy import Exploration
+
+STORE = "the session store"
 
 
 @dataclass
@@ -107,9 +111,9 @@ class Session:
         return s
 
 
-def _limit_error(max_sessions: int, soonest_expiry: float | None) -> TooManyRequests:
+def _limit_error(max_sessions: int, soonest_expiry: float | None) -> Busy:
     wait = 1 if soonest_expiry is None else max(1, int(soonest_expiry - time.time()) + 1)
-    return TooManyRequests(
+    return Busy(
         f"the server holds its limit of {max_sessions} live sessions; delete idle sessions or retry later",
         retry_after_s=wait,
     )
@@ -137,7 +141,8 @@ class SessionStore(ABC):
     async def close_version(self, policy: str, version: int) -> int: ...
 
     @abstractmethod
-    def lock(self, session_id: str) -> asyncio.Lock: ...
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[object]:
+        """Held around every call on one session: calls apply one at a time, in order."""
 
     async def close(self) -> None:
         return None
@@ -197,7 +202,8 @@ class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every API process: a hash per session with a TTL.
 
     ``ps:sessions`` (sorted set, score = expiry) counts live sessions for the limit;
-    ``ps:lock:<id>`` serialises calls on one session across processes.
+    ``ps:lock:<id>`` serialises calls on one session across processes. While Redis is down
+    every call raises ``Unavailable`` and changes nothing.
     """
 
     PREFIX = "ps:session:"
@@ -206,19 +212,21 @@ class RedisSessionStore(SessionStore):
     def __init__(self, url: str) -> None:
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.from_url(url)
+        self._redis = aioredis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S
+        )
 
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
 
     async def create(self, session: Session, max_sessions: int) -> None:
         r = self._redis
-        now = time.time()
-        await r.zremrangebyscore(self.INDEX, "-inf", now)
-        if await r.zcard(self.INDEX) >= max_sessions:
-            first = await r.zrange(self.INDEX, 0, 0, withscores=True)
-            raise _limit_error(max_sessions, first[0][1] if first else None)
-        await self._write(session)
+        with redis_available(STORE):
+            await r.zremrangebyscore(self.INDEX, "-inf", time.time())
+            if await r.zcard(self.INDEX) >= max_sessions:
+                first = await r.zrange(self.INDEX, 0, 0, withscores=True)
+                raise _limit_error(max_sessions, first[0][1] if first else None)
+            await self._write(session)
 
     async def _write(self, session: Session) -> None:
         key = self._key(session.session_id)
@@ -230,43 +238,53 @@ class RedisSessionStore(SessionStore):
             await p.execute()
 
     async def get(self, session_id: str) -> Session | None:
-        fields = await self._redis.hgetall(self._key(session_id))
-        if not fields:
-            await self._redis.zrem(self.INDEX, session_id)
-            return None
+        with redis_available(STORE):
+            fields = await self._redis.hgetall(self._key(session_id))
+            if not fields:
+                await self._redis.zrem(self.INDEX, session_id)
+                return None
         return Session.from_fields(fields)
 
     async def save(self, session: Session) -> None:
-        if await self._redis.exists(self._key(session.session_id)):
-            session.touch()
-            await self._write(session)
+        with redis_available(STORE):
+            if await self._redis.exists(self._key(session.session_id)):
+                session.touch()
+                await self._write(session)
 
     async def delete(self, session_id: str) -> bool:
-        async with self._redis.pipeline(transaction=True) as p:
-            p.delete(self._key(session_id))
-            p.zrem(self.INDEX, session_id)
-            deleted, _ = await p.execute()
+        with redis_available(STORE):
+            async with self._redis.pipeline(transaction=True) as p:
+                p.delete(self._key(session_id))
+                p.zrem(self.INDEX, session_id)
+                deleted, _ = await p.execute()
         return bool(deleted)
 
     async def count(self) -> int:
-        await self._redis.zremrangebyscore(self.INDEX, "-inf", time.time())
-        return int(await self._redis.zcard(self.INDEX))
+        with redis_available(STORE):
+            await self._redis.zremrangebyscore(self.INDEX, "-inf", time.time())
+            return int(await self._redis.zcard(self.INDEX))
 
     async def close_version(self, policy: str, version: int) -> int:
         closed = 0
-        for sid in await self._redis.zrange(self.INDEX, 0, -1):
+        with redis_available(STORE):
+            ids = await self._redis.zrange(self.INDEX, 0, -1)
+        for sid in ids:
             s = await self.get(sid.decode())
             if s is not None and (s.policy, s.version) == (policy, version):
                 closed += await self.delete(s.session_id)
         return closed
 
     @asynccontextmanager
-    async def _locked(self, session_id: str) -> AsyncIterator[None]:
-        async with self._redis.lock(f"ps:lock:{session_id}", timeout=30, blocking_timeout=30):
+    async def lock(self, session_id: str) -> AsyncIterator[None]:
+        lock = self._redis.lock(f"ps:lock:{session_id}", timeout=30, blocking_timeout=30)
+        with redis_available(STORE):
+            if not await lock.acquire():
+                raise Busy(f"session {session_id[:64]!r} is held by another call; retry", retry_after_s=1)
+        try:
             yield
-
-    def lock(self, session_id: str):  # type: ignore[override]
-        return self._locked(session_id)
+        finally:
+            with contextlib.suppress(Exception):  # expired or Redis gone: the TTL frees it
+                await lock.release()
 
     async def close(self) -> None:
         await self._redis.aclose()

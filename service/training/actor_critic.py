@@ -1,29 +1,31 @@
 """SAC (a ``probabilistic`` TanhNormal policy) and TD3 (a deterministic ``actor`` policy) for box
 action spaces, with TorchRL's ``SACLoss`` and ``TD3Loss``.
 
-Both build their policy from the same ``PolicySpec`` the registry serves, learn from a replay
-buffer with twin Q-networks and soft target updates, and return spec + safetensors weights.
+``ActorCritic`` builds the policy from the same ``PolicySpec`` the registry serves, twin
+Q-networks, the loss and its optimisers; ``update`` is one gradient step (TD3 delays the actor's).
+The loop around it is ``common.train_offpolicy``, shared with DQN.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, RandomSampler, TensorDictReplayBuffer
 from torchrl.modules import MLP, AdditiveGaussianModule, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate, TD3Loss
 
 from service.envs import env_specs
-from service.registry.build import BuiltPolicy, build_policy
+from service.registry.build import ACTIVATIONS, BuiltPolicy, build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
     OffPolicyHyperparameters,
     Progress,
+    StopCheck,
     TrainConfig,
     TrainedPolicy,
     train_offpolicy,
@@ -71,105 +73,98 @@ def policy_spec_for(config: ActorCriticConfig) -> PolicySpec:
 
 
 def _critic(spec: PolicySpec, hp: ActorCriticHyperparameters, device: torch.device):
-    act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "elu": torch.nn.ELU}[hp.activation]
     net = MLP(
         in_features=spec.observation.dim + spec.action.shape[0],
         out_features=1,
         num_cells=hp.num_cells,
-        activation_class=act,
+        activation_class=ACTIVATIONS[hp.activation],
     )
     return ValueOperator(net, in_keys=["observation", "action"]).to(device)
 
 
-def train(
-    config: ActorCriticConfig,
-    on_progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> TrainedPolicy:
-    """Train SAC or TD3 (``config.algorithm``) and return the policy ready to publish."""
-    hp = config.hyperparameters
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    spec = policy_spec_for(config)
-    built: BuiltPolicy = build_policy(spec, device)
-    critic = _critic(spec, hp, device)
-    actor = built.core.module[0]  # the ProbabilisticActor / Actor itself (shares the weights)
-    if config.algorithm == "sac":
-        loss_fn = SACLoss(
-            actor,
-            critic,
-            num_qvalue_nets=2,
-            loss_function="l2",
-            alpha_init=hp.alpha_init,
-            action_spec=built.action_spec,
-        )
-        collect_policy = built.core  # samples from the TanhNormal in RANDOM mode
-    else:
-        loss_fn = TD3Loss(
-            actor,
-            critic,
-            action_spec=built.action_spec,
-            num_qvalue_nets=2,
-            policy_noise=hp.policy_noise,
-            noise_clip=hp.noise_clip,
-            loss_function="l2",
-        )
-        collect_policy = TensorDictSequential(
-            built.core,
-            AdditiveGaussianModule(
-                built.action_spec,
-                sigma_init=hp.exploration_noise,
-                sigma_end=hp.exploration_noise,
-                device=device,
-            ),
-        )
-    loss_fn.make_value_estimator(gamma=hp.gamma)
-    target = SoftUpdate(loss_fn, tau=hp.tau)
-    actor_params = list(loss_fn.actor_network_params.flatten_keys().values())
-    critic_params = list(loss_fn.qvalue_network_params.flatten_keys().values())
-    actor_optim = torch.optim.Adam(actor_params, lr=hp.lr)
-    critic_optim = torch.optim.Adam(critic_params, lr=hp.lr)
-    alpha_optim = torch.optim.Adam([loss_fn.log_alpha], lr=hp.lr) if config.algorithm == "sac" else None
+class ActorCritic:
+    """The parts of one SAC or TD3 run (implements ``common.OffPolicyAlgorithm``)."""
 
-    buffer = TensorDictReplayBuffer(
-        storage=LazyTensorStorage(hp.buffer_size, device=device),
-        sampler=RandomSampler(),
-        batch_size=hp.batch_size,
-    )
-    step = 0
+    def __init__(self, config: ActorCriticConfig) -> None:
+        hp = self.hyperparameters = config.hyperparameters
+        self.name = config.algorithm
+        device = torch.device(config.device)
+        self.spec = policy_spec_for(config)
+        self.built: BuiltPolicy = build_policy(self.spec, device)
+        critic = _critic(self.spec, hp, device)
+        actor = self.built.core.module[0]  # the ProbabilisticActor / Actor itself (shares the weights)
+        spec = self.built.action_spec
+        if config.algorithm == "sac":
+            self.loss_fn = SACLoss(
+                actor,
+                critic,
+                num_qvalue_nets=2,
+                loss_function="l2",
+                alpha_init=hp.alpha_init,
+                action_spec=spec,
+            )
+            self.collect_policy = self.built.core  # samples from the TanhNormal in RANDOM mode
+        else:
+            self.loss_fn = TD3Loss(
+                actor,
+                critic,
+                action_spec=spec,
+                num_qvalue_nets=2,
+                policy_noise=hp.policy_noise,
+                noise_clip=hp.noise_clip,
+                loss_function="l2",
+            )
+            noise = AdditiveGaussianModule(
+                spec, sigma_init=hp.exploration_noise, sigma_end=hp.exploration_noise, device=device
+            )
+            self.collect_policy = TensorDictSequential(self.built.core, noise)
+        self.loss_fn.make_value_estimator(gamma=hp.gamma)
+        self.target = SoftUpdate(self.loss_fn, tau=hp.tau)
+        actor_params = list(self.loss_fn.actor_network_params.flatten_keys().values())
+        critic_params = list(self.loss_fn.qvalue_network_params.flatten_keys().values())
+        self.actor_optim = torch.optim.Adam(actor_params, lr=hp.lr)
+        self.critic_optim = torch.optim.Adam(critic_params, lr=hp.lr)
+        self.alpha_optim = (
+            torch.optim.Adam([self.loss_fn.log_alpha], lr=hp.lr) if config.algorithm == "sac" else None
+        )
+        self.buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(hp.buffer_size, device=device),
+            sampler=RandomSampler(),
+            batch_size=hp.batch_size,
+        )
+        self.steps = 0
 
-    def update(sample) -> torch.Tensor:
-        nonlocal step
-        losses = loss_fn(sample)
-        critic_optim.zero_grad(set_to_none=True)
-        actor_optim.zero_grad(set_to_none=True)
-        update_actor = config.algorithm == "sac" or step % hp.policy_delay == 0
+    def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
+        return batch
+
+    def update(self, sample: TensorDictBase) -> torch.Tensor:
+        losses = self.loss_fn(sample)
+        self.critic_optim.zero_grad(set_to_none=True)
+        self.actor_optim.zero_grad(set_to_none=True)
+        update_actor = self.name == "sac" or self.steps % self.hyperparameters.policy_delay == 0
         total = losses["loss_qvalue"] + (losses["loss_actor"] if update_actor else 0.0)
-        if alpha_optim is not None:
-            alpha_optim.zero_grad(set_to_none=True)
+        if self.alpha_optim is not None:
+            self.alpha_optim.zero_grad(set_to_none=True)
             total = total + losses["loss_alpha"]
         total.backward()
-        critic_optim.step()
+        self.critic_optim.step()
         if update_actor:
-            actor_optim.step()
-        if alpha_optim is not None:
-            alpha_optim.step()
+            self.actor_optim.step()
+        if self.alpha_optim is not None:
+            self.alpha_optim.step()
         if update_actor:
-            target.step()
-        step += 1
+            self.target.step()
+        self.steps += 1
         return losses["loss_qvalue"].detach()
 
-    return train_offpolicy(
-        algorithm=config.algorithm,
-        config=config,
-        hyperparameters=hp,
-        spec=spec,
-        built=built,
-        collect_policy=collect_policy,
-        buffer=buffer,
-        update=update,
-        start=start,
-        on_progress=on_progress,
-        should_stop=should_stop,
-    )
+    def after_batch(self, frames: int) -> dict[str, Any]:
+        return {}
+
+
+def train(
+    config: ActorCriticConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
+) -> TrainedPolicy:
+    """Train SAC or TD3 (``config.algorithm``) and return the policy ready to publish."""
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    return train_offpolicy(ActorCritic(config), config, on_progress, should_stop, start)

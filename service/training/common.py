@@ -1,4 +1,14 @@
-"""What every off-policy trainer shares: env, evaluation, the collect/learn loop, the artifact."""
+"""What every off-policy trainer shares: the env, evaluation, the collect/learn loop, and the
+choice and packaging of the published weights.
+
+An algorithm (``dqn.DQN``, ``actor_critic.ActorCritic``) implements ``OffPolicyAlgorithm``: its
+policy and replay buffer, the policy it collects with, and ``update`` (one gradient step);
+``train_offpolicy`` runs the loop below, the same for all:
+
+    collect a batch -> store it -> ``updates_per_batch`` x ``update(sample)`` -> report
+    (-> every ``eval_every_frames``: evaluate on validation seeds, keep the best weights)
+    at the end: choose final or best weights on validation seeds, report on held-out seeds.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +18,29 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
 from torchrl.data import ReplayBuffer
 from torchrl.envs import RewardSum, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.envs import make_env
-from service.registry.build import BuiltPolicy, weights_bytes
-from service.registry.spec import PolicySpec
+from service.registry.build import BuiltPolicy, build_policy, weights_bytes
+from service.registry.spec import Activation, PolicySpec
 
 Progress = Callable[[dict[str, Any]], None]
-EVAL_SEED = 10_000
+StopCheck = Callable[[], bool]
+# Evaluation episodes reset with seeds from two disjoint ranges. Validation seeds serve the
+# periodic evaluations and the choice between final and best weights; the reported
+# ``eval_mean_return`` comes from held-out seeds that nothing was chosen on.
+VALIDATION_SEED = 10_000
+HELDOUT_SEED = 20_000
+PERIODIC_EPISODES = 5
 
 
 # Constrained types shared by every trainer's hyperparameters; subclasses change only defaults.
@@ -47,7 +64,7 @@ class OffPolicyHyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_cells: LayerSizes = [256, 256]
-    activation: Literal["relu", "tanh", "elu"] = Field("relu", description="MLP activation.")
+    activation: Activation = Field("relu", description="MLP activation.")
     lr: LearningRate = 3e-4
     gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
     batch_size: BatchSize = 256
@@ -109,6 +126,37 @@ class TrainedPolicy:
     cancelled: bool
 
 
+class OffPolicyAlgorithm(Protocol):
+    """What ``train_offpolicy`` needs from an algorithm.
+
+    Attributes:
+        name: the algorithm's name in provenance (``dqn``, ``sac``, ``td3``).
+        spec: the served policy's spec; ``built`` its modules (the weights that get published).
+        hyperparameters: the shared loop's knobs (and the algorithm's own).
+        collect_policy: the exploring policy the collector runs.
+        buffer: the replay buffer the loop fills and samples.
+    """
+
+    name: str
+    spec: PolicySpec
+    built: BuiltPolicy
+    hyperparameters: OffPolicyHyperparameters
+    collect_policy: TensorDictModuleBase
+    buffer: ReplayBuffer
+
+    def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
+        """A collected batch (``[*envs, time]``) made ready to store (e.g. sequence ids)."""
+        ...
+
+    def update(self, sample: TensorDictBase) -> torch.Tensor:
+        """One gradient step on ``sample``; returns the (detached) loss."""
+        ...
+
+    def after_batch(self, frames: int) -> dict[str, Any]:
+        """Schedules stepped by ``frames`` collected frames; extra progress fields."""
+        ...
+
+
 def train_env(env_id: str, built: BuiltPolicy, device: torch.device, num_envs: int = 1) -> TransformedEnv:
     """The allow-listed env with the LSTM primer (recurrent policies) and episode returns."""
     env = make_env(env_id, device=str(device), trackers=built.lstm is not None, num_envs=num_envs)
@@ -119,7 +167,7 @@ def train_env(env_id: str, built: BuiltPolicy, device: torch.device, num_envs: i
 
 
 def evaluate(
-    env_id: str, built: BuiltPolicy, device: torch.device, episodes: int, seed: int = EVAL_SEED
+    env_id: str, built: BuiltPolicy, device: torch.device, episodes: int, seed: int = VALIDATION_SEED
 ) -> float:
     """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…)."""
     env = train_env(env_id, built, device)
@@ -144,34 +192,32 @@ class LoopResult:
     best_frames: int | None = None
 
 
+def state_of(built: BuiltPolicy) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in built.core.state_dict().items()}
+
+
 def run_offpolicy(
-    *,
+    algo: OffPolicyAlgorithm,
     collector: Collector,
-    buffer: ReplayBuffer,
+    *,
     total_frames: int,
-    init_random_frames: int,
-    updates_per_batch: int,
-    update: Callable[[TensorDictBase], torch.Tensor],
-    start: float,
-    prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
-    after_batch: Callable[[int], dict[str, Any]] | None = None,
-    eval_fn: Callable[[], float] | None = None,
-    eval_every_frames: int = 0,
+    evaluate_now: Callable[[], float],
     on_progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    snapshot: Callable[[], dict[str, torch.Tensor]] | None = None,
+    should_stop: StopCheck | None = None,
 ) -> LoopResult:
     """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped.
 
-    With ``eval_every_frames`` and ``snapshot``, the weights of the best periodic evaluation are
-    kept (like SB3's EvalCallback ``best_model``; on a tie the later weights, trained longer);
-    ``artifact`` publishes them if they beat the final weights on the final evaluation.
+    Every ``eval_every_frames`` the policy is evaluated (``evaluate_now``) and the weights of
+    the best evaluation are kept (like SB3's EvalCallback ``best_model``; on a tie the later
+    weights, trained longer).
     """
+    hp, buffer = algo.hyperparameters, algo.buffer
+    start = time.perf_counter()
     frames = episodes = updates = batches = 0
     best_return, best_state, best_frames = -math.inf, None, None
     recent: list[float] = []
     last_loss: torch.Tensor | None = None  # read once per batch: a float() per update syncs
-    next_eval = eval_every_frames or math.inf
+    next_eval = hp.eval_every_frames or math.inf
     cancelled = False
     try:
         for data in collector:
@@ -181,19 +227,17 @@ def run_offpolicy(
                 finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
                 episodes += len(finished)
                 recent = (recent + finished)[-20:]
-            if prepare is not None:
-                data = prepare(data, batches)  # still [*envs, time]
-            data = data.reshape(-1)
+            data = algo.prepare(data, batches).reshape(-1)
             batches += 1
             buffer.extend(data)
-            if frames >= init_random_frames:
+            if frames >= hp.init_random_frames:
                 # One draw for the whole batch of updates, cut into minibatches: the same
                 # distribution as a draw per update (uniform, with replacement, from a buffer
                 # that does not change until the next batch), one storage gather instead of many.
                 size = buffer.batch_size
-                draw = buffer.sample(size * updates_per_batch)
-                for i in range(updates_per_batch):
-                    last_loss = update(draw[i * size : (i + 1) * size])
+                draw = buffer.sample(size * hp.updates_per_batch)
+                for i in range(hp.updates_per_batch):
+                    last_loss = algo.update(draw[i * size : (i + 1) * size])
                     updates += 1
             collector.update_policy_weights_()
             now = time.perf_counter() - start
@@ -206,15 +250,17 @@ def run_offpolicy(
                 "epsilon": None,
                 "fps": frames / now,
                 "time_s": now,
+                **algo.after_batch(data.numel()),
             }
-            if after_batch is not None:
-                point.update(after_batch(data.numel()))
-            if eval_fn is not None and frames >= next_eval:
-                point["eval_mean_return"] = eval_fn()
-                next_eval += eval_every_frames
-                if snapshot is not None and point["eval_mean_return"] >= best_return:
-                    best_return, best_state = point["eval_mean_return"], snapshot()
-                    best_frames = frames
+            if frames >= next_eval:
+                point["eval_mean_return"] = evaluate_now()
+                next_eval += hp.eval_every_frames
+                if point["eval_mean_return"] >= best_return:
+                    best_return, best_state, best_frames = (
+                        point["eval_mean_return"],
+                        state_of(algo.built),
+                        frames,
+                    )
             if on_progress:
                 on_progress(point)
             if should_stop and should_stop():
@@ -225,57 +271,81 @@ def run_offpolicy(
     return LoopResult(frames, updates, cancelled, best_state, best_frames)
 
 
-def snapshot_of(built: BuiltPolicy) -> Callable[[], dict[str, torch.Tensor]]:
-    return lambda: {k: v.detach().clone() for k, v in built.core.state_dict().items()}
+@dataclass(frozen=True)
+class Selection:
+    """The published weights: which candidate, its validation and held-out returns."""
+
+    state: dict[str, torch.Tensor]
+    label: str
+    validation: dict[str, float]  # candidate label -> validation mean return
+    heldout_return: float
 
 
-def artifact(
-    *,
-    algorithm: str,
+def select_weights(
     spec: PolicySpec,
-    built: BuiltPolicy,
-    config: TrainConfig,
-    hyperparameters: BaseModel,
-    eval_episodes: int,
-    loop: LoopResult,
-    start: float,
-) -> TrainedPolicy:
-    """Evaluate (unless cancelled) and package spec + provenance + safetensors weights."""
+    env_id: str,
+    device: torch.device,
+    candidates: dict[str, dict[str, torch.Tensor]],
+    episodes: int,
+) -> Selection:
+    """Choose among ``candidates`` (label -> weights) on validation seeds; report the chosen one on
+    held-out seeds. Works on a module of its own: the trained module is left as it is."""
+    scorer = build_policy(spec, device)
+    validation = {}
+    for label, state in candidates.items():
+        scorer.core.load_state_dict(state)
+        validation[label] = evaluate(env_id, scorer, device, episodes, VALIDATION_SEED)
+    # the first candidate (the final weights) wins ties
+    label = max(validation, key=lambda k: (validation[k], k == next(iter(candidates))))
+    scorer.core.load_state_dict(candidates[label])
+    heldout = evaluate(env_id, scorer, device, episodes, HELDOUT_SEED)
+    return Selection(candidates[label], label, validation, heldout)
+
+
+def package(algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, start: float) -> TrainedPolicy:
+    """Choose the published weights (unless cancelled) and package spec + provenance + weights.
+
+    Pure with respect to ``algo``: its module and spec are not changed.
+    """
     device = torch.device(config.device)
-    eval_return = (
-        float("nan")
-        if loop.cancelled
-        else evaluate(config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
-    )
-    selected = "final"
-    if loop.best_state is not None and not loop.cancelled:
-        final_state = {k: v.detach().clone() for k, v in built.core.state_dict().items()}
-        built.core.load_state_dict(loop.best_state)
-        best_return = evaluate(config.env_id, built, device, eval_episodes, EVAL_SEED + config.seed)
-        if best_return > eval_return:
-            eval_return, selected = best_return, f"best periodic evaluation at {loop.best_frames}"
-        else:
-            built.core.load_state_dict(final_state)
+    episodes = algo.hyperparameters.eval_episodes
+    final = state_of(algo.built)
+    provenance: dict[str, Any] = {}
+    if loop.cancelled:
+        state, label, heldout = final, "final", float("nan")
+    else:
+        candidates = {"final": final}
+        if loop.best_state is not None:
+            candidates[f"best periodic evaluation at {loop.best_frames}"] = loop.best_state
+        chosen = select_weights(algo.spec, config.env_id, device, candidates, episodes)
+        state, label, heldout = chosen.state, chosen.label, chosen.heldout_return
+        provenance["validation_mean_return"] = chosen.validation
+        provenance["validation_seeds"] = [VALIDATION_SEED, VALIDATION_SEED + episodes - 1]
+        provenance["eval_seeds"] = [HELDOUT_SEED, HELDOUT_SEED + episodes - 1]
     wall = time.perf_counter() - start
+    published = build_policy(algo.spec, device)
+    published.core.load_state_dict(state)
+    spec = algo.spec.model_copy(deep=True)
     spec.provenance = {
-        "algorithm": algorithm,
+        "algorithm": algo.name,
         "job_id": config.job_id,
         "frames": loop.frames,
         "updates": loop.updates,
         "wall_time_s": round(wall, 2),
         "device": str(device),
         "seed": config.seed,
-        "eval_mean_return": eval_return,
-        "eval_episodes": eval_episodes,
-        "hyperparameters": hyperparameters.model_dump(),
+        "eval_mean_return": heldout,
+        "eval_episodes": episodes,
+        **provenance,
+        "hyperparameters": algo.hyperparameters.model_dump(),
         "command": config.command,
-        "weights": selected,
+        "weights": label,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(
         spec=spec.model_dump(mode="json"),
-        weights=weights_bytes(built),
-        eval_mean_return=eval_return,
+        weights=weights_bytes(published),
+        eval_mean_return=heldout,
         frames=loop.frames,
         wall_time_s=wall,
         device=str(device),
@@ -302,30 +372,22 @@ def flushed_denormals():
 
 
 def train_offpolicy(
-    *,
-    algorithm: str,
+    algo: OffPolicyAlgorithm,
     config: TrainConfig,
-    hyperparameters: OffPolicyHyperparameters,
-    spec: PolicySpec,
-    built: BuiltPolicy,
-    collect_policy: Callable,
-    buffer: ReplayBuffer,
-    update: Callable[[TensorDictBase], torch.Tensor],
-    start: float,
-    on_progress: Progress | None,
-    should_stop: Callable[[], bool] | None,
-    prepare: Callable[[TensorDictBase, int], TensorDictBase] | None = None,
-    after_batch: Callable[[int], dict[str, Any]] | None = None,
+    on_progress: Progress | None = None,
+    should_stop: StopCheck | None = None,
+    start: float | None = None,
 ) -> TrainedPolicy:
-    """Env + collector, the loop, and the artifact: what every trainer does the same way."""
+    """Env + collector, the loop, and the published weights: the same for every algorithm."""
+    start = time.perf_counter() if start is None else start
     with flushed_denormals():
-        hp = hyperparameters
+        hp = algo.hyperparameters
         device = torch.device(config.device)
-        env = train_env(config.env_id, built, device, hp.num_envs)
+        env = train_env(config.env_id, algo.built, device, hp.num_envs)
         env.set_seed(config.seed)
         collector = Collector(
             env,
-            collect_policy,
+            algo.collect_policy,
             frames_per_batch=hp.frames_per_batch,
             total_frames=config.total_frames,
             init_random_frames=hp.init_random_frames,
@@ -336,30 +398,15 @@ def train_offpolicy(
         )
         try:
             loop = run_offpolicy(
-                collector=collector,
-                buffer=buffer,
+                algo,
+                collector,
                 total_frames=config.total_frames,
-                init_random_frames=hp.init_random_frames,
-                updates_per_batch=hp.updates_per_batch,
-                update=update,
-                start=start,
-                prepare=prepare,
-                after_batch=after_batch,
-                eval_fn=lambda: evaluate(config.env_id, built, device, 5, EVAL_SEED),
-                eval_every_frames=hp.eval_every_frames,
+                evaluate_now=lambda: evaluate(
+                    config.env_id, algo.built, device, PERIODIC_EPISODES, VALIDATION_SEED
+                ),
                 on_progress=on_progress,
                 should_stop=should_stop,
-                snapshot=snapshot_of(built),
             )
         finally:
             env.close()
-        return artifact(
-            algorithm=algorithm,
-            spec=spec,
-            built=built,
-            config=config,
-            hyperparameters=hyperparameters,
-            eval_episodes=hp.eval_episodes,
-            loop=loop,
-            start=start,
-        )
+        return package(algo, config, loop, start)

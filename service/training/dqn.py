@@ -1,20 +1,21 @@
 """DQN with TorchRL: ``train(config, on_progress, should_stop) -> TrainedPolicy``.
 
-Read top to bottom: build env and Q-network from the same ``PolicySpec`` the registry serves,
-collect with an annealed epsilon-greedy policy, learn from a replay buffer (sequences of the
-recurrent variant, sampled with ``SliceSampler``), update the target network, evaluate
-deterministically, and return spec + safetensors weights ready to publish.
+``DQN`` builds the Q-network from the same ``PolicySpec`` the registry serves, an annealed
+epsilon-greedy collection policy, a replay buffer (sequences for the recurrent variant, sampled
+with ``SliceSampler``) and ``DQNLoss`` with its target network; ``update`` is one gradient
+step. The loop around it (collect, store, update, evaluate, publish) is
+``common.train_offpolicy``, shared with SAC and TD3.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictSequential
 from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorDictReplayBuffer
 from torchrl.modules import EGreedyModule
@@ -31,6 +32,7 @@ from service.training.common import (
     NumEnvs,
     OffPolicyHyperparameters,
     Progress,
+    StopCheck,
     TrainConfig,
     TrainedPolicy,
     UpdatesPerBatch,
@@ -132,101 +134,88 @@ def policy_spec_for(config: DQNConfig) -> PolicySpec:
     )
 
 
-def train(
-    config: DQNConfig, on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
-) -> TrainedPolicy:
-    """Train a DQN policy and return it ready to publish (``cancelled`` if stopped early)."""
-    hp = config.hyperparameters
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    spec = policy_spec_for(config)
-    built = build_policy(spec, device)
-    core = built.core
-    egreedy = EGreedyModule(
-        built.action_spec,
-        eps_init=hp.eps_start,
-        eps_end=hp.eps_end,
-        annealing_num_steps=max(1, int(hp.exploration_fraction * config.total_frames)),
-    ).to(device)
-    explore_policy = TensorDictSequential(core, egreedy)
+class DQN:
+    """The parts of one DQN run (implements ``common.OffPolicyAlgorithm``)."""
 
-    if config.recurrent:
-        buffer = TensorDictReplayBuffer(
-            storage=LazyTensorStorage(hp.buffer_size, device=device),
+    name = "dqn"
+
+    def __init__(self, config: DQNConfig) -> None:
+        hp = self.hyperparameters = config.hyperparameters
+        self.recurrent = config.recurrent
+        device = torch.device(config.device)
+        self.spec = policy_spec_for(config)
+        self.built = build_policy(self.spec, device)
+        self.egreedy = EGreedyModule(
+            self.built.action_spec,
+            eps_init=hp.eps_start,
+            eps_end=hp.eps_end,
+            annealing_num_steps=max(1, int(hp.exploration_fraction * config.total_frames)),
+        ).to(device)
+        self.collect_policy = TensorDictSequential(self.built.core, self.egreedy)
+        if config.recurrent:
             # Slices are cut within one collected batch (a contiguous stretch of one env's
             # stream), not within one episode: episodes shorter than slice_len stay sampleable
             # and the LSTM resets at is_init inside a slice, as it does when acting.
-            sampler=SliceSampler(slice_len=hp.slice_len, traj_key=SEGMENT, strict_length=True),
-            batch_size=hp.batch_size * hp.slice_len,
+            sampler = SliceSampler(slice_len=hp.slice_len, traj_key=SEGMENT, strict_length=True)
+            batch_size = hp.batch_size * hp.slice_len
+        else:
+            sampler, batch_size = RandomSampler(), hp.batch_size
+        self.buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(hp.buffer_size, device=device), sampler=sampler, batch_size=batch_size
         )
-    else:
-        buffer = TensorDictReplayBuffer(
-            storage=LazyTensorStorage(hp.buffer_size, device=device),
-            sampler=RandomSampler(),
-            batch_size=hp.batch_size,
+        self.loss_fn = DQNLoss(
+            self.built.core,
+            action_space=self.built.action_spec,
+            delay_value=True,
+            double_dqn=hp.double_dqn,
+            loss_function=hp.loss_function,
         )
-    loss_fn = DQNLoss(
-        core,
-        action_space=built.action_spec,
-        delay_value=True,
-        double_dqn=hp.double_dqn,
-        loss_function=hp.loss_function,
-    )
-    if hp.value_estimator == "td_lambda":
-        loss_fn.make_value_estimator(ValueEstimators.TDLambda, gamma=hp.gamma, lmbda=hp.lmbda)
-    else:
-        loss_fn.make_value_estimator(gamma=hp.gamma)
-    if hp.target_update == "hard":
-        # Stepped only every target_update_interval updates, and then copies (interval 0):
-        # HardUpdate.step() walks every parameter even when it only counts (~30 µs an update).
-        target = HardUpdate(loss_fn, value_network_update_interval=0)
-        target_every = hp.target_update_interval
-    else:
-        target = SoftUpdate(loss_fn, tau=hp.tau)
-        target_every = 1
-    updates = 0
-    params = list(loss_fn.parameters())  # walking the module tree per update costs ~90 µs
-    optim = torch.optim.Adam(params, lr=hp.lr, fused=True)
+        if hp.value_estimator == "td_lambda":
+            self.loss_fn.make_value_estimator(ValueEstimators.TDLambda, gamma=hp.gamma, lmbda=hp.lmbda)
+        else:
+            self.loss_fn.make_value_estimator(gamma=hp.gamma)
+        if hp.target_update == "hard":
+            # Stepped only every target_update_interval updates, and then copies (interval 0):
+            # HardUpdate.step() walks every parameter even when it only counts (~30 µs an update).
+            self.target = HardUpdate(self.loss_fn, value_network_update_interval=0)
+            self.target_every = hp.target_update_interval
+        else:
+            self.target = SoftUpdate(self.loss_fn, tau=hp.tau)
+            self.target_every = 1
+        self.params = list(self.loss_fn.parameters())  # walking the module tree per update costs ~90 µs
+        self.optim = torch.optim.Adam(self.params, lr=hp.lr, fused=True)
+        self.updates = 0
 
-    def prepare(data, batch_index: int):
-        if config.recurrent:
-            data[SEGMENT] = segment_ids(data.shape, batch_index, data.device)
-        return data
+    def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
+        if self.recurrent:
+            batch[SEGMENT] = segment_ids(batch.shape, index, batch.device)
+        return batch
 
-    def update(sample) -> torch.Tensor:
-        nonlocal updates
-        if config.recurrent:
-            sample = _as_sequences(sample, hp.slice_len)
-        loss = loss_fn(sample)["loss"]
-        optim.zero_grad(set_to_none=True)
+    def update(self, sample: TensorDictBase) -> torch.Tensor:
+        if self.recurrent:
+            sample = _as_sequences(sample, self.hyperparameters.slice_len)
+        loss = self.loss_fn(sample)["loss"]
+        self.optim.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        optim.step()
-        updates += 1
-        if updates % target_every == 0:
-            target.step()
+        torch.nn.utils.clip_grad_norm_(self.params, self.hyperparameters.max_grad_norm)
+        self.optim.step()
+        self.updates += 1
+        if self.updates % self.target_every == 0:
+            self.target.step()
         return loss.detach()
 
-    def after_batch(n: int) -> dict[str, Any]:
-        egreedy.step(n)
-        return {"epsilon": float(egreedy.eps)}
+    def after_batch(self, frames: int) -> dict[str, Any]:
+        self.egreedy.step(frames)
+        return {"epsilon": float(self.egreedy.eps)}
 
-    return train_offpolicy(
-        algorithm="dqn",
-        config=config,
-        hyperparameters=hp,
-        spec=spec,
-        built=built,
-        collect_policy=explore_policy,
-        buffer=buffer,
-        update=update,
-        start=start,
-        on_progress=on_progress,
-        should_stop=should_stop,
-        prepare=prepare,
-        after_batch=after_batch,
-    )
+
+def train(
+    config: DQNConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
+) -> TrainedPolicy:
+    """Train a DQN policy and return it ready to publish (``cancelled`` if stopped early)."""
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    return train_offpolicy(DQN(config), config, on_progress, should_stop, start)
 
 
 def segment_ids(shape: torch.Size, batch_index: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Training jobs as the API sees them: submit (with every check before anything is recorded),
+list, inspect, metrics, cancel. Records and queue are ``service.training``'s."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.envs import check_env_id, env_specs
+from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit
+from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config
+from service.training.job import Job, JobStatus
+from service.training.job_store import JobStore
+from service.training.queue import JobQueue
+
+
+def _hyperparameter_errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}" for e in exc.errors()
+    )
+
+
+class JobService:
+    def __init__(self, store: JobStore, queue: JobQueue, settings: Settings) -> None:
+        self.store = store
+        self.queue = queue
+        self.settings = settings
+
+    def check_request(self, request: dict[str, Any]) -> None:
+        """Everything a job request must satisfy, checked before anything is recorded."""
+        algorithm, env_id = request["algorithm"], request["env_id"]
+        check_env_id(env_id)
+        space = env_specs(env_id)["action"]["type"]
+        needs = ACTION_SPACE[algorithm]
+        if space != needs:
+            raise InvalidInput(
+                f"algorithm {algorithm!r} needs a {needs} action space; {env_id} has a {space} action space"
+            )
+        if request.get("recurrent") and algorithm not in RECURRENT:
+            raise InvalidInput(f"recurrent=true is available for {sorted(RECURRENT)} only, not {algorithm!r}")
+        check_limit("total_frames", request["total_frames"], self.settings.max_total_frames)
+        try:
+            build_config(request)
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid hyperparameters: {_hyperparameter_errors(exc)}") from None
+
+    async def submit(self, request: dict[str, Any]) -> Job:
+        self.check_request(request)
+        limit = self.settings.max_queued_jobs
+        if await asyncio.to_thread(self.store.count, JobStatus.queued) >= limit:
+            raise Busy(f"{limit} jobs are already queued; retry later", retry_after_s=30)
+        return await asyncio.to_thread(self.queue.submit, request)
+
+    async def list(self) -> list[Job]:
+        return await asyncio.to_thread(self.store.list)
+
+    async def get(self, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id[:64]!r} not found")
+        return job
+
+    async def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        await self.get(job_id)
+        return await asyncio.to_thread(self.store.points, job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.finished:
+            raise Conflict(
+                f"job {job_id} already {job.status.value}; only queued or running jobs can be cancelled"
+            )
+        return await asyncio.to_thread(self.queue.cancel, job_id) or job
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs per status and the summed fps of the running ones (for /metrics)."""
+        jobs = await asyncio.to_thread(self.store.list, 1000)
+        out: dict[str, Any] = {s.value: sum(j.status is s for j in jobs) for s in JobStatus}
+        out["fps"] = sum(
+            (j.progress.fps or 0.0) for j in jobs if j.status is JobStatus.running and j.progress
+        )
+        return out

@@ -1,0 +1,69 @@
+"""The model repository as the API sees it: list, inspect, publish, choose the default, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from service.errors import InvalidInput
+from service.registry.registry import PolicyEntry, Registry
+from service.serving.sessions import SessionService
+
+MAX_SPEC_BYTES = 1024 * 1024
+
+
+def parse_spec_upload(raw: bytes) -> dict[str, Any]:
+    """An uploaded ``policy.json`` as a JSON object (its content is checked by the registry)."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise InvalidInput(f"spec is larger than the limit of {MAX_SPEC_BYTES} bytes")
+    try:
+        spec_json = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"spec is not valid JSON ({exc}); expected policy.json") from None
+    if not isinstance(spec_json, dict):
+        raise InvalidInput("spec must be a JSON object (policy.json)")
+    return spec_json
+
+
+def policy_detail(entry: PolicyEntry) -> dict[str, Any]:
+    details = [
+        {
+            "version": v,
+            "spec": lv.spec.model_dump(mode="json"),
+            "provenance": lv.spec.provenance,
+            "error": None,
+        }
+        for v, lv in entry.versions.items()
+    ]
+    details += [
+        {"version": v, "spec": None, "provenance": None, "error": err} for v, err in entry.errors.items()
+    ]
+    details.sort(key=lambda d: d["version"])
+    return {**entry.summary(), "version_details": details}
+
+
+class PolicyService:
+    def __init__(self, registry: Registry, sessions: SessionService) -> None:
+        self.registry = registry
+        self.sessions = sessions
+
+    def list(self) -> list[dict[str, Any]]:
+        return [e.summary() for e in self.registry.entries()]
+
+    def detail(self, name: str) -> dict[str, Any]:
+        return policy_detail(self.registry.entry(name))
+
+    async def publish(self, name: str, spec_raw: bytes, weights: bytes) -> dict[str, Any]:
+        spec_json = parse_spec_upload(spec_raw)
+        version = await asyncio.to_thread(self.registry.publish, name, spec_json, weights)
+        return {"name": name, "version": version}
+
+    async def set_default(self, name: str, version: int) -> dict[str, Any]:
+        await asyncio.to_thread(self.registry.set_default, name, version)
+        return {"name": name, "default_version": version}
+
+    async def delete_version(self, name: str, version: int) -> None:
+        """Delete a version; sessions pinned to it are closed."""
+        await asyncio.to_thread(self.registry.delete_version, name, version)
+        await self.sessions.close_version(name, version)

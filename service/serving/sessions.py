@@ -1,0 +1,135 @@
+"""Sessions: create, step, reset, inspect and close, with their limits; state kept by a store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.config import Settings
+from service.errors import InvalidInput, NotFound, check_limit
+from service.registry.registry import Registry
+from service.runtime.batching import MicroBatcher
+from service.runtime.policy import Exploration
+from service.runtime.sessions import Session, SessionStore
+from service.serving.params import SessionCreateParams, SessionStepParams
+
+
+def _not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id[:64]!r} not found (never created, deleted or expired)")
+
+
+def reset_mask(reset: bool | list[bool] | None, num_envs: int) -> torch.Tensor:
+    """``reset`` of a step as ``[num_envs]`` bools (one value for all envs, or one per env)."""
+    if reset is None or reset is False:
+        return torch.zeros(num_envs, dtype=torch.bool)
+    if reset is True:
+        return torch.ones(num_envs, dtype=torch.bool)
+    if len(reset) != num_envs:
+        raise InvalidInput(f"reset has {len(reset)} values; the session has num_envs={num_envs}")
+    return torch.tensor(reset, dtype=torch.bool)
+
+
+class SessionService:
+    """Server-held recurrent state per client. Calls on one session run one at a time, in
+    arrival order (the store's lock), and a failed call changes nothing."""
+
+    def __init__(
+        self, store: SessionStore, registry: Registry, batcher: MicroBatcher, settings: Settings
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.batcher = batcher
+        self.settings = settings
+
+    async def create(self, p: SessionCreateParams) -> dict[str, Any]:
+        s = self.settings
+        loaded = self.registry.resolve(p.policy, p.version)
+        check_limit("num_envs", p.num_envs, s.max_session_envs)
+        ttl = p.ttl_s or s.session_ttl_s
+        check_limit("ttl_s", ttl, s.max_session_ttl_s)
+        session = Session(
+            policy=loaded.name,
+            version=loaded.version,
+            num_envs=p.num_envs,
+            ttl_s=ttl,
+            exploration=p.explore.exploration,
+            epsilon=p.explore.epsilon,
+            noise_std=p.explore.noise_std,
+        )
+        await self.store.create(session, s.max_sessions)
+        return session.public()
+
+    async def _load(self, session_id: str) -> Session:
+        session = await self.store.get(session_id)
+        if session is None:
+            raise _not_found(session_id)
+        return session
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        return (await self._load(session_id)).public()
+
+    async def delete(self, session_id: str) -> None:
+        async with self.store.lock(session_id):
+            if not await self.store.delete(session_id):
+                raise _not_found(session_id)
+
+    async def reset(self, session_id: str) -> dict[str, Any]:
+        async with self.store.lock(session_id):
+            session = await self._load(session_id)
+            session.reset()
+            await self.store.save(session)
+        return session.public()
+
+    async def close_version(self, policy: str, version: int) -> int:
+        """Close the sessions pinned to a version that is no longer served."""
+        return await self.store.close_version(policy, version)
+
+    async def step(self, p: SessionStepParams) -> dict[str, Any]:
+        """One step of a session: in order with other calls on it; state unchanged on any error."""
+        async with self.store.lock(p.session_id):
+            session = await self._load(p.session_id)
+            try:
+                loaded = self.registry.resolve(session.policy, session.version)
+            except NotFound:
+                await self.store.delete(p.session_id)
+                raise NotFound(
+                    f"session {p.session_id!r} was closed: policy {session.policy} "
+                    f"version {session.version} is no longer served"
+                ) from None
+            check_limit("batch size", len(p.rows), self.settings.max_batch_size)
+            if len(p.rows) != session.num_envs:
+                raise InvalidInput(
+                    f"the session has num_envs={session.num_envs}: send {session.num_envs} "
+                    f"observation(s) in 'observations' (or one 'observation' when num_envs=1), "
+                    f"got {len(p.rows)}"
+                )
+            runtime = loaded.runtime
+            obs = runtime.observation_batch(
+                p.rows, "observation" if p.single else "observations", session.policy
+            )
+            is_init = session.needs_init | reset_mask(p.reset, session.num_envs)
+            state = None
+            if runtime.recurrent:
+                state = (
+                    (session.h, session.c) if session.h is not None else runtime.zero_state(session.num_envs)
+                )
+            e = p.explore
+            result = await self.batcher.act(
+                runtime,
+                obs,
+                exploration=e.exploration or session.exploration or Exploration.deterministic,
+                epsilon=e.epsilon if e.epsilon is not None else session.epsilon,
+                noise_std=e.noise_std if e.noise_std is not None else session.noise_std,
+                return_info=p.return_info,
+                state=state,
+                is_init=is_init,
+            )
+            if result.state is not None:
+                session.h, session.c = result.state
+            session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
+            session.steps += 1
+            await self.store.save(session)
+        payload = result.payload(p.single)
+        payload.update(step=session.steps, policy=session.policy, version=session.version)
+        return payload

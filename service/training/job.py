@@ -1,0 +1,69 @@
+"""The job record: what a training job is, as the store keeps it and the API shows it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobStatus(str, Enum):
+    """One-to-one with the API's ``status``."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+PROGRESS_FIELDS = ("frames", "total_frames", "episodes", "mean_return", "loss", "epsilon", "fps")
+POINT_FIELDS = ("frames", "time_s", "mean_return", "loss", "epsilon", "eval_mean_return")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def this_worker() -> str:
+    """``<host>:<pid>``: who runs a job, so a sweep can tell a dead worker from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobProgress(BaseModel):
+    frames: int | None = None
+    total_frames: int | None = None
+    episodes: int | None = None
+    mean_return: float | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    fps: float | None = None
+
+
+class Job(BaseModel):
+    """A training job. ``worker`` and ``heartbeat`` are the store's own (not shown by the API)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    request: dict[str, Any]
+    progress: JobProgress | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    device: str | None = None
+    worker: str | None = None
+    heartbeat: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED

@@ -1,0 +1,17 @@
+"""The job system of one process, wired: record store, huey queue, the registered task, the
+producer and the consumer (which runs only if started)."""
+
+from __future__ import annotations
+
+from service.config import Settings
+from service.training.job_store import make_job_store
+from service.training.queue import JobQueue, make_huey
+from service.training.worker import JobContext, JobWorker, Publisher, register_run_job
+
+
+def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWorker]:
+    store = make_job_store(settings.queue_url, settings.data_dir)
+    huey = make_huey(settings.queue_url, settings.data_dir)
+    ctx = JobContext(store, publish, heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4))
+    task = register_run_job(huey, ctx)
+    return JobQueue(store, task), JobWorker(huey, ctx, settings.job_heartbeat_timeout_s)

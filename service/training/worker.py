@@ -1,0 +1,204 @@
+"""The consumer: the huey task that runs one job (start, progress, finish) and the loop that
+takes jobs off the queue, one at a time.
+
+``run_job(context, job_id)`` is a plain function; ``register_run_job`` binds it to a context
+(store, publisher, stop event) and registers it with huey under ``TASK_NAME``. The embedded
+worker thread of ``policy-server serve`` and a standalone ``policy-server worker`` both run
+``JobWorker``; every outcome is written to the job's record.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from huey.api import Huey, TaskWrapper
+
+from service.config import resolve_device
+from service.training.algorithms import build_config, trainer_for
+from service.training.common import TrainedPolicy
+from service.training.job import POINT_FIELDS, PROGRESS_FIELDS, Job, JobStatus, now_iso, this_worker
+from service.training.job_store import JobStore
+from service.training.queue import TASK_NAME
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[str, dict, bytes], int]
+
+
+@dataclass
+class JobContext:
+    """What a running job needs from the process that runs it."""
+
+    store: JobStore
+    publish: Publisher
+    heartbeat_s: float = 10.0
+    stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown
+
+
+# -- one job: start / progress / finish -----------------------------------------------------
+def start_job(ctx: JobContext, job_id: str) -> Job | None:
+    """Claim a queued job for this worker; ``None`` (and the record settled) if it must not run."""
+    if ctx.store.cancel_requested(job_id):
+        ctx.store.update(job_id, expect=JobStatus.queued, status=JobStatus.cancelled, finished_at=now_iso())
+        return None
+    return ctx.store.update(
+        job_id,
+        expect=JobStatus.queued,
+        status=JobStatus.running,
+        started_at=now_iso(),
+        worker=this_worker(),
+        heartbeat=time.time(),
+    )
+
+
+def record_progress(ctx: JobContext, job_id: str, point: dict[str, Any]) -> None:
+    """A trainer's progress point: the record's ``progress`` and one metrics point."""
+    ctx.store.update(job_id, progress={k: point.get(k) for k in PROGRESS_FIELDS}, heartbeat=time.time())
+    ctx.store.add_point(job_id, {k: point.get(k) for k in POINT_FIELDS})
+
+
+def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy) -> None:
+    """Publish a trained policy, or record why the job stopped early."""
+    store, job_id = ctx.store, job.job_id
+    if trained.cancelled:
+        if ctx.stopping.is_set() and not store.cancel_requested(job_id):
+            store.update(
+                job_id,
+                status=JobStatus.failed,
+                finished_at=now_iso(),
+                error="interrupted: the worker shut down during training",
+            )
+        else:
+            store.update(job_id, status=JobStatus.cancelled, finished_at=now_iso())
+        return
+    name = job.request["policy_name"]
+    version = ctx.publish(name, trained.spec, trained.weights)
+    store.update(
+        job_id,
+        status=JobStatus.succeeded,
+        finished_at=now_iso(),
+        result={
+            "policy": name,
+            "version": version,
+            "eval_mean_return": trained.eval_mean_return,
+            "frames": trained.frames,
+            "wall_time_s": round(trained.wall_time_s, 2),
+        },
+    )
+
+
+@contextmanager
+def heartbeat(ctx: JobContext, job_id: str) -> Iterator[None]:
+    """Beat every ``ctx.heartbeat_s`` while the job runs, also through long evaluations."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(ctx.heartbeat_s):
+            try:
+                ctx.store.update(job_id, expect=JobStatus.running, heartbeat=time.time())
+            except Exception:  # a store outage must not kill the job; the next beat retries
+                log.warning("heartbeat of job %s failed", job_id, exc_info=True)
+
+    t = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+def run_job(ctx: JobContext, job_id: str) -> None:
+    """The huey task: start the job, train with progress reports, finish; every outcome recorded."""
+    job = start_job(ctx, job_id)
+    if job is None:
+        return
+    req = job.request
+    try:
+        device = resolve_device(req.get("device", "auto"))
+        ctx.store.update(job_id, device=device)
+        config = build_config(
+            req, device=device, job_id=job_id, command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}"
+        )
+        with heartbeat(ctx, job_id):
+            trained = trainer_for(req["algorithm"])(
+                config,
+                lambda point: record_progress(ctx, job_id, point),
+                lambda: ctx.stopping.is_set() or ctx.store.cancel_requested(job_id),
+            )
+        finish_job(ctx, job, trained)
+    except Exception as exc:
+        log.error("job %s failed: %s", job_id, traceback.format_exc())
+        ctx.store.update(
+            job_id, status=JobStatus.failed, finished_at=now_iso(), error=f"{type(exc).__name__}: {exc}"
+        )
+
+
+def register_run_job(huey: Huey, ctx: JobContext) -> TaskWrapper:
+    """``run_job`` bound to ``ctx``, registered with ``huey`` as ``TASK_NAME``."""
+    return huey.task(name=TASK_NAME)(functools.partial(run_job, ctx))
+
+
+# -- the consumer loop ------------------------------------------------------------------------
+class JobWorker:
+    """Consumes the queue one job at a time (bounded concurrency: one training per worker).
+
+    While idle it also fails the jobs of dead workers (``JobStore.fail_orphaned``) every
+    ``sweep_s`` seconds.
+    """
+
+    def __init__(
+        self,
+        huey: Huey,
+        ctx: JobContext,
+        heartbeat_timeout_s: float,
+        poll_s: float = 0.2,
+        sweep_s: float = 10.0,
+    ) -> None:
+        self.huey = huey
+        self.ctx = ctx
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.poll_s = poll_s
+        self.sweep_s = sweep_s
+        self._thread: threading.Thread | None = None
+
+    def run_forever(self) -> None:
+        stopping = self.ctx.stopping
+        next_sweep = 0.0
+        while not stopping.is_set():
+            if time.monotonic() >= next_sweep:
+                try:
+                    self.ctx.store.fail_orphaned(self.heartbeat_timeout_s)
+                except Exception:
+                    log.warning("sweep of orphaned jobs failed", exc_info=True)
+                next_sweep = time.monotonic() + self.sweep_s
+            try:
+                task = self.huey.dequeue()
+            except Exception:
+                log.warning("dequeue failed", exc_info=True)
+                task = None
+            if task is None:
+                stopping.wait(self.poll_s)
+                continue
+            try:
+                self.huey.execute(task)
+            except Exception:  # the task records its own failure; keep taking jobs
+                log.exception("task %s raised", task.id)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="job-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.ctx.stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
