@@ -167,14 +167,16 @@ def direct_call(name: str, rows, etype=ExplorationType.DETERMINISTIC):
 
 
 # -- API shorthands ---------------------------------------------------------------------------
+def upload_files(spec: dict, weights: bytes) -> dict:
+    return {
+        "spec": ("policy.json", json.dumps(spec), "application/json"),
+        "weights": ("weights.safetensors", weights, "application/octet-stream"),
+    }
+
+
 def upload(client, name, spec, weights, headers=None):
     return client.post(
-        f"/v1/policies/{name}/versions",
-        headers=headers or {},
-        files={
-            "spec": ("policy.json", json.dumps(spec), "application/json"),
-            "weights": ("weights.safetensors", weights, "application/octet-stream"),
-        },
+        f"/v1/policies/{name}/versions", headers=headers or {}, files=upload_files(spec, weights)
     )
 
 

@@ -55,7 +55,9 @@ def test_cancel_stops_running_and_queued_jobs_without_publishing(jclient):
     assert jclient.post(f"/v1/jobs/{a}/cancel").status_code == 202
     doc = wait_for(jclient, a, {"cancelled", "failed", "succeeded"}, timeout=30)
     assert doc["status"] == "cancelled" and doc["progress"]["frames"] < 1_000_000
-    time.sleep(0.5)
+    # the queue is FIFO: once a job submitted after b has run, the worker has taken b too
+    c = jclient.post("/v1/jobs", json=job_body(policy_name="after")).json()["job_id"]
+    assert wait_for(jclient, c, {"succeeded", "failed"})["status"] == "succeeded"
     bdoc = jclient.get(f"/v1/jobs/{b}").json()
     assert bdoc["status"] == "cancelled" and bdoc["started_at"] is None
     assert jclient.get("/v1/policies/never").status_code == 404

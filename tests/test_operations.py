@@ -101,7 +101,7 @@ def test_slow_requests_get_504(settings):
 
     @app.get("/slow")
     async def slow() -> dict:
-        await asyncio.sleep(1)
+        await asyncio.Event().wait()  # never set: only the timeout can end this request
         return {}
 
     with TestClient(app) as c:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -130,9 +129,14 @@ def test_stateless_policies_work_through_sessions(client):
 
 
 def test_expired_session_is_404(client):
-    sid = new_session(client, "q-lstm", ttl_s=0.3)
-    step(client, sid, [0, 0, 0, 0])
-    time.sleep(0.5)
+    now = [1_000_000.0]
+    client.app.state.session_store.clock = lambda: now[0]  # the store's clock, moved by hand
+    sid = new_session(client, "q-lstm", ttl_s=30)
+    now[0] += 20
+    step(client, sid, [0, 0, 0, 0])  # a call keeps the session alive for another ttl_s
+    now[0] += 29.9
+    assert client.get(f"/v1/sessions/{sid}").status_code == 200
+    now[0] += 0.2
     assert client.get(f"/v1/sessions/{sid}").status_code == 404
     r = client.post(f"/v1/sessions/{sid}/act", json={"observation": [0, 0, 0, 0]})
     assert r.status_code == 404 and "expired" in r.json()["detail"]

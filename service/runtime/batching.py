@@ -13,6 +13,7 @@ requests batched together never share state.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,22 @@ class InferenceExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """Calls with equal keys may share a forward pass: same policy version, same exploration.
+
+    ``ticket`` is 0 for every unseeded call and unique for each seeded one: a seeded call's
+    random draws must not depend on who else is in the batch, so it always goes alone.
+    """
+
+    runtime: PolicyRuntime
+    exploration: Exploration
+    epsilon: float | None
+    noise_std: float | None
+    seed: int | None
+    ticket: int = 0
 
 
 @dataclass
@@ -67,7 +84,8 @@ class MicroBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.inline_rows = inline_rows
-        self._groups: OrderedDict[tuple, list[_Item]] = OrderedDict()
+        self._groups: OrderedDict[BatchKey, list[_Item]] = OrderedDict()
+        self._tickets = itertools.count(1)
         self._busy = False
         self._scheduled = False
         self._loop = loop
@@ -94,14 +112,13 @@ class MicroBatcher:
     ) -> ActResult:
         self._loop = loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
-        # Seeded calls go alone: their random draws must not depend on who else is in the batch.
-        key = (
+        key = BatchKey(
             runtime,
             runtime.resolve(exploration),
             epsilon,
             noise_std,
-            object() if seed is not None else None,
             seed,
+            next(self._tickets) if seed is not None else 0,
         )
         if runtime.recurrent and state is None:
             state = runtime.zero_state(obs.shape[0])
@@ -143,8 +160,8 @@ class MicroBatcher:
         fut.add_done_callback(lambda f: self._done(f, taken))
 
     @staticmethod
-    def _forward(key: tuple, items: list[_Item]) -> list[ActResult]:
-        runtime, exploration, epsilon, noise_std, _, seed = key
+    def _forward(key: BatchKey, items: list[_Item]) -> list[ActResult]:
+        runtime = key.runtime
         obs = items[0].obs if len(items) == 1 else torch.cat([i.obs for i in items])
         state = is_init = None
         if runtime.recurrent:
@@ -157,10 +174,10 @@ class MicroBatcher:
             )
         result = runtime.act(
             obs,
-            exploration=exploration,
-            epsilon=epsilon,
-            noise_std=noise_std,
-            seed=seed,
+            exploration=key.exploration,
+            epsilon=key.epsilon,
+            noise_std=key.noise_std,
+            seed=key.seed,
             return_info=any(i.return_info for i in items),
             state=state,
             is_init=is_init,

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -51,8 +51,8 @@ class Session:
         if not self.expires_at:
             self.touch()
 
-    def touch(self) -> None:
-        self.expires_at = time.time() + self.ttl_s
+    def touch(self, now: float | None = None) -> None:
+        self.expires_at = (time.time() if now is None else now) + self.ttl_s
 
     def reset(self) -> None:
         self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
@@ -111,8 +111,8 @@ class Session:
         return s
 
 
-def _limit_error(max_sessions: int, soonest_expiry: float | None) -> Busy:
-    wait = 1 if soonest_expiry is None else max(1, int(soonest_expiry - time.time()) + 1)
+def _limit_error(max_sessions: int, soonest_expiry: float | None, now: float) -> Busy:
+    wait = 1 if soonest_expiry is None else max(1, int(soonest_expiry - now) + 1)
     return Busy(
         f"the server holds its limit of {max_sessions} live sessions; delete idle sessions or retry later",
         retry_after_s=wait,
@@ -149,14 +149,19 @@ class SessionStore(ABC):
 
 
 class MemorySessionStore(SessionStore):
-    """Sessions in this process's memory (the default)."""
+    """Sessions in this process's memory (the default).
 
-    def __init__(self) -> None:
+    Args:
+        clock: seconds since the epoch (``time.time``); tests pass their own to move time.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _purge(self) -> None:
-        now = time.time()
+        now = self.clock()
         for sid in [k for k, s in self._sessions.items() if s.expires_at <= now]:
             self._sessions.pop(sid, None)
             self._locks.pop(sid, None)
@@ -165,19 +170,20 @@ class MemorySessionStore(SessionStore):
         self._purge()
         if len(self._sessions) >= max_sessions:
             soonest = min((s.expires_at for s in self._sessions.values()), default=None)
-            raise _limit_error(max_sessions, soonest)
+            raise _limit_error(max_sessions, soonest, self.clock())
+        session.touch(self.clock())
         self._sessions[session.session_id] = session
 
     async def get(self, session_id: str) -> Session | None:
         s = self._sessions.get(session_id)
-        if s is not None and s.expires_at <= time.time():
+        if s is not None and s.expires_at <= self.clock():
             await self.delete(session_id)
             return None
         return s
 
     async def save(self, session: Session) -> None:
         if session.session_id in self._sessions:
-            session.touch()
+            session.touch(self.clock())
             self._sessions[session.session_id] = session
 
     async def delete(self, session_id: str) -> bool:
@@ -225,7 +231,7 @@ class RedisSessionStore(SessionStore):
             await r.zremrangebyscore(self.INDEX, "-inf", time.time())
             if await r.zcard(self.INDEX) >= max_sessions:
                 first = await r.zrange(self.INDEX, 0, 0, withscores=True)
-                raise _limit_error(max_sessions, first[0][1] if first else None)
+                raise _limit_error(max_sessions, first[0][1] if first else None, time.time())
             await self._write(session)
 
     async def _write(self, session: Session) -> None:

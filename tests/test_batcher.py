@@ -1,0 +1,141 @@
+"""The micro-batcher on its own, on an event loop: who shares a forward pass, and who gets what."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from service.errors import InvalidInput
+from service.registry.registry import Registry
+from service.registry.store import ModelStore
+from service.runtime.batching import InferenceExecutor, MicroBatcher
+from service.runtime.policy import Exploration, PolicyRuntime
+from tests.helpers import SPECS, write_policy
+
+
+@pytest.fixture()
+def runtimes(tmp_path):
+    for name in ("q", "q-lstm"):
+        write_policy(tmp_path, name, SPECS[name])
+    registry = Registry(ModelStore(tmp_path), prepare=PolicyRuntime)
+    registry.load_all()
+    return {name: registry.resolve(name).runtime for name in ("q", "q-lstm")}
+
+
+def run(coro_fn, **batcher_kw):
+    async def main():
+        executor = InferenceExecutor()
+        batcher = MicroBatcher(executor, **batcher_kw)
+        passes: list[int] = []
+        batcher.on_batch = passes.append
+        try:
+            return await coro_fn(batcher), passes
+        finally:
+            executor.shutdown()
+
+    return asyncio.run(main())
+
+
+DET = {"exploration": Exploration.deterministic}
+
+
+def test_calls_arriving_together_share_one_pass_and_get_their_own_rows(runtimes):
+    rt = runtimes["q"]
+    obs = [torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) for n in (1, 3, 2)]
+
+    async def calls(b):
+        return await asyncio.gather(*(b.act(rt, o, **DET) for o in obs))
+
+    results, passes = run(calls)
+    assert passes == [6]  # one forward pass for the three callers
+    for o, r in zip(obs, results, strict=True):
+        assert torch.equal(r.action, rt.act(o).action)
+
+
+def test_max_batch_splits_and_different_exploration_never_mixes(runtimes):
+    rt = runtimes["q"]
+
+    async def calls(b):
+        return await asyncio.gather(
+            *(b.act(rt, torch.zeros(2, 4), **DET) for _ in range(3)),
+            b.act(rt, torch.zeros(1, 4), exploration=Exploration.random, epsilon=1.0),
+        )
+
+    results, passes = run(calls, max_batch=4)
+    assert sorted(passes) == [1, 2, 4]  # 2+2 rows, then 2, and the random call alone
+    assert [r.exploration for r in results] == [Exploration.deterministic] * 3 + [Exploration.random]
+
+
+def test_seeded_calls_go_alone_and_reproduce(runtimes):
+    rt = runtimes["q"]
+    obs = torch.zeros(8, 4)
+    kw = {"exploration": Exploration.random, "epsilon": 1.0}
+
+    async def calls(b):
+        return await asyncio.gather(
+            b.act(rt, obs, seed=3, **kw), b.act(rt, obs, seed=3, **kw), b.act(rt, obs, **kw)
+        )
+
+    (a, b, _), passes = run(calls)
+    assert sorted(passes) == [8, 8, 8]
+    assert torch.equal(a.action, b.action)
+
+
+def test_recurrent_state_is_split_back_per_caller(runtimes):
+    rt = runtimes["q-lstm"]
+    g = torch.Generator().manual_seed(0)
+    obs = [torch.randn(2, 4, generator=g), torch.randn(1, 4, generator=g)]
+    states = [tuple(torch.randn(n, 1, 16, generator=g) for _ in range(2)) for n in (2, 1)]
+    inits = [torch.tensor([False, True]), torch.tensor([False])]
+
+    async def calls(b):
+        return await asyncio.gather(
+            *(b.act(rt, o, state=s, is_init=i, **DET) for o, s, i in zip(obs, states, inits, strict=True))
+        )
+
+    results, passes = run(calls)
+    assert passes == [3]
+    for o, s, i, r in zip(obs, states, inits, results, strict=True):
+        alone = rt.act(o, state=s, is_init=i)
+        assert torch.allclose(r.state[0], alone.state[0], atol=1e-6)
+        assert torch.allclose(r.state[1], alone.state[1], atol=1e-6)
+        assert torch.equal(r.action, alone.action)
+
+
+def test_a_failing_pass_fails_its_callers_and_the_batcher_goes_on(runtimes):
+    rt = runtimes["q"]
+
+    async def calls(b):
+        bad = b.act(rt, torch.zeros(1, 5), **DET)  # wrong width: the forward pass raises
+        with pytest.raises(RuntimeError):
+            await bad
+        return await b.act(rt, torch.zeros(1, 4), **DET)
+
+    result, passes = run(calls)
+    assert result.action.shape == (1,) and passes == [1]
+
+
+def test_small_passes_run_on_the_loop_and_large_ones_on_the_inference_thread(runtimes, monkeypatch):
+    rt = runtimes["q"]
+    threads: list[str] = []
+    original = rt.act
+    monkeypatch.setattr(
+        rt, "act", lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k)
+    )
+
+    async def calls(b):
+        await b.act(rt, torch.zeros(64, 4), **DET)
+        return await b.act(rt, torch.zeros(65, 4), **DET)
+
+    result, passes = run(calls, inline_rows=64)
+    assert result.action.shape == (65,) and passes == [64, 65]
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("inference")
+
+
+def test_observation_batch_refuses_rows_that_do_not_fit(runtimes):
+    rt = runtimes["q"]
+    with pytest.raises(InvalidInput, match=r"observations\[1\] has shape \[3\], policy q expects \[4\]"):
+        rt.observation_batch([[0.0] * 4, [0.0] * 3], "observations", "q")
