@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(True, description="serve also consumes training jobs.")
     registry_poll_s: float = Field(2.0, ge=0, description="Rescan of the model repository; 0=off.")
     job_heartbeat_timeout_s: float = Field(120.0, gt=0, description="Running job silent -> failed.")
+    job_sweep_s: float = Field(
+        30.0, ge=0, description="How often serve fails jobs of dead workers; 0 = never (workers still do)."
+    )
 
 
 def resolve_device(requested: str) -> str:

@@ -62,7 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.embedded_worker:
             worker.start()  # its first act is failing the jobs of dead workers
         freeze_loaded_objects()
-        tasks = [asyncio.create_task(_sweep_jobs(state.job_service, settings.job_heartbeat_timeout_s))]
+        tasks = []
+        if settings.job_sweep_s > 0:
+            tasks.append(
+                asyncio.create_task(
+                    _sweep_jobs(state.job_service, settings.job_heartbeat_timeout_s, settings.job_sweep_s)
+                )
+            )
         if settings.registry_poll_s > 0:
             tasks.append(asyncio.create_task(_poll_registry(registry, settings.registry_poll_s)))
         try:
@@ -109,9 +115,8 @@ async def _poll_registry(registry: Registry, every_s: float) -> None:
             log.exception("registry refresh failed")
 
 
-async def _sweep_jobs(jobs: JobService, heartbeat_timeout_s: float) -> None:
+async def _sweep_jobs(jobs: JobService, heartbeat_timeout_s: float, every_s: float) -> None:
     """Fail the running jobs whose worker is gone (also when no worker runs in this process)."""
-    every_s = max(1.0, min(30.0, heartbeat_timeout_s / 4))
     while True:
         try:
             await asyncio.to_thread(jobs.store.fail_orphaned, heartbeat_timeout_s)

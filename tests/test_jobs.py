@@ -254,3 +254,105 @@ def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tm
         doc = c.get(f"/v1/jobs/{job_id}").json()
         assert doc["status"] == "failed" and "interrupted" in doc["error"]
         assert doc["finished_at"] is not None
+
+
+# -- workers that come and go ----------------------------------------------------------------
+def _worker_process(settings) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "POLICY_SERVER_MODEL_DIR": str(settings.model_dir),
+        "POLICY_SERVER_DATA_DIR": str(settings.data_dir),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_restarting_serve_never_fails_the_job_of_a_live_worker(settings):
+    """A standalone worker runs a job over the SQLite queue; ``serve`` (re)starts with its own
+    embedded worker and sweep: the job stays running until its worker is killed."""
+    worker = _worker_process(settings)
+    try:
+        with TestClient(create_app(settings)) as c:  # no embedded worker: submit only
+            job_id = c.post("/v1/jobs", json=job_body(total_frames=1_000_000)).json()["job_id"]
+            wait_for(c, job_id, {"running"})
+        settings.embedded_worker = True
+        with TestClient(create_app(settings)) as c:
+            store = c.app.state.job_service.store
+            assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == []
+            first = c.get(f"/v1/jobs/{job_id}").json()
+            assert first["status"] == "running"
+            deadline = time.monotonic() + 60
+            while (c.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("frames", 0) <= (
+                (first["progress"] or {}).get("frames", 0)
+            ):
+                assert time.monotonic() < deadline, "the live worker stopped training"
+                time.sleep(0.1)
+            worker.kill()
+            worker.wait(30)
+            assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == [job_id]
+            doc = c.get(f"/v1/jobs/{job_id}").json()
+            assert doc["status"] == "failed" and "exited" in doc["error"]
+    finally:
+        worker.kill()
+        worker.wait(30)
+
+
+def test_reading_jobs_changes_nothing(settings):
+    """GETs never sweep: a job whose worker went silent stays as recorded until a sweep runs."""
+    from service.training.job import Job, JobStatus, now_iso
+    from service.training.job_store import SqliteJobStore
+
+    settings.job_sweep_s = 0  # no background sweep in this app: only the explicit one below
+    store = SqliteJobStore(settings.data_dir / "jobs.db")
+    silent = Job(
+        job_id="silent",
+        status=JobStatus.running,
+        created_at=now_iso(),
+        request=job_body(),
+        worker="another-host:1",
+        heartbeat=1.0,  # 1970: long past any timeout
+    )
+    store.create(silent)
+    with TestClient(create_app(settings)) as c:
+        for _ in range(3):
+            assert c.get("/v1/jobs/silent").json()["status"] == "running"
+            assert c.get("/v1/jobs").json()["jobs"][0]["status"] == "running"
+            assert c.get("/v1/jobs/silent/metrics").status_code == 200
+        assert store.get("silent") == silent
+        assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == ["silent"]
+        doc = c.get("/v1/jobs/silent").json()
+        assert doc["status"] == "failed" and "stopped reporting" in doc["error"]
+
+
+def test_fail_orphaned_spares_live_and_recent_workers(tmp_path):
+    from service.training.job import Job, JobStatus, now_iso, this_worker
+    from service.training.job_store import SqliteJobStore
+
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    now = 1_000_000.0
+    jobs = {
+        "alive-here": (this_worker(), now - 10_000),  # this process: alive, whatever the heartbeat
+        "dead-here": (this_worker().rsplit(":", 1)[0] + f":{2**22 + 7}", now),  # no such pid
+        "remote-recent": ("other:5", now - 50),
+        "remote-silent": ("other:6", now - 500),
+    }
+    for job_id, (worker, beat) in jobs.items():
+        store.create(
+            Job(
+                job_id=job_id,
+                status=JobStatus.running,
+                created_at=now_iso(),
+                request={},
+                worker=worker,
+                heartbeat=beat,
+            )
+        )
+    assert sorted(store.fail_orphaned(120, now=now)) == ["dead-here", "remote-silent"]
+    assert store.get("alive-here").status is JobStatus.running
+    assert (
+        "exited" in store.get("dead-here").error and "stopped reporting" in store.get("remote-silent").error
+    )

@@ -108,3 +108,65 @@ def test_slow_requests_get_504(settings):
         r = c.get("/slow")
         assert r.status_code == 504 and "0.2 s" in r.json()["detail"]
         assert c.get("/healthz").status_code == 200
+
+
+def test_metric_labels_never_take_names_clients_make_up(client):
+    """Requests naming policies that do not exist (or odd methods) add no new metric series."""
+
+    def series() -> list[str]:
+        text = client.get("/metrics").text
+        return [line for line in text.splitlines() if line.startswith("policy_server_request")]
+
+    obs = {"observation": [0, 0, 0, 0]}
+    for i in range(3):
+        client.post(f"/v1/policies/made-up-{i}/act", json=obs)
+        client.get(f"/v1/policies/made-up-{i}")
+        client.request("BREW", f"/v1/policies/made-up-{i}")
+    series()  # the scrape's own series exist from here on
+    before = len(series())
+    for i in range(3, 300):
+        assert client.post(f"/v1/policies/made-up-{i}/act", json=obs).status_code == 404
+        client.get(f"/v1/policies/made-up-{i}")
+        client.request("BREW", f"/v1/policies/made-up-{i}")
+    after = series()
+    assert len(after) == before
+    assert not any("made-up" in line or "BREW" in line for line in after)
+    assert any('policy="unknown"' in line for line in after)
+    client.post("/v1/policies/q/act", json=obs)
+    assert any('policy="q"' in line for line in series())  # real names are kept
+
+
+def test_a_redis_outage_answers_503_and_recovers_by_itself(settings, redis_server):
+    """Sessions and jobs in a real redis-server that is stopped and started again: 503 with
+    Retry-After while it is down, stateless act served throughout, normal service after."""
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings.session_store = settings.queue_url = redis_server.url
+    obs = {"observation": [0, 0, 0, 0]}
+    job = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "x", "total_frames": 100}
+    with TestClient(create_app(settings)) as c:
+        sid = c.post("/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/act", json=obs).status_code == 200
+        redis_server.stop()
+        calls = [
+            c.post(f"/v1/sessions/{sid}/act", json=obs),
+            c.post("/v1/sessions", json={"policy": "q"}),
+            c.get(f"/v1/sessions/{sid}"),
+            c.post("/v1/jobs", json=job),
+            c.get("/v1/jobs"),
+        ]
+        for r in calls:
+            assert r.status_code == 503, r.text
+            assert int(r.headers["Retry-After"]) >= 1 and "Redis" in r.json()["detail"]
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream") as ws:
+            ws.send_json(obs)
+            assert ws.receive_json()["status"] == 503
+        assert c.post("/v1/policies/q/act", json=obs).status_code == 200
+        assert c.get("/metrics").status_code == 200
+        redis_server.start()  # an empty Redis (no persistence): the old session is gone
+        assert c.get(f"/v1/sessions/{sid}").status_code == 404
+        sid = c.post("/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/act", json=obs).json()["step"] == 1
+        assert c.post("/v1/jobs", json=job).status_code == 202

@@ -14,4 +14,5 @@ def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWor
     huey = make_huey(settings.queue_url, settings.data_dir)
     ctx = JobContext(store, publish, heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4))
     task = register_run_job(huey, ctx)
-    return JobQueue(store, task), JobWorker(huey, ctx, settings.job_heartbeat_timeout_s)
+    worker = JobWorker(huey, ctx, settings.job_heartbeat_timeout_s, sweep_s=settings.job_sweep_s or 30.0)
+    return JobQueue(store, task), worker

@@ -1,0 +1,82 @@
+"""Layers import downward only: api -> serving -> runtime -> registry; training -> registry.
+
+Read from the source (every ``import``, also inside functions), so a new upward import fails here
+before it tangles the code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "service"
+ROUTERS = {
+    "service.api.policies",
+    "service.api.sessions",
+    "service.api.envs",
+    "service.api.jobs",
+    "service.api.health",
+}
+FORBIDDEN = {
+    "service.registry": (
+        "service.runtime",
+        "service.serving",
+        "service.api",
+        "service.training",
+        "service.main",
+    ),
+    "service.runtime": ("service.serving", "service.api", "service.training", "service.main"),
+    "service.training": ("service.serving", "service.api", "service.main", "service.runtime"),
+    "service.serving": ("service.api", "service.main"),
+    "service.errors": ("service.",),
+    "service.config": ("service.",),
+}
+
+
+def _modules() -> dict[str, set[str]]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+        out[name] = {m for m in imported if m.startswith("service")}
+    return out
+
+
+MODULES = _modules()
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layers_import_downward_only(layer):
+    bad = [
+        f"{mod} imports {imp}"
+        for mod, imports in MODULES.items()
+        if mod == layer or mod.startswith(layer + ".")
+        for imp in imports
+        if imp.startswith(FORBIDDEN[layer]) and not imp.startswith(layer)
+    ]
+    assert bad == []
+
+
+def test_no_router_imports_another_router():
+    bad = [f"{mod} imports {imp}" for mod in ROUTERS for imp in MODULES[mod] if imp in ROUTERS - {mod}]
+    assert bad == []
+
+
+def test_only_the_edge_knows_http_status_codes():
+    """Domain code raises domain errors; ``service.api.errors`` alone maps them to statuses."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if "api" in path.relative_to(ROOT).parts:
+            continue
+        text = path.read_text()
+        if "status_code" in text or "HTTPException" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
