@@ -52,6 +52,18 @@ class TimedOut(ServiceError):
     """The work ran past its time limit and was stopped."""
 
 
+def too_large(what: str, limit: int) -> str:
+    """The one wording of a body or file over its size limit."""
+    return f"{what} is larger than the limit of {limit} bytes"
+
+
+def validation_sentence(errors: list[dict], skip: tuple[str, ...] = ()) -> str:
+    """pydantic errors as one sentence: ``field.path: message; …`` (``skip`` drops path parts)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p not in skip) or 'value'}: {e['msg']}" for e in errors
+    )
+
+
 def _number(x: object) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 

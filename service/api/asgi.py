@@ -30,6 +30,17 @@ class Route:
 _OTHER = Route(RouteKind.other)
 
 
+def route_of(scope) -> Route:
+    """``classify`` for an HTTP scope, computed once per request and kept in the scope."""
+    route = scope.get(_SCOPE_KEY)
+    if route is None:
+        route = scope[_SCOPE_KEY] = classify(scope["method"], scope["path"])
+    return route
+
+
+_SCOPE_KEY = "policy_server.route"
+
+
 def classify(method: str, path: str) -> Route:
     """The one route classifier the middlewares and the fast path share."""
     if method != "POST" or not path.startswith("/v1/policies/"):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from pydantic import ValidationError
 
-from service.api.asgi import ACT_ROUTE, RouteKind, classify, header, is_json, read_body, send_json
+from service.api.asgi import ACT_ROUTE, RouteKind, header, is_json, read_body, route_of, send_json
 from service.api.auth import check_bearer
 from service.api.errors import error_answer, invalid_body
 from service.errors import ServiceError
@@ -29,7 +29,7 @@ class FastActMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            route = classify(scope["method"], scope["path"])
+            route = route_of(scope)
             if route.kind is RouteKind.act and is_json(scope):
                 await self._act(scope, receive, send, route.policy)
                 return

@@ -10,7 +10,8 @@ import os
 import time
 from collections.abc import Callable
 
-from service.api.asgi import RouteKind, classify, header, send_json
+from service.api.asgi import RouteKind, header, route_of, send_json
+from service.errors import too_large
 from service.observability import Metrics
 
 log = logging.getLogger("service.access")
@@ -35,7 +36,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = classify(scope["method"], scope["path"]).kind is RouteKind.upload
+        is_upload = route_of(scope).kind is RouteKind.upload
         limit = self.max_upload if is_upload else self.max_body
         length = header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -67,7 +68,7 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _too_large(send, limit: int) -> None:
-        await send_json(send, 413, {"detail": f"request body is larger than the limit of {limit} bytes"})
+        await send_json(send, 413, {"detail": too_large("request body", limit)})
 
 
 class RequestContextMiddleware:
@@ -107,7 +108,7 @@ class RequestContextMiddleware:
                 ]
             await send(message)
 
-        kind = classify(scope["method"], scope["path"]).kind
+        kind = route_of(scope).kind
         timed = self.timeout_s is not None and kind not in (RouteKind.rollout, RouteKind.upload)
         try:
             if timed:

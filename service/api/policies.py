@@ -6,7 +6,8 @@ from fastapi import APIRouter, File, Response, UploadFile
 
 from service.api.deps import ActDep, Admin, Inference, PoliciesDep, PolicyDep, PolicyName, SettingsDep
 from service.api.responses import FastJSONResponse
-from service.errors import InvalidInput
+from service.errors import InvalidInput, too_large
+from service.registry.store import MAX_SPEC_BYTES
 from service.schemas import (
     ActRequest,
     ActResponse,
@@ -15,7 +16,6 @@ from service.schemas import (
     PolicyList,
     PublishedVersion,
 )
-from service.serving.policies import MAX_SPEC_BYTES
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
 
@@ -33,7 +33,7 @@ def get_policy(entry: PolicyDep, policies: PoliciesDep) -> dict:
 async def _read_limited(upload: UploadFile, limit: int, what: str) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise InvalidInput(f"{what} is larger than the limit of {limit} bytes")
+        raise InvalidInput(too_large(what, limit))
     return data
 
 

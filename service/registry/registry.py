@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from pydantic import ValidationError
 
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, validation_sentence
 from service.registry.build import BuiltPolicy, build_policy, load_weights
 from service.registry.spec import PolicySpec, is_valid_name
 from service.registry.store import ModelStore
@@ -91,8 +91,7 @@ def parse_spec(raw: Any) -> PolicySpec:
     try:
         return PolicySpec.model_validate(raw)
     except ValidationError as exc:
-        msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
-        raise InvalidPolicy(f"invalid policy spec: {msgs}") from None
+        raise InvalidPolicy(f"invalid policy spec: {validation_sentence(exc.errors())}") from None
 
 
 def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> BuiltPolicy:

@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from service.errors import too_large
 from service.registry.spec import is_valid_name
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class ModelStore:
     def read_spec_json(self, name: str, version: int) -> dict:
         f = self._version_dir(name, version) / SPEC_FILE
         if f.stat().st_size > MAX_SPEC_BYTES:
-            raise ValueError(f"{SPEC_FILE} is larger than {MAX_SPEC_BYTES} bytes")
+            raise ValueError(too_large(SPEC_FILE, MAX_SPEC_BYTES))
         return json.loads(f.read_text(encoding="utf-8"))
 
     def read_weights(self, name: str, version: int) -> bytes:

@@ -10,17 +10,11 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.envs import check_env_id, env_specs
-from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit
+from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit, validation_sentence
 from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config
 from service.training.job import Job, JobStatus
 from service.training.job_store import JobStore
 from service.training.queue import JobQueue
-
-
-def _hyperparameter_errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'hyperparameters')}: {e['msg']}" for e in exc.errors()
-    )
 
 
 class JobService:
@@ -45,7 +39,9 @@ class JobService:
         try:
             build_config(request)
         except ValidationError as exc:
-            raise InvalidInput(f"invalid hyperparameters: {_hyperparameter_errors(exc)}") from None
+            raise InvalidInput(
+                f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
+            ) from None
 
     async def submit(self, request: dict[str, Any]) -> Job:
         self.check_request(request)

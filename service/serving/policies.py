@@ -10,13 +10,9 @@ from service.errors import InvalidInput
 from service.registry.registry import PolicyEntry, Registry
 from service.serving.sessions import SessionService
 
-MAX_SPEC_BYTES = 1024 * 1024
-
 
 def parse_spec_upload(raw: bytes) -> dict[str, Any]:
     """An uploaded ``policy.json`` as a JSON object (its content is checked by the registry)."""
-    if len(raw) > MAX_SPEC_BYTES:
-        raise InvalidInput(f"spec is larger than the limit of {MAX_SPEC_BYTES} bytes")
     try:
         spec_json = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
