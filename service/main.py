@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.executor, settings.max_forward_batch, loop=asyncio.get_running_loop()
         )
         state.batcher.on_batch = state.metrics.batch_size.observe
+        state.metrics.known_policy = registry.has
         state.session_store = make_session_store(settings.session_store)
         await asyncio.to_thread(registry.load_all)
         queue, worker = build_jobs(settings, registry.publish)
@@ -91,10 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.add_middleware(FastActMiddleware, fastapi_app=app)
     app.add_middleware(
-        RequestContextMiddleware,
-        metrics=app.state.metrics,
-        known_policy=lambda name: app.state.registry.has(name),
-        timeout_s=settings.request_timeout_s,
+        RequestContextMiddleware, metrics=app.state.metrics, timeout_s=settings.request_timeout_s
     )
     app.add_middleware(
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes

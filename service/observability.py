@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -12,6 +13,8 @@ class Metrics:
     """The service's metrics, in a registry of their own (one per app)."""
 
     def __init__(self) -> None:
+        # Which policy names may become label values; the lifespan sets the registry's check.
+        self.known_policy: Callable[[str], bool] = lambda name: False
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "policy_server_requests_total",

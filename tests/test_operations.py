@@ -170,3 +170,24 @@ def test_a_redis_outage_answers_503_and_recovers_by_itself(settings, redis_serve
         sid = c.post("/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
         assert c.post(f"/v1/sessions/{sid}/act", json=obs).json()["step"] == 1
         assert c.post("/v1/jobs", json=job).status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind", "policy"),
+    [
+        ("POST", "/v1/policies/cartpole-dqn/act", "act", "cartpole-dqn"),
+        ("POST", "/v1/policies/p/rollout", "rollout", "p"),
+        ("POST", "/v1/policies/p/versions", "upload", "p"),
+        ("GET", "/v1/policies/p/act", "other", None),
+        ("POST", "/v1/policies/../act", "other", None),
+        ("POST", "/v1/policies/a/b/act", "other", None),
+        ("POST", "/v1/policies//act", "other", None),
+        ("POST", "/v1/policies/p/actx", "other", None),
+        ("POST", "/v1/sessions/x/act", "other", None),
+    ],
+)
+def test_the_route_classifier_the_middlewares_share(method, path, kind, policy):
+    from service.api.asgi import classify
+
+    route = classify(method, path)
+    assert (route.kind.value, route.policy) == (kind, policy)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 import orjson
 
 from service.registry.spec import is_valid_name
 
-_POLICY_PATH = re.compile(r"^/v1/policies/([^/]+)/(act|rollout|versions)$")
+_PREFIX = "/v1/policies/"
 ACT_ROUTE = "/v1/policies/{name}/act"
 
 
@@ -21,13 +20,13 @@ class RouteKind(str, Enum):
     other = "other"
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     kind: RouteKind
     policy: str | None = None
 
 
 _OTHER = Route(RouteKind.other)
+_TAILS = {"act": RouteKind.act, "rollout": RouteKind.rollout, "versions": RouteKind.upload}
 
 
 def route_of(scope) -> Route:
@@ -43,13 +42,13 @@ _SCOPE_KEY = "policy_server.route"
 
 def classify(method: str, path: str) -> Route:
     """The one route classifier the middlewares and the fast path share."""
-    if method != "POST" or not path.startswith("/v1/policies/"):
+    if method != "POST" or not path.startswith(_PREFIX):
         return _OTHER
-    m = _POLICY_PATH.match(path)
-    if m is None or not is_valid_name(m.group(1)):
+    name, _, tail = path[len(_PREFIX) :].partition("/")
+    kind = _TAILS.get(tail)
+    if kind is None or not is_valid_name(name):
         return _OTHER
-    kind = {"act": RouteKind.act, "rollout": RouteKind.rollout, "versions": RouteKind.upload}[m.group(2)]
-    return Route(kind, m.group(1))
+    return Route(kind, name)
 
 
 def header(scope, name: bytes) -> bytes | None:

@@ -8,7 +8,6 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
 
 from service.api.asgi import RouteKind, header, route_of, send_json
 from service.errors import too_large
@@ -74,16 +73,12 @@ class BodyLimitMiddleware:
 class RequestContextMiddleware:
     """Request id (``X-Request-ID``, echoed or made up), timeout, access log line, metrics.
 
-    Args:
-        known_policy: whether a name is a served policy; any other name is counted as
-            ``unknown`` (metric labels stay bounded whatever clients send).
+    The ``policy`` label is a name ``metrics.known_policy`` accepts (the registry's, set by the
+    lifespan), else ``unknown``: metric labels stay bounded whatever clients send.
     """
 
-    def __init__(
-        self, app, metrics: Metrics, known_policy: Callable[[str], bool], timeout_s: float | None = None
-    ) -> None:
+    def __init__(self, app, metrics: Metrics, timeout_s: float | None = None) -> None:
         self.app, self.metrics, self.timeout_s = app, metrics, timeout_s
-        self.known_policy = known_policy
         # unique per process and cheap: a random prefix and a counter
         self._prefix = os.urandom(6).hex()
         self._counter = itertools.count()
@@ -129,7 +124,7 @@ class RequestContextMiddleware:
     def _record(self, scope, status: int, request_id: str, elapsed: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         name = (scope.get("path_params") or {}).get("name", "")
-        policy = name if not name or self.known_policy(name) else UNKNOWN
+        policy = name if not name or self.metrics.known_policy(name) else UNKNOWN
         method = scope["method"] if scope["method"] in METHODS else UNKNOWN
         self.metrics.requests.labels(route, method, str(status), policy).inc()
         self.metrics.latency.labels(route, policy).observe(elapsed)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -41,8 +41,7 @@ class InferenceExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-@dataclass(frozen=True, slots=True)
-class BatchKey:
+class BatchKey(NamedTuple):
     """Calls with equal keys may share a forward pass: same policy version, same exploration.
 
     ``ticket`` is 0 for every unseeded call and unique for each seeded one: a seeded call's

@@ -108,6 +108,11 @@ def _dump(job: Job) -> str:
     return job.model_dump_json()
 
 
+def _merged(job: Job, fields: dict[str, Any]) -> Job:
+    """``job`` with ``fields`` replaced, validated like a fresh record."""
+    return Job.model_validate({**job.model_dump(), **fields})
+
+
 class SqliteJobStore(JobStore):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -162,8 +167,7 @@ class SqliteJobStore(JobStore):
                 if job is None or (expect is not None and job.status is not expect):
                     db.execute("ROLLBACK")
                     return None
-                job = job.model_copy(update=fields)
-                job = Job.model_validate(job.model_dump())  # fields checked like a fresh record
+                job = _merged(job, fields)
                 db.execute("UPDATE jobs SET doc = ? WHERE id = ?", (_dump(job), job_id))
                 db.execute("COMMIT")
                 return job
@@ -233,7 +237,7 @@ class RedisJobStore(JobStore):
                     job = Job.model_validate_json(raw) if raw else None
                     if job is None or (expect is not None and job.status is not expect):
                         return None
-                    job = Job.model_validate(job.model_copy(update=fields).model_dump())
+                    job = _merged(job, fields)
                     p.multi()
                     p.set(key, _dump(job))
                     p.execute()
