@@ -14,12 +14,15 @@ from fastapi import FastAPI
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from service.process import configure_process
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.policy import PolicyRuntime
 
 kind, model_dir, name, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-torch.set_num_threads(1)
+# The same process-wide settings as our server (one torch thread, tensordict's pandas probe
+# short-circuited), so that the comparison is of the serving code alone.
+configure_process(torch_threads=1)
 app = FastAPI()
 if kind == "naive":
     registry = Registry(ModelStore(model_dir), prepare=PolicyRuntime)

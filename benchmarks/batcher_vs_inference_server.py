@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tensordict import TensorDict
 
+from service.process import configure_process
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
@@ -67,7 +68,7 @@ async def torchrl_server(runtime) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    configure_process(torch_threads=1)
     runtime = policy()
     a = asyncio.run(ours(runtime))
     b = asyncio.run(torchrl_server(runtime))

@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from service.process import configure_process
 from service.training.actor_critic import ActorCriticConfig, train
 
 
@@ -21,7 +22,7 @@ def main() -> None:
     ap.add_argument("--algorithms", default="sac,td3")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(torch_threads=args.threads)  # as `policy-server train` does
     for algorithm in args.algorithms.split(","):
         evals = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):

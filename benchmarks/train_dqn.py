@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from service.process import configure_process
 from service.training.dqn import DQNConfig, train
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--hp", default="{}", help="hyperparameter overrides as JSON")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(torch_threads=args.threads)  # as `policy-server train` does
     if args.speed:
         # No periodic evaluation on either side: SB3's learn() runs none without a callback.
         a = ours("CartPole-v1", args.frames, 0, hp={"eval_every_frames": 0, **json.loads(args.hp)})

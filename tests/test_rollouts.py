@@ -146,6 +146,7 @@ def test_act_keeps_answering_during_a_long_rollout(env_models, tmp_path):
             deadline = time.monotonic() + 60
             while _forward_passes(c) < before + 10:  # the rollout is stepping (no act calls yet)
                 assert time.monotonic() < deadline and t.is_alive(), "the rollout never started"
+                time.sleep(0.02)  # polling for the event, not timing anything
             answered = [c.post("/v1/policies/cp/act", json={"observation": [0, 0, 0, 0]}) for _ in range(50)]
             still_running = t.is_alive()
             t.join()
