@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, model_validator
 
 from service.registry.spec import NAME_PATTERN
 from service.runtime.policy import Exploration
@@ -27,9 +27,20 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+Mask = list[StrictBool]
+
+
 class _ObservationsIn(_In):
     observation: Row | None = Field(None, description="One observation.", max_length=65536)
     observations: list[Row] | None = Field(None, description="A batch of observations.")
+    action_mask: Mask | None = Field(
+        None,
+        description="With 'observation' (discrete policies): one bool per action, true = allowed.",
+        max_length=65536,
+    )
+    action_masks: list[Mask] | None = Field(
+        None, description="With 'observations': one action mask per observation."
+    )
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -37,7 +48,15 @@ class _ObservationsIn(_In):
             raise ValueError("send exactly one of 'observation' (one) or 'observations' (a batch)")
         if self.observations is not None and not self.observations:
             raise ValueError("'observations' is empty: send at least one observation")
+        if self.action_mask is not None and self.observation is None:
+            raise ValueError("'action_mask' goes with 'observation'; with 'observations' send 'action_masks'")
+        if self.action_masks is not None and self.observations is None:
+            raise ValueError("'action_masks' goes with 'observations'; with 'observation' send 'action_mask'")
         return self
+
+    @property
+    def masks(self) -> list[list[bool]] | None:
+        return [self.action_mask] if self.action_mask is not None else self.action_masks
 
     @property
     def rows(self) -> list[Row]:
@@ -67,7 +86,14 @@ class ActRequest(_ObservationsIn, ExplorationIn):
 
     def params(self, policy: str) -> ActParams:
         return ActParams(
-            policy, self.rows, self.single, self.explore, self.version, self.seed, self.return_info
+            policy,
+            self.rows,
+            self.single,
+            self.explore,
+            self.version,
+            self.seed,
+            self.return_info,
+            self.masks,
         )
 
 
@@ -151,7 +177,7 @@ class SessionActRequest(_ObservationsIn, ExplorationIn):
 
     def params(self, session_id: str) -> SessionStepParams:
         return SessionStepParams(
-            session_id, self.rows, self.single, self.reset, self.explore, self.return_info
+            session_id, self.rows, self.single, self.reset, self.explore, self.return_info, self.masks
         )
 
 

@@ -20,6 +20,7 @@ from torchrl.modules import (
     EGreedyModule,
     IndependentNormal,
     LSTMModule,
+    MaskedCategorical,
     NormalParamExtractor,
     ProbabilisticActor,
     QValueModule,
@@ -30,6 +31,7 @@ from service.registry.spec import Activation, PolicySpec
 
 OBSERVATION = "observation"
 FEATURES = "features"
+ACTION_MASK = "action_mask"
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -87,8 +89,15 @@ def _mlp(spec: PolicySpec, in_features: int, out_features: int) -> MLP:
     )
 
 
-def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltPolicy:
+def build_policy(
+    spec: PolicySpec, device: torch.device | str = "cpu", action_mask: bool = False
+) -> BuiltPolicy:
     """Build the TorchRL policy described by ``spec``.
+
+    With ``action_mask`` (discrete policies), the modules read a ``[..., n]`` bool
+    ``"action_mask"`` and never pick a masked action: ``QValueModule`` and ``EGreedyModule`` with
+    ``action_mask_key``, a ``MaskedCategorical`` for categorical policies. The parameters (and so
+    the ``state_dict``) are the same either way.
 
     Examples:
         >>> from service.registry.spec import Activation, PolicySpec
@@ -118,8 +127,14 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltP
     if spec.kind == "qvalue":
         net = _mlp(spec, in_features, spec.action.n)
         modules.append(TensorDictModule(net, in_keys=[in_key], out_keys=["action_value"]))
-        modules.append(QValueModule(action_space="categorical", spec=a_spec))
-        explore = EGreedyModule(a_spec, eps_init=spec.exploration.epsilon, eps_end=spec.exploration.epsilon)
+        mask_key = ACTION_MASK if action_mask else None
+        modules.append(QValueModule(action_space="categorical", spec=a_spec, action_mask_key=mask_key))
+        explore = EGreedyModule(
+            a_spec,
+            eps_init=spec.exploration.epsilon,
+            eps_end=spec.exploration.epsilon,
+            action_mask_key=mask_key,
+        )
     elif spec.kind == "actor":
         net = nn.Sequential(
             _mlp(spec, in_features, spec.action.shape[0]),
@@ -133,7 +148,7 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltP
             device=device,
         )
     else:
-        modules.append(_probabilistic_head(spec, in_key, in_features, a_spec))
+        modules.append(_probabilistic_head(spec, in_key, in_features, a_spec, action_mask))
 
     core = TensorDictSequential(*modules).to(device)
     if explore is not None:
@@ -142,11 +157,19 @@ def build_policy(spec: PolicySpec, device: torch.device | str = "cpu") -> BuiltP
 
 
 def _probabilistic_head(
-    spec: PolicySpec, in_key: str, in_features: int, a_spec: Bounded | Categorical
+    spec: PolicySpec, in_key: str, in_features: int, a_spec: Bounded | Categorical, action_mask: bool
 ) -> ProbabilisticActor:
     if spec.distribution == "categorical":
         net = _mlp(spec, in_features, spec.action.n)
         params = TensorDictModule(net, in_keys=[in_key], out_keys=["logits"])
+        if action_mask:  # renormalised over the allowed actions, in every exploration mode
+            return ProbabilisticActor(
+                params,
+                in_keys={"logits": "logits", "mask": ACTION_MASK},
+                distribution_class=MaskedCategorical,
+                return_log_prob=True,
+                spec=a_spec,
+            )
         return ProbabilisticActor(
             params,
             in_keys=["logits"],

@@ -37,6 +37,9 @@ class ObservationSpec(_Strict):
 class DiscreteActionSpec(_Strict):
     type: Literal["discrete"]
     n: int = Field(ge=2, le=65536)
+    mask_required: bool = Field(
+        False, description="Every act call must send an action mask (any discrete policy accepts one)."
+    )
 
 
 class BoxActionSpec(_Strict):

@@ -62,6 +62,7 @@ class _Item:
     state: tuple[torch.Tensor, torch.Tensor] | None
     is_init: torch.Tensor | None
     return_info: bool
+    mask: torch.Tensor | None
     future: asyncio.Future = field(repr=False)
 
 
@@ -108,6 +109,7 @@ class MicroBatcher:
         return_info: bool = False,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         is_init: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> ActResult:
         self._loop = loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
@@ -122,7 +124,7 @@ class MicroBatcher:
         if runtime.recurrent and state is None:
             state = runtime.zero_state(obs.shape[0])
             is_init = torch.ones(obs.shape[0], dtype=torch.bool)
-        self._groups.setdefault(key, []).append(_Item(obs, state, is_init, return_info, future))
+        self._groups.setdefault(key, []).append(_Item(obs, state, is_init, return_info, mask, future))
         self._schedule()
         return await future
 
@@ -171,6 +173,16 @@ class MicroBatcher:
                     for i in items
                 ]
             )
+        mask = None
+        if any(i.mask is not None for i in items):  # callers without one allow every action
+            mask = torch.cat(
+                [
+                    i.mask
+                    if i.mask is not None
+                    else torch.ones(i.obs.shape[0], runtime.n_actions, dtype=torch.bool)
+                    for i in items
+                ]
+            )
         result = runtime.act(
             obs,
             exploration=key.exploration,
@@ -180,6 +192,7 @@ class MicroBatcher:
             return_info=any(i.return_info for i in items),
             state=state,
             is_init=is_init,
+            mask=mask,
         )
         if len(items) == 1:
             return [result]

@@ -20,7 +20,7 @@ from tensordict.nn import TensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.errors import InvalidInput
-from service.registry.build import BuiltPolicy
+from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
 from service.registry.spec import PolicySpec
 
 
@@ -98,11 +98,18 @@ class PolicyRuntime:
     def __init__(self, spec: PolicySpec, built: BuiltPolicy, device: torch.device) -> None:
         self.spec = spec
         self.device = device
+        self.discrete = spec.action.type == "discrete"
+        if self.discrete:
+            # The same weights in modules that read an action mask (all-true when a call sends
+            # none): QValueModule/EGreedyModule with action_mask_key, or a MaskedCategorical.
+            masked = build_policy(spec, device, action_mask=True)
+            masked.core.load_state_dict(built.core.state_dict())
+            built = masked
         self.core = built.core.eval()
         self.explore = built.explore
         self.explorer = TensorDictSequential(self.core, self.explore).eval() if self.explore else None
         self.obs_dim = spec.observation.dim
-        self.discrete = spec.action.type == "discrete"
+        self.n_actions = spec.action.n if self.discrete else None
         self.recurrent = spec.recurrent is not None
         self.state_shape = (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
         # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
@@ -147,6 +154,38 @@ class PolicyRuntime:
             raise InvalidInput(f"{what} holds values that are not finite as float32")
         return torch.from_numpy(array)
 
+    def mask_batch(
+        self, masks: list[list[bool]] | None, rows: int, what: str, policy: str
+    ) -> torch.Tensor | None:
+        """Validate the action masks of a call and stack them into ``[B, n]`` bools.
+
+        One mask per observation, one bool per action, at least one allowed action each.
+        ``None`` when the call sends none (and the spec does not require them).
+
+        Raises:
+            InvalidInput: naming what does not fit and what was expected.
+        """
+        if masks is None:
+            if self.discrete and self.spec.action.mask_required:
+                raise InvalidInput(
+                    f"policy {policy} requires an action mask: send '{what}' with the observations"
+                )
+            return None
+        if not self.discrete:
+            raise InvalidInput(f"{what} applies to discrete policies; policy {policy} has a box action space")
+        if len(masks) != rows:
+            raise InvalidInput(
+                f"{what} has {len(masks)} masks for {rows} observation(s); send one per observation"
+            )
+        n = self.n_actions
+        for i, row in enumerate(masks):
+            where = what if rows == 1 and what == "action_mask" else f"{what}[{i}]"
+            if len(row) != n:
+                raise InvalidInput(f"{where} has {len(row)} values, policy {policy} has {n} actions")
+            if not any(row):
+                raise InvalidInput(f"{where} allows no action: at least one of the {n} must be true")
+        return torch.tensor(masks, dtype=torch.bool)
+
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.state_shape is None:
             return None
@@ -164,18 +203,24 @@ class PolicyRuntime:
         return_info: bool = False,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
         is_init: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> ActResult:
         """Act on ``observation`` (``[B, obs_dim]`` float32, already validated).
 
         For recurrent policies ``state`` is the ``(h, c)`` before this step and ``is_init``
         (``[B]`` bool) marks the first step of an episode (state zeroed, as in TorchRL); with no
-        state, every observation starts an episode.
+        state, every observation starts an episode. ``mask`` (``[B, n]`` bool, discrete
+        policies) marks the allowed actions; no exploration mode answers a masked one.
         """
         used = self.resolve(exploration)
         if used is Exploration.deterministic and self._plain is not None:
-            return self._act_plain(observation, return_info)
+            return self._act_plain(observation, return_info, mask)
         batch = observation.shape[0]
         td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
+        if self.discrete:
+            if mask is None:
+                mask = torch.ones(batch, self.n_actions, dtype=torch.bool)
+            td.set(ACTION_MASK, mask.to(self.device))
         if self.recurrent:
             if state is None:
                 state = self.zero_state(batch)
@@ -202,9 +247,13 @@ class PolicyRuntime:
         info = self._info(out) if return_info else None
         return ActResult(out.get("action"), info, used, next_state)
 
-    def _act_plain(self, observation: torch.Tensor, return_info: bool) -> ActResult:
+    def _act_plain(
+        self, observation: torch.Tensor, return_info: bool, mask: torch.Tensor | None
+    ) -> ActResult:
         with torch.inference_mode():
             out = self._plain(observation.to(self.device))
+            if mask is not None:  # as QValueModule(action_mask_key=...) does
+                out = torch.where(mask.to(self.device), out, torch.finfo(out.dtype).min)
         if self.spec.kind == "qvalue":
             best = out.max(-1)
             info = {"action_value": out, "chosen_action_value": best.values} if return_info else None

@@ -25,6 +25,9 @@ class ActService:
         check_limit("batch size", len(p.rows), self.settings.max_batch_size)
         runtime = loaded.runtime
         obs = runtime.observation_batch(p.rows, "observation" if p.single else "observations", p.policy)
+        mask = runtime.mask_batch(
+            p.masks, len(p.rows), "action_mask" if p.single else "action_masks", p.policy
+        )
         result = await self.batcher.act(
             runtime,
             obs,
@@ -33,6 +36,7 @@ class ActService:
             noise_std=p.explore.noise_std,
             seed=p.seed,
             return_info=p.return_info,
+            mask=mask,
         )
         payload = result.payload(p.single)
         payload["policy"] = p.policy

@@ -32,6 +32,7 @@ class ActParams:
     version: int | None = None
     seed: int | None = None
     return_info: bool = False
+    masks: list[list[bool]] | None = None  # one action mask per row (discrete policies)
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class SessionStepParams:
     reset: bool | list[bool] | None = None
     explore: ExplorationParams = field(default_factory=ExplorationParams)
     return_info: bool = False
+    masks: list[list[bool]] | None = None  # one action mask per env (discrete policies)
 
 
 @dataclass(slots=True)

@@ -108,6 +108,9 @@ class SessionService:
             obs = runtime.observation_batch(
                 p.rows, "observation" if p.single else "observations", session.policy
             )
+            mask = runtime.mask_batch(
+                p.masks, len(p.rows), "action_mask" if p.single else "action_masks", session.policy
+            )
             is_init = session.needs_init | reset_mask(p.reset, session.num_envs)
             state = None
             if runtime.recurrent:
@@ -124,6 +127,7 @@ class SessionService:
                 return_info=p.return_info,
                 state=state,
                 is_init=is_init,
+                mask=mask,
             )
             if result.state is not None:
                 session.h, session.c = result.state
