@@ -13,7 +13,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from torchrl.envs import Compose, GymEnv, GymWrapper, InitTracker, StepCounter, TransformedEnv
+from torchrl.data import Binary
+from torchrl.envs import ActionMask, Compose, GymEnv, GymWrapper, InitTracker, StepCounter, TransformedEnv
+from torchrl.envs.libs.gym import default_info_dict_reader
 
 from service.errors import InvalidInput
 from service.registry.spec import PolicySpec
@@ -37,6 +39,24 @@ def _make_cartpole_novel(**kwargs: Any) -> gym.Env:
     return NoVelocityObservation(gym.make("CartPole-v1", **kwargs))
 
 
+class BoolActionMask(gym.Wrapper):
+    """``info["action_mask"]`` as bools (Taxi gives int8), the dtype TorchRL's masks take."""
+
+    def reset(self, **kwargs: Any):
+        obs, info = self.env.reset(**kwargs)
+        return obs, _bool_mask(info)
+
+    def step(self, action: Any):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, _bool_mask(info)
+
+
+def _bool_mask(info: dict) -> dict:
+    if "action_mask" in info:
+        info = {**info, "action_mask": np.asarray(info["action_mask"]).astype(bool)}
+    return info
+
+
 def register_envs() -> None:
     """Register this project's own gymnasium ids (idempotent)."""
     if "CartPoleNoVel-v1" not in gym.registry:
@@ -47,6 +67,7 @@ def register_envs() -> None:
 class EnvEntry:
     env_id: str
     description: str
+    action_mask: bool = False  # the env gives the allowed actions in info["action_mask"]
 
 
 ALLOWED: dict[str, EnvEntry] = {
@@ -60,6 +81,12 @@ ALLOWED: dict[str, EnvEntry] = {
         EnvEntry("MountainCar-v0", "Drive up a hill with momentum; discrete(3)."),
         EnvEntry("MountainCarContinuous-v0", "MountainCar with a continuous force; box(1)."),
         EnvEntry("Pendulum-v1", "Swing up and hold a pendulum; box(1); 200 steps."),
+        EnvEntry(
+            "Taxi-v4",
+            "Pick up and drop off a passenger on a 5x5 grid; 500 discrete states, 6 actions, "
+            "action masks; 200 steps. (gymnasium 1.4 retired Taxi-v3 for v4, same dynamics.)",
+            action_mask=True,
+        ),
     )
 }
 
@@ -90,6 +117,10 @@ def make_env(
     """
     entry = check_env_id(env_id)
     register_envs()
+    if entry.action_mask:
+        if num_envs > 1:
+            raise InvalidInput(f"{env_id} gives action masks: train it with num_envs=1")
+        return _masked_env(entry, max_steps=max_steps, device=device)
     if num_envs > 1:
         vector = gym.vector.SyncVectorEnv(
             [lambda: gym.make(entry.env_id)] * num_envs,
@@ -103,6 +134,21 @@ def make_env(
     return TransformedEnv(base, Compose(StepCounter(max_steps), InitTracker()))
 
 
+def _masked_env(entry: EnvEntry, *, max_steps: int | None, device: str) -> TransformedEnv:
+    """The TorchRL way: ``info["action_mask"]`` read into ``"action_mask"`` by an info-dict
+    reader, and ``ActionMask`` keeping the action spec's mask in step (random actions, e.g. the
+    collector's first frames, are drawn among the allowed ones)."""
+    gym_env = BoolActionMask(gym.make(entry.env_id))
+    base = GymWrapper(gym_env, categorical_action_encoding=True, device=device)
+    n = int(gym_env.action_space.n)
+    base.set_info_dict_reader(default_info_dict_reader(["action_mask"], spec=[Binary(n=n, dtype=torch.bool)]))
+    return TransformedEnv(base, Compose(ActionMask(), StepCounter(max_steps), InitTracker()))
+
+
+def has_action_mask(env_id: str) -> bool:
+    return check_env_id(env_id).action_mask
+
+
 @cache
 def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
     """Observation and action of ``env_id`` in the model repository's spec format."""
@@ -113,7 +159,10 @@ def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
-    observation = {"shape": list(obs_space.shape), "dtype": "float32"}
+    if isinstance(obs_space, gym.spaces.Discrete):
+        observation: dict[str, Any] = {"type": "discrete", "n": int(obs_space.n)}
+    else:
+        observation = {"shape": list(obs_space.shape), "dtype": "float32"}
     if isinstance(act_space, gym.spaces.Discrete):
         action: dict[str, Any] = {"type": "discrete", "n": int(act_space.n)}
     else:
@@ -129,7 +178,7 @@ def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
 def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
     """Raise 422 naming both specs when ``spec`` cannot act in ``env_id``."""
     env = env_specs(env_id)
-    ok = env["observation"]["shape"] == spec.observation.shape
+    ok = env["observation"] == spec.observation.model_dump()
     ea, pa = env["action"], spec.action.model_dump()
     if ok and ea["type"] != pa["type"]:
         ok = False
@@ -142,5 +191,5 @@ def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
     if not ok:
         raise InvalidInput(
             f"environment {env_id} (observation {env['observation']['shape']}, action {ea}) does "
-            f"not fit policy {policy} (observation {spec.observation.shape}, action {pa})"
+            f"not fit policy {policy} (observation {spec.observation.model_dump()}, action {pa})"
         )

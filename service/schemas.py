@@ -21,6 +21,8 @@ from service.training.job import JobProgress
 
 Number = Annotated[float, Strict()]
 Row = list[Number]
+# A float vector, or an integer for a discrete observation (one-hot encoded by the policy).
+Observation = Annotated[list[Number], Field(max_length=65536)] | Annotated[int, Strict()]
 
 
 class _In(BaseModel):
@@ -31,8 +33,10 @@ Mask = list[StrictBool]
 
 
 class _ObservationsIn(_In):
-    observation: Row | None = Field(None, description="One observation.", max_length=65536)
-    observations: list[Row] | None = Field(None, description="A batch of observations.")
+    observation: Observation | None = Field(
+        None, description="One observation: a list of numbers, or an integer (discrete)."
+    )
+    observations: list[Observation] | None = Field(None, description="A batch of observations.")
     action_mask: Mask | None = Field(
         None,
         description="With 'observation' (discrete policies): one bool per action, true = allowed.",
@@ -229,6 +233,7 @@ class EnvPublic(BaseModel):
     env_id: str
     observation: dict[str, Any]
     action: dict[str, Any]
+    action_mask: bool = False
     description: str
 
 

@@ -23,8 +23,10 @@ def test_envs_lists_the_allow_list_with_specs(client):
         "MountainCar-v0",
         "MountainCarContinuous-v0",
         "Pendulum-v1",
+        "Taxi-v4",
     }
     assert envs["CartPoleNoVel-v1"]["observation"]["shape"] == [2]
+    assert envs["Taxi-v4"]["observation"] == {"type": "discrete", "n": 500}
     assert envs["Pendulum-v1"]["action"] == {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]}
 
 

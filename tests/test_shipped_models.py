@@ -33,7 +33,7 @@ def shipped(tmp_path_factory):
 def test_every_shipped_version_loads(shipped):
     policies = shipped.get("/v1/policies").json()["policies"]
     names = {p["name"] for p in policies}
-    assert {"cartpole-dqn", "cartpole-lstm-dqn", "pendulum-sac", "pendulum-td3"} <= names
+    assert {"cartpole-dqn", "cartpole-lstm-dqn", "pendulum-sac", "pendulum-td3", "taxi-dqn"} <= names
     for name in names:
         doc = shipped.get(f"/v1/policies/{name}").json()
         for detail in doc["version_details"]:
@@ -61,3 +61,24 @@ def test_recurrent_cartpole_balances_through_a_session(shipped):
 def test_shipped_cartpole_dqn_solves_cartpole(shipped):
     r = shipped.post("/v1/policies/cartpole-dqn/rollout", json={"episodes": 3, "seed": 500})
     assert r.status_code == 200 and r.json()["mean_return"] >= 475, r.text
+
+
+def test_shipped_taxi_dqn_drives_with_the_envs_masks(shipped):
+    """A client plays Taxi with the env's own masks: every answer is an allowed action, and the
+    episodes end with the passenger delivered (the README's 100-episode figure is measured by
+    ``benchmarks/eval_act_client.py``)."""
+    env = gym.make("Taxi-v4")
+    returns = []
+    for episode in range(10):
+        obs, info = env.reset(seed=600 + episode)
+        total, done = 0.0, False
+        while not done:
+            mask = [bool(m) for m in info["action_mask"]]
+            r = shipped.post("/v1/policies/taxi-dqn/act", json={"observation": int(obs), "action_mask": mask})
+            action = r.json()["action"]
+            assert mask[action], (obs, mask, action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    env.close()
+    assert sum(returns) / len(returns) >= 5.0 and min(returns) > 0, returns  # random play: ~ -200

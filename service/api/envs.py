@@ -15,7 +15,12 @@ router = APIRouter(tags=["environments"])
 def list_envs() -> dict:
     return {
         "envs": [
-            {"env_id": e.env_id, "description": e.description, **env_specs(e.env_id)}
+            {
+                "env_id": e.env_id,
+                "description": e.description,
+                "action_mask": e.action_mask,
+                **env_specs(e.env_id),
+            }
             for e in ALLOWED.values()
         ]
     }

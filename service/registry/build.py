@@ -31,6 +31,7 @@ from service.registry.spec import Activation, PolicySpec
 
 OBSERVATION = "observation"
 FEATURES = "features"
+ENCODED = "observation_encoded"
 ACTION_MASK = "action_mask"
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {
@@ -53,6 +54,17 @@ class ScaledTanh(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.low + (torch.tanh(x) + 1.0) * 0.5 * (self.high - self.low)
+
+
+class OneHot(nn.Module):
+    """An integer observation as a one-hot float vector (RLlib's preprocessor for Discrete)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(x.long(), self.n).float()  # [...] -> [..., n]
 
 
 @dataclass
@@ -111,12 +123,17 @@ def build_policy(
     modules: list[TensorDictModuleBase] = []
     lstm = None
     in_key, in_features = OBSERVATION, spec.observation.dim
+    if spec.observation.discrete:
+        modules.append(
+            TensorDictModule(OneHot(spec.observation.n), in_keys=[OBSERVATION], out_keys=[ENCODED])
+        )
+        in_key = ENCODED
     if spec.recurrent is not None:
         lstm = LSTMModule(
             input_size=in_features,
             hidden_size=spec.recurrent.hidden_size,
             num_layers=spec.recurrent.num_layers,
-            in_key=OBSERVATION,
+            in_key=in_key,
             out_key=FEATURES,
             device=device,
         )

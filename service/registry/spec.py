@@ -26,12 +26,34 @@ class _Strict(BaseModel):
 
 
 class ObservationSpec(_Strict):
+    """A float vector ``{shape: [d], dtype: float32}``."""
+
     shape: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=1)
     dtype: Literal["float32"] = "float32"
 
     @property
+    def discrete(self) -> bool:
+        return False
+
+    @property
     def dim(self) -> int:
+        """Features the network reads."""
         return self.shape[0]
+
+
+class DiscreteObservationSpec(_Strict):
+    """An integer in ``[0, n)`` (e.g. Taxi's state), one-hot encoded before the network."""
+
+    type: Literal["discrete"]
+    n: int = Field(ge=2, le=65536)
+
+    @property
+    def discrete(self) -> bool:
+        return True
+
+    @property
+    def dim(self) -> int:
+        return self.n
 
 
 class DiscreteActionSpec(_Strict):
@@ -87,7 +109,7 @@ class PolicySpec(_Strict):
     """What a policy is: enough to rebuild its TorchRL module and check its weights."""
 
     kind: Literal["actor", "probabilistic", "qvalue"]
-    observation: ObservationSpec
+    observation: ObservationSpec | DiscreteObservationSpec
     action: ActionSpec
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     recurrent: RecurrentSpec | None = None

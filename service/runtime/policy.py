@@ -18,6 +18,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import QValueModule
 
 from service.errors import InvalidInput
 from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
@@ -117,7 +118,10 @@ class PolicyRuntime:
         # small MLPs). Tests check it against the TorchRL module called directly.
         self._plain = None
         if not self.recurrent and spec.kind in ("qvalue", "actor"):
-            self._plain = self.core.module[0].module
+            # every TensorDictModule's network in order (a one-hot encoder, the MLP), without
+            # the QValueModule, whose argmax _act_plain does
+            nets = [m.module for m in self.core.module if not isinstance(m, QValueModule)]
+            self._plain = nets[0] if len(nets) == 1 else torch.nn.Sequential(*nets)
 
     def resolve(self, requested: Exploration) -> Exploration:
         """The exploration actually used for ``requested``.
@@ -136,23 +140,35 @@ class PolicyRuntime:
                 return Exploration.deterministic
         return requested
 
-    def observation_batch(self, rows: list[list[float]], what: str, policy: str) -> torch.Tensor:
-        """Validate rows of numbers against the spec and stack them into ``[B, obs_dim]``.
+    def observation_batch(self, rows: list, what: str, policy: str) -> torch.Tensor:
+        """Validate observations against the spec: ``[B, obs_dim]`` float32 rows of numbers, or
+        ``[B]`` int64 for a discrete observation (an integer in ``[0, n)`` each).
 
         Raises:
-            InvalidInput: naming the offending row and the expected shape.
+            InvalidInput: naming the offending observation and what was expected.
         """
+        if self.spec.observation.discrete:
+            return self._discrete_batch(rows, what, policy)
         dim = self.obs_dim
         for i, row in enumerate(rows):
-            if len(row) != dim:
+            if type(row) is not list or len(row) != dim:
                 where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
-                raise InvalidInput(f"{where} has shape [{len(row)}], policy {policy} expects [{dim}]")
+                got = f"shape [{len(row)}]" if type(row) is list else "a single number"
+                raise InvalidInput(f"{where} has {got}, policy {policy} expects [{dim}]")
         with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused below
             array = np.asarray(rows, dtype=np.float32)
         # numpy's check: torch.isfinite(...).all() on a small tensor costs ~10x more (dispatch)
         if not np.isfinite(array).all():
             raise InvalidInput(f"{what} holds values that are not finite as float32")
         return torch.from_numpy(array)
+
+    def _discrete_batch(self, rows: list, what: str, policy: str) -> torch.Tensor:
+        n = self.spec.observation.n
+        for i, x in enumerate(rows):
+            if not isinstance(x, int) or not 0 <= x < n:
+                where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
+                raise InvalidInput(f"{where} is {x!r}; policy {policy} expects an integer in [0, {n})")
+        return torch.tensor(rows, dtype=torch.int64)
 
     def mask_batch(
         self, masks: list[list[bool]] | None, rows: int, what: str, policy: str

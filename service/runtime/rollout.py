@@ -74,7 +74,8 @@ def run_rollout(
                         f"rollout ran past its time limit of {timeout_s:g} s; "
                         "ask for fewer episodes or a smaller max_steps"
                     )
-                obs = td["observation"].reshape(1, -1)
+                obs = td["observation"].unsqueeze(0)  # [1, d], or [1] for a discrete observation
+                mask = td["action_mask"].unsqueeze(0) if "action_mask" in td.keys() else None
                 res = call(
                     runtime,
                     obs,
@@ -84,6 +85,7 @@ def run_rollout(
                     seed=step_seed(ep_seed, length),
                     state=state,
                     is_init=is_init,
+                    mask=mask,  # the environment's own mask, when it gives one
                 )
                 td["action"] = res.action[0]
                 td = env.step(td)

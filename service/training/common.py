@@ -29,7 +29,7 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import RewardSum, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from service.envs import make_env
+from service.envs import has_action_mask, make_env
 from service.registry.build import BuiltPolicy, build_policy, weights_bytes
 from service.registry.spec import Activation, PolicySpec
 
@@ -290,7 +290,7 @@ def select_weights(
 ) -> Selection:
     """Choose among ``candidates`` (label -> weights) on validation seeds; report the chosen one on
     held-out seeds. Works on a module of its own: the trained module is left as it is."""
-    scorer = build_policy(spec, device)
+    scorer = build_policy(spec, device, action_mask=has_action_mask(env_id))
     validation = {}
     for label, state in candidates.items():
         scorer.core.load_state_dict(state)

@@ -21,8 +21,8 @@ from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorD
 from torchrl.modules import EGreedyModule
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate, ValueEstimators
 
-from service.envs import env_specs
-from service.registry.build import build_policy
+from service.envs import env_specs, has_action_mask
+from service.registry.build import ACTION_MASK, build_policy
 from service.registry.spec import PolicySpec
 from service.training.common import (
     BatchSize,
@@ -105,7 +105,10 @@ class DQNConfig(TrainConfig):
 
     @classmethod
     def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
-        return dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
+        defaults = dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
+        if kw.get("env_id") and has_action_mask(kw["env_id"]):
+            defaults["num_envs"] = 1  # masked envs are stepped one copy at a time
+        return defaults
 
     @model_validator(mode="after")
     def _sequences_for_lambda(self) -> DQNConfig:
@@ -113,6 +116,14 @@ class DQNConfig(TrainConfig):
             raise ValueError(
                 "value_estimator 'td_lambda' needs sequences: use it with recurrent=true "
                 "(an MLP run samples single transitions; use 'td0')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_copy_of_a_masked_env(self) -> DQNConfig:
+        if self.hyperparameters.num_envs > 1 and has_action_mask(self.env_id):
+            raise ValueError(
+                f"{self.env_id} gives action masks: its env copies are stepped one at a time, use num_envs=1"
             )
         return self
 
@@ -144,12 +155,17 @@ class DQN:
         self.recurrent = config.recurrent
         device = torch.device(config.device)
         self.spec = policy_spec_for(config)
-        self.built = build_policy(self.spec, device)
+        # With an env that gives action masks (Taxi), the Q-network's greedy choice, the
+        # epsilon-greedy draws and the target's max over next actions all respect the mask
+        # (the loss runs the same masked module on the stored ("next", "action_mask")).
+        masked = has_action_mask(config.env_id)
+        self.built = build_policy(self.spec, device, action_mask=masked)
         self.egreedy = EGreedyModule(
             self.built.action_spec,
             eps_init=hp.eps_start,
             eps_end=hp.eps_end,
             annealing_num_steps=max(1, int(hp.exploration_fraction * config.total_frames)),
+            action_mask_key=ACTION_MASK if masked else None,
         ).to(device)
         self.collect_policy = TensorDictSequential(self.built.core, self.egreedy)
         if config.recurrent:
