@@ -112,12 +112,12 @@ def build_policy(
     the ``state_dict``) are the same either way.
 
     Examples:
-        >>> from service.registry.spec import Activation, PolicySpec
+        >>> from service.registry.spec import PolicySpec
         >>> spec = PolicySpec.model_validate({"kind": "qvalue", "observation": {"shape": [4]},
         ...     "action": {"type": "discrete", "n": 2}})
         >>> built = build_policy(spec)
-        >>> sorted(built.core.state_dict())[:1]
-        ['module.0.module.0.weight']
+        >>> sorted(built.core.state_dict())[:2]
+        ['module.0.module.0.bias', 'module.0.module.0.weight']
     """
     a_spec = action_spec_of(spec, device)
     modules: list[TensorDictModuleBase] = []
