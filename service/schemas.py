@@ -17,7 +17,7 @@ from service.serving.params import (
     SessionStepParams,
 )
 from service.training.algorithms import Algorithm
-from service.training.job import JobProgress
+from service.training.job import JobProgress, JobStatus
 
 Number = Annotated[float, Strict()]
 Row = list[Number]
@@ -71,17 +71,22 @@ class _ObservationsIn(_In):
         return self.observation is not None
 
 
-class ExplorationIn(_In):
+class ExplorationFields(_In):
+    """The exploration a request (or a session, as its default) asks for."""
+
     exploration: Exploration | None = Field(
         None, description="deterministic (default) | mode | mean | random"
     )
     epsilon: float | None = Field(None, ge=0.0, le=1.0, description="Q-value + random.")
     noise_std: float | None = Field(None, ge=0.0, le=1e6, description="Actor + random.")
-    return_info: bool = False
 
     @property
     def explore(self) -> ExplorationParams:
         return ExplorationParams(self.exploration, self.epsilon, self.noise_std)
+
+
+class ExplorationIn(ExplorationFields):
+    return_info: bool = False
 
 
 class ActRequest(_ObservationsIn, ExplorationIn):
@@ -146,13 +151,10 @@ class DefaultVersionIn(_In):
 
 
 # -- sessions --------------------------------------------------------------------------------
-class SessionCreate(_In):
+class SessionCreate(ExplorationFields):
     policy: str = Field(pattern=NAME_PATTERN, max_length=64)
     version: int | None = Field(None, ge=1)
     num_envs: int = Field(1, ge=1)
-    exploration: Exploration | None = None
-    epsilon: float | None = Field(None, ge=0.0, le=1.0)
-    noise_std: float | None = Field(None, ge=0.0, le=1e6)
     ttl_s: float | None = Field(None, gt=0)
 
     def params(self) -> SessionCreateParams:
@@ -160,7 +162,7 @@ class SessionCreate(_In):
             self.policy,
             self.version,
             self.num_envs,
-            ExplorationParams(self.exploration, self.epsilon, self.noise_std),
+            self.explore,
             self.ttl_s,
         )
 
@@ -196,14 +198,11 @@ class SessionActResponse(BaseModel):
 
 
 # -- rollouts and envs -----------------------------------------------------------------------
-class RolloutRequest(_In):
+class RolloutRequest(ExplorationFields):
     env_id: str | None = Field(None, max_length=128)
     version: int | None = Field(None, ge=1)
     episodes: int = Field(1, ge=1)
     max_steps: int = Field(1000, ge=1)
-    exploration: Exploration | None = None
-    epsilon: float | None = Field(None, ge=0.0, le=1.0)
-    noise_std: float | None = Field(None, ge=0.0, le=1e6)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     return_trajectory: bool = False
 
@@ -214,7 +213,7 @@ class RolloutRequest(_In):
             self.env_id,
             self.episodes,
             self.max_steps,
-            ExplorationParams(self.exploration, self.epsilon, self.noise_std),
+            self.explore,
             self.seed,
             self.return_trajectory,
         )
@@ -242,7 +241,6 @@ class EnvList(BaseModel):
 
 
 # -- jobs ------------------------------------------------------------------------------------
-JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobCreate(_In):
@@ -263,7 +261,7 @@ class JobCreate(_In):
 
 class JobPublic(BaseModel):
     job_id: str
-    status: JobStatusLiteral
+    status: JobStatus
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -276,7 +274,7 @@ class JobPublic(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
-    status: JobStatusLiteral
+    status: JobStatus
 
 
 class JobList(BaseModel):

@@ -34,8 +34,8 @@ async def metrics(request: Request, sessions: SessionsDep, jobs: JobsDep) -> Res
     m = request.app.state.metrics
     try:
         m.live_sessions.set(await sessions.store.count())
-        counts = await jobs.counts()
-        m.training_fps.set(counts.pop("fps"))
+        counts, fps = await jobs.counts()
+        m.training_fps.set(fps)
         for status, n in counts.items():
             m.jobs.labels(status).set(n)
     except Unavailable as exc:

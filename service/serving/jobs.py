@@ -71,11 +71,9 @@ class JobService:
             )
         return await asyncio.to_thread(self.queue.cancel, job_id) or job
 
-    async def counts(self) -> dict[str, int]:
-        """Jobs per status and the summed fps of the running ones (for /metrics)."""
+    async def counts(self) -> tuple[dict[str, int], float]:
+        """Jobs per status, and the summed fps of the running ones (for /metrics)."""
         jobs = await asyncio.to_thread(self.store.list, 1000)
-        out: dict[str, Any] = {s.value: sum(j.status is s for j in jobs) for s in JobStatus}
-        out["fps"] = sum(
-            (j.progress.fps or 0.0) for j in jobs if j.status is JobStatus.running and j.progress
-        )
-        return out
+        per_status = {s.value: sum(j.status is s for j in jobs) for s in JobStatus}
+        fps = sum((j.progress.fps or 0.0) for j in jobs if j.status is JobStatus.running and j.progress)
+        return per_status, fps

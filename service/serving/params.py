@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from service.runtime.policy import Exploration
 
-Row = list[float]
+Row = list[float] | int  # a float vector, or an integer (a discrete observation)
 
 
 @dataclass(slots=True)
