@@ -21,7 +21,16 @@ import gymnasium as gym
 import httpx
 import numpy as np
 
+from service.envs import register_envs
+
 HELDOUT_SEED = 20_000  # = service.training.common.HELDOUT_SEED (kept import-free: a client)
+
+
+def _jsonable(obs):
+    """What the env yields, as a client sends it: a list, an integer, or an object of those."""
+    if isinstance(obs, dict):
+        return {k: _jsonable(v) for k, v in obs.items()}
+    return obs.tolist() if isinstance(obs, np.ndarray) else int(obs)
 
 
 def main() -> None:
@@ -32,6 +41,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--first-seed", type=int, default=HELDOUT_SEED)
     args = ap.parse_args()
+    register_envs()
     env = gym.make(args.env)
     returns, masked_answers, steps = [], 0, 0
     start = time.perf_counter()
@@ -40,7 +50,7 @@ def main() -> None:
             obs, info = env.reset(seed=args.first_seed + i)
             total, done = 0.0, False
             while not done:
-                body = {"observation": obs.tolist() if isinstance(obs, np.ndarray) else int(obs)}
+                body = {"observation": _jsonable(obs)}
                 mask = info.get("action_mask")
                 if mask is not None:
                     body["action_mask"] = [bool(m) for m in mask]

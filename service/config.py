@@ -21,7 +21,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for serving.")
 
     # limits
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest JSON body (413).")
+    max_body_bytes: int = Field(
+        40 * 1024 * 1024,
+        ge=1024,
+        description="Largest JSON body (413): a batch of 32 base64 400x600x3 frames (31 MB) fits.",
+    )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest upload (413).")
     max_batch_size: int = Field(4096, ge=1, description="Most observations in one act call.")
     max_forward_batch: int = Field(

@@ -14,7 +14,16 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torchrl.data import Binary
-from torchrl.envs import ActionMask, Compose, GymEnv, GymWrapper, InitTracker, StepCounter, TransformedEnv
+from torchrl.envs import (
+    ActionMask,
+    Compose,
+    GymEnv,
+    GymWrapper,
+    InitTracker,
+    RenameTransform,
+    StepCounter,
+    TransformedEnv,
+)
 from torchrl.envs.libs.gym import default_info_dict_reader
 
 from service.errors import InvalidInput
@@ -33,6 +42,45 @@ class NoVelocityObservation(gym.ObservationWrapper):
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
         return observation[list(self.KEEP)].astype(np.float32)
+
+
+class DictObservation(gym.ObservationWrapper):
+    """CartPole observing a dict of named parts: ``cart`` (position, velocity) and ``pole``
+    (angle, angular velocity), for dict-observation policies (RLlib's Dict spaces)."""
+
+    PARTS = {"cart": [0, 1], "pole": [2, 3]}
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        low, high = env.observation_space.low, env.observation_space.high
+        self.observation_space = gym.spaces.Dict(
+            {k: gym.spaces.Box(low[i], high[i], dtype=np.float32) for k, i in self.PARTS.items()}
+        )
+
+    def observation(self, observation: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: observation[i].astype(np.float32) for k, i in self.PARTS.items()}
+
+
+def _make_cartpole_dict(**kwargs: Any) -> gym.Env:
+    return DictObservation(gym.make("CartPole-v1", **kwargs))
+
+
+class PixelObservation(gym.ObservationWrapper):
+    """An env observing its own rendered frame (``[H, W, 3]`` uint8), as ``GymEnv(...,
+    from_pixels=True)`` does, but as the env's observation: what a client sends the server."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        env.reset(seed=0)
+        frame = env.render()
+        self.observation_space = gym.spaces.Box(0, 255, frame.shape, dtype=np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return self.env.render()
+
+
+def _make_cartpole_pixels(**kwargs: Any) -> gym.Env:
+    return PixelObservation(gym.make("CartPole-v1", render_mode="rgb_array", **kwargs))
 
 
 def _make_cartpole_novel(**kwargs: Any) -> gym.Env:
@@ -61,6 +109,10 @@ def register_envs() -> None:
     """Register this project's own gymnasium ids (idempotent)."""
     if "CartPoleNoVel-v1" not in gym.registry:
         gym.register(id="CartPoleNoVel-v1", entry_point=_make_cartpole_novel)
+    if "CartPolePixels-v1" not in gym.registry:
+        gym.register(id="CartPolePixels-v1", entry_point=_make_cartpole_pixels)
+    if "CartPoleDict-v1" not in gym.registry:
+        gym.register(id="CartPoleDict-v1", entry_point=_make_cartpole_dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +120,7 @@ class EnvEntry:
     env_id: str
     description: str
     action_mask: bool = False  # the env gives the allowed actions in info["action_mask"]
+    pixels: bool = False  # the observation is an image frame (ConvNet policies, preprocessing)
 
 
 ALLOWED: dict[str, EnvEntry] = {
@@ -76,6 +129,16 @@ ALLOWED: dict[str, EnvEntry] = {
         EnvEntry("CartPole-v1", "Balance a pole on a cart; discrete(2); 500 steps."),
         EnvEntry(
             "CartPoleNoVel-v1", "CartPole-v1 observing only cart position and pole angle: needs memory."
+        ),
+        EnvEntry(
+            "CartPoleDict-v1",
+            "CartPole-v1 observing a dict: 'cart' (position, velocity) and 'pole' (angle, angular velocity).",
+        ),
+        EnvEntry(
+            "CartPolePixels-v1",
+            "CartPole-v1 observing its rendered 400x600x3 uint8 frame (the recurrent pixel-DQN "
+            "seed's task): needs a ConvNet, and memory for the velocities.",
+            pixels=True,
         ),
         EnvEntry("Acrobot-v1", "Swing a two-link arm up; discrete(3)."),
         EnvEntry("MountainCar-v0", "Drive up a hill with momentum; discrete(3)."),
@@ -129,9 +192,12 @@ def make_env(
         base = GymWrapper(vector, categorical_action_encoding=True, device=device)
     else:
         base = GymEnv(entry.env_id, categorical_action_encoding=True, device=device)
-    if not trackers:
-        return TransformedEnv(base)
-    return TransformedEnv(base, Compose(StepCounter(max_steps), InitTracker()))
+    transforms = []
+    if entry.pixels:  # TorchRL names an image observation "pixels"; served policies read "observation"
+        transforms.append(RenameTransform(["pixels"], ["observation"]))
+    if trackers:
+        transforms += [StepCounter(max_steps), InitTracker()]
+    return TransformedEnv(base, Compose(*transforms))
 
 
 def _masked_env(entry: EnvEntry, *, max_steps: int | None, device: str) -> TransformedEnv:
@@ -149,6 +215,10 @@ def has_action_mask(env_id: str) -> bool:
     return check_env_id(env_id).action_mask
 
 
+def is_pixel_env(env_id: str) -> bool:
+    return check_env_id(env_id).pixels
+
+
 @cache
 def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
     """Observation and action of ``env_id`` in the model repository's spec format."""
@@ -159,10 +229,13 @@ def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
-    if isinstance(obs_space, gym.spaces.Discrete):
-        observation: dict[str, Any] = {"type": "discrete", "n": int(obs_space.n)}
+    if isinstance(obs_space, gym.spaces.Dict):
+        observation = {
+            "type": "dict",
+            "entries": {name: _observation_spec(space) for name, space in obs_space.spaces.items()},
+        }
     else:
-        observation = {"shape": list(obs_space.shape), "dtype": "float32"}
+        observation = _observation_spec(obs_space)
     if isinstance(act_space, gym.spaces.Discrete):
         action: dict[str, Any] = {"type": "discrete", "n": int(act_space.n)}
     else:
@@ -173,6 +246,22 @@ def env_specs(env_id: str) -> dict[str, dict[str, Any]]:
             "high": [float(x) for x in act_space.high],
         }
     return {"observation": observation, "action": action}
+
+
+def _observation_spec(space: gym.Space) -> dict[str, Any]:
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    dtype = "uint8" if space.dtype == np.uint8 else "float32"
+    return {"shape": list(space.shape), "dtype": dtype}
+
+
+def _describe(observation: dict[str, Any]) -> str:
+    """An observation spec in a few words: ``[4]``, ``discrete(500)``, ``{cart: [2], …}``."""
+    if observation.get("type") == "discrete":
+        return f"discrete({observation['n']})"
+    if observation.get("type") == "dict":
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in observation["entries"].items()) + "}"
+    return str(observation["shape"])
 
 
 def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
@@ -190,6 +279,6 @@ def check_compatible(env_id: str, spec: PolicySpec, policy: str) -> None:
         )
     if not ok:
         raise InvalidInput(
-            f"environment {env_id} (observation {env['observation']['shape']}, action {ea}) does "
-            f"not fit policy {policy} (observation {spec.observation.model_dump()}, action {pa})"
+            f"environment {env_id} (observation {_describe(env['observation'])}, action {ea}) does "
+            f"not fit policy {policy} (observation {_describe(spec.observation.model_dump())}, action {pa})"
         )

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, model_validator
 
 from service.registry.spec import NAME_PATTERN
+from service.runtime.arrays import EncodedArray
 from service.runtime.policy import Exploration
 from service.serving.params import (
     ActParams,
@@ -20,9 +21,28 @@ from service.training.algorithms import Algorithm
 from service.training.job import JobProgress, JobStatus
 
 Number = Annotated[float, Strict()]
-Row = list[Number]
-# A float vector, or an integer for a discrete observation (one-hot encoded by the policy).
-Observation = Annotated[list[Number], Field(max_length=65536)] | Annotated[int, Strict()]
+# A float vector, an integer for a discrete observation (one-hot encoded by the policy), or an
+# object of named entries (each a vector or an integer) for a dict observation.
+Vector = Annotated[list[Number], Field(max_length=65536)]
+Entry = Vector | Annotated[int, Strict()]
+
+
+class ArrayIn(BaseModel):
+    """An array as raw bytes: base64 of the C-order little-endian buffer, its dtype and shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str = Field(description="base64 (standard alphabet, padded) of the raw bytes")
+    dtype: Literal["uint8", "float32"]
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=4)
+
+    def encoded(self) -> EncodedArray:
+        return EncodedArray(self.b64, self.dtype, tuple(self.shape))
+
+
+# A tensor of rank 2 to 4 (an image, HWC as the env yields it) as nested number lists.
+Nested = list[list[Number]] | list[list[list[Number]]] | list[list[list[list[Number]]]]
+Observation = Entry | ArrayIn | Annotated[dict[str, Entry], Field(max_length=32)] | Nested
 
 
 class _In(BaseModel):
@@ -34,7 +54,9 @@ Mask = list[StrictBool]
 
 class _ObservationsIn(_In):
     observation: Observation | None = Field(
-        None, description="One observation: a list of numbers, or an integer (discrete)."
+        None,
+        description="One observation: a list of numbers (nested for images), an integer "
+        "(discrete), an object of named entries (dict), or {b64, dtype, shape} raw bytes.",
     )
     observations: list[Observation] | None = Field(None, description="A batch of observations.")
     action_mask: Mask | None = Field(
@@ -63,8 +85,11 @@ class _ObservationsIn(_In):
         return [self.action_mask] if self.action_mask is not None else self.action_masks
 
     @property
-    def rows(self) -> list[Row]:
-        return [self.observation] if self.observation is not None else self.observations
+    def rows(self) -> list:
+        rows = [self.observation] if self.observation is not None else self.observations
+        if any(type(r) is ArrayIn for r in rows):  # raw bytes, as the runtime decodes them
+            rows = [r.encoded() if type(r) is ArrayIn else r for r in rows]
+        return rows
 
     @property
     def single(self) -> bool:

@@ -19,6 +19,8 @@ def test_envs_lists_the_allow_list_with_specs(client):
     assert set(envs) == {
         "CartPole-v1",
         "CartPoleNoVel-v1",
+        "CartPoleDict-v1",
+        "CartPolePixels-v1",
         "Acrobot-v1",
         "MountainCar-v0",
         "MountainCarContinuous-v0",
@@ -27,6 +29,8 @@ def test_envs_lists_the_allow_list_with_specs(client):
     }
     assert envs["CartPoleNoVel-v1"]["observation"]["shape"] == [2]
     assert envs["Taxi-v4"]["observation"] == {"type": "discrete", "n": 500}
+    assert envs["CartPolePixels-v1"]["observation"] == {"shape": [400, 600, 3], "dtype": "uint8"}
+    assert envs["CartPoleDict-v1"]["observation"]["entries"]["pole"] == {"shape": [2], "dtype": "float32"}
     assert envs["Pendulum-v1"]["action"] == {"type": "box", "shape": [1], "low": [-2.0], "high": [2.0]}
 
 

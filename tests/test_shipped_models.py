@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
+from service.envs import register_envs
 from service.main import create_app
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
@@ -33,7 +34,9 @@ def shipped(tmp_path_factory):
 def test_every_shipped_version_loads(shipped):
     policies = shipped.get("/v1/policies").json()["policies"]
     names = {p["name"] for p in policies}
-    assert {"cartpole-dqn", "cartpole-lstm-dqn", "pendulum-sac", "pendulum-td3", "taxi-dqn"} <= names
+    expected = {"cartpole-dqn", "cartpole-lstm-dqn", "cartpole-dict-dqn", "taxi-dqn"}
+    expected |= {"pendulum-sac", "pendulum-td3"}
+    assert expected <= names
     for name in names:
         doc = shipped.get(f"/v1/policies/{name}").json()
         for detail in doc["version_details"]:
@@ -61,6 +64,20 @@ def test_recurrent_cartpole_balances_through_a_session(shipped):
 def test_shipped_cartpole_dqn_solves_cartpole(shipped):
     r = shipped.post("/v1/policies/cartpole-dqn/rollout", json={"episodes": 3, "seed": 500})
     assert r.status_code == 200 and r.json()["mean_return"] >= 475, r.text
+
+
+def test_shipped_dict_policy_balances_from_dict_observations_sent_by_a_client(shipped):
+    register_envs()
+    env = gym.make("CartPoleDict-v1")
+    obs, _ = env.reset(seed=650)
+    total, done = 0.0, False
+    while not done:
+        body = {"observation": {k: v.tolist() for k, v in obs.items()}}
+        r = shipped.post("/v1/policies/cartpole-dict-dqn/act", json=body)
+        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
+        total, done = total + float(reward), terminated or truncated
+    env.close()
+    assert total >= 475, total
 
 
 def test_shipped_taxi_dqn_drives_with_the_envs_masks(shipped):

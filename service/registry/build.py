@@ -17,6 +17,7 @@ from torchrl.modules import (
     MLP,
     Actor,
     AdditiveGaussianModule,
+    ConvNet,
     EGreedyModule,
     IndependentNormal,
     LSTMModule,
@@ -27,7 +28,8 @@ from torchrl.modules import (
     TanhNormal,
 )
 
-from service.registry.spec import Activation, PolicySpec
+from service.registry.preprocess import preprocessed_shape
+from service.registry.spec import Activation, DictObservationSpec, PolicySpec
 
 OBSERVATION = "observation"
 FEATURES = "features"
@@ -65,6 +67,76 @@ class OneHot(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.one_hot(x.long(), self.n).float()  # [...] -> [..., n]
+
+
+class ConcatEntries(nn.Module):
+    """The entries of a dict observation as one float vector: each encoded (one-hot for a
+    discrete entry, as is for a vector) and concatenated in the spec's order, as RLlib's
+    preprocessor flattens a Dict space. No parameters."""
+
+    def __init__(self, encoders: list[nn.Module]) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+
+    def forward(self, *entries: torch.Tensor) -> torch.Tensor:
+        return torch.cat([enc(x).float() for enc, x in zip(self.encoders, entries, strict=True)], -1)
+
+
+_AGGREGATORS = {
+    "flatten": {},  # ConvNet's default SquashDims
+    "adaptive_avg_pool": {
+        "aggregator_class": nn.AdaptiveAvgPool2d,
+        "aggregator_kwargs": {"output_size": (1, 1)},
+        "squeeze_output": True,
+    },
+}
+
+
+def observation_encoder(spec: PolicySpec) -> tuple[TensorDictModule | None, int]:
+    """The module turning the (preprocessed) observation into the vector the network reads
+    (writing ``"observation_encoded"``), or None when it already is that vector; and the
+    vector's size.
+
+    Raises:
+        ValueError: when the preprocessed observation does not fit the network (a ConvNet reads
+            ``[C, H, W]``, an MLP a vector).
+    """
+    obs = spec.observation
+    if obs.discrete:
+        return TensorDictModule(OneHot(obs.n), in_keys=[OBSERVATION], out_keys=[ENCODED]), obs.n
+    if isinstance(obs, DictObservationSpec):
+        encoders = [OneHot(e.n) if e.discrete else nn.Identity() for e in obs.entries.values()]
+        module = TensorDictModule(ConcatEntries(encoders), in_keys=list(obs.entries), out_keys=[ENCODED])
+        return module, obs.dim
+    shape, dtype = preprocessed_shape(obs, spec.preprocess)
+    conv = spec.network.conv
+    if conv is None:
+        if len(shape) != 1 or dtype != "float32":
+            raise ValueError(
+                f"the network reads a float32 vector, the preprocessed observation is {dtype} {shape}: "
+                "add network.conv for images, or preprocess to a float vector"
+            )
+        return None, shape[0]
+    if len(shape) != 3 or dtype != "float32":
+        raise ValueError(
+            f"network.conv reads a float32 [C, H, W] image, the preprocessed observation is {dtype} "
+            f"{shape}: preprocess with to_tensor_image (HWC -> CHW float) first"
+        )
+    net = ConvNet(
+        in_features=shape[0],
+        num_cells=list(conv.num_cells),
+        kernel_sizes=conv.kernel_sizes,
+        strides=conv.strides,
+        paddings=conv.paddings,
+        activation_class=ACTIVATIONS[conv.activation],
+        **_AGGREGATORS[conv.aggregator],
+    )
+    with torch.no_grad():
+        try:
+            features = net(torch.zeros(1, *shape)).shape[-1]
+        except RuntimeError as exc:  # e.g. kernels larger than the image
+            raise ValueError(f"network.conv does not fit a {shape} image: {exc}") from None
+    return TensorDictModule(net, in_keys=[OBSERVATION], out_keys=[ENCODED]), features
 
 
 @dataclass
@@ -122,11 +194,10 @@ def build_policy(
     a_spec = action_spec_of(spec, device)
     modules: list[TensorDictModuleBase] = []
     lstm = None
-    in_key, in_features = OBSERVATION, spec.observation.dim
-    if spec.observation.discrete:
-        modules.append(
-            TensorDictModule(OneHot(spec.observation.n), in_keys=[OBSERVATION], out_keys=[ENCODED])
-        )
+    in_key = OBSERVATION
+    encoder, in_features = observation_encoder(spec)
+    if encoder is not None:
+        modules.append(encoder)
         in_key = ENCODED
     if spec.recurrent is not None:
         lstm = LSTMModule(

@@ -96,8 +96,8 @@ def parse_spec(raw: Any) -> PolicySpec:
 
 def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> BuiltPolicy:
     """Build the module for ``spec`` and load ``weights`` into it (checked)."""
-    built = build_policy(spec, device)
     try:
+        built = build_policy(spec, device)  # a spec whose parts do not fit each other: ValueError
         load_weights(built, weights)
     except ValueError as exc:
         raise InvalidPolicy(str(exc)) from None

@@ -25,11 +25,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ObservationSpec(_Strict):
-    """A float vector ``{shape: [d], dtype: float32}``."""
+# Largest raw observation a spec may declare (elements): a 1080x1920x3 frame fits.
+MAX_OBSERVATION_ELEMENTS = 8_000_000
 
-    shape: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=1)
-    dtype: Literal["float32"] = "float32"
+
+class ObservationSpec(_Strict):
+    """A tensor of any rank: a float vector ``{shape: [d]}``, or e.g. a ``uint8`` image frame
+    ``{shape: [400, 600, 3], dtype: uint8}`` exactly as the environment yields it."""
+
+    shape: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=4)
+    dtype: Literal["float32", "uint8"] = "float32"
+
+    @model_validator(mode="after")
+    def _size(self) -> ObservationSpec:
+        if math.prod(self.shape) > MAX_OBSERVATION_ELEMENTS:
+            raise ValueError(
+                f"observation shape {self.shape} has more than {MAX_OBSERVATION_ELEMENTS} elements"
+            )
+        return self
 
     @property
     def discrete(self) -> bool:
@@ -37,8 +50,13 @@ class ObservationSpec(_Strict):
 
     @property
     def dim(self) -> int:
-        """Features the network reads."""
+        """Features of a vector observation (the network's input without preprocessing)."""
         return self.shape[0]
+
+    @property
+    def vector(self) -> bool:
+        """A float vector: JSON number lists, the cheap validation path."""
+        return len(self.shape) == 1 and self.dtype == "float32"
 
 
 class DiscreteObservationSpec(_Strict):
@@ -54,6 +72,72 @@ class DiscreteObservationSpec(_Strict):
     @property
     def dim(self) -> int:
         return self.n
+
+
+# Keys the built policy and the runtime write next to the observation entries.
+RESERVED_KEYS = frozenset(
+    {
+        "observation",
+        "observation_encoded",
+        "features",
+        "action",
+        "action_mask",
+        "action_value",
+        "chosen_action_value",
+        "logits",
+        "loc",
+        "scale",
+        "action_log_prob",
+        "sample_log_prob",
+        "is_init",
+        "recurrent_state_h",
+        "recurrent_state_c",
+        "next",
+        "reward",
+        "done",
+        "terminated",
+        "truncated",
+        "step_count",
+        "collector",
+    }
+)
+ENTRY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+EntrySpec = ObservationSpec | DiscreteObservationSpec
+
+
+class DictObservationSpec(_Strict):
+    """Named entries (RLlib's Dict space), each a vector or a discrete value.
+
+    Requests send a JSON object ``{name: value}``; the policy encodes each entry (one-hot for a
+    discrete one) and concatenates them in the order listed here before the network.
+    """
+
+    type: Literal["dict"]
+    entries: dict[str, EntrySpec] = Field(min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _names(self) -> DictObservationSpec:
+        for name in self.entries:
+            if not ENTRY_NAME_RE.match(name):
+                raise ValueError(
+                    f"entry name {name[:40]!r} must be a letter then up to 31 letters, digits or '_'"
+                )
+            if name in RESERVED_KEYS:
+                raise ValueError(f"entry name {name!r} is reserved; reserved: {sorted(RESERVED_KEYS)}")
+        for name, entry in self.entries.items():
+            if not entry.discrete and not entry.vector:
+                raise ValueError(f"entry {name!r}: dict entries are float vectors or discrete values")
+        return self
+
+    @property
+    def discrete(self) -> bool:
+        return False
+
+    @property
+    def dim(self) -> int:
+        """Features the network reads: the entries' encodings concatenated."""
+        return sum(e.dim for e in self.entries.values())
 
 
 class DiscreteActionSpec(_Strict):
@@ -84,12 +168,108 @@ class BoxActionSpec(_Strict):
 ActionSpec = Annotated[DiscreteActionSpec | BoxActionSpec, Field(discriminator="type")]
 
 
+IntOrList = Annotated[int, Field(ge=0, le=64)] | list[Annotated[int, Field(ge=0, le=64)]]
+
+
+class ConvSpec(_Strict):
+    """A TorchRL ``ConvNet`` in front of the MLP head (its own arguments, by the same names)."""
+
+    num_cells: list[Annotated[int, Field(ge=1, le=1024)]] = Field(min_length=1, max_length=8)
+    kernel_sizes: IntOrList = 3
+    strides: IntOrList = 1
+    paddings: IntOrList = 0
+    activation: Activation = "elu"
+    aggregator: Literal["flatten", "adaptive_avg_pool"] = Field(
+        "flatten",
+        description="flatten: SquashDims (TorchRL's default); adaptive_avg_pool: "
+        "AdaptiveAvgPool2d((1, 1)) with squeeze_output, as in the recurrent-DQN seed.",
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ConvSpec:
+        depth = len(self.num_cells)
+        for name in ("kernel_sizes", "strides", "paddings"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != depth:
+                raise ValueError(f"conv {name} lists {len(value)} values for {depth} layers")
+        if any(k == 0 for k in _as_list(self.kernel_sizes)) or any(s == 0 for s in _as_list(self.strides)):
+            raise ValueError("conv kernel_sizes and strides must be at least 1")
+        return self
+
+
+def _as_list(value: int | list[int]) -> list[int]:
+    return value if isinstance(value, list) else [value]
+
+
 class NetworkSpec(_Strict):
     type: Literal["mlp"] = "mlp"
     num_cells: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64, 64], max_length=8
     )
     activation: Activation = "relu"
+    conv: ConvSpec | None = Field(
+        None, description="A ConvNet before the MLP head (ConvNet -> [LSTM] -> MLP), for images."
+    )
+
+
+# -- preprocessing: TorchRL transforms the server applies to the raw observation -------------
+Numbers = float | list[float] | list[list[float]] | list[list[list[float]]]
+MAX_NORM_ELEMENTS = 65536
+
+
+class ToTensorImageSpec(_Strict):
+    """TorchRL ``ToTensorImage``: ``[..., H, W, C]`` → ``[..., C, H, W]``, cast to ``dtype``;
+    divided by 255 when ``from_int`` (``None``: when the input is not floating point)."""
+
+    type: Literal["to_tensor_image"]
+    from_int: bool | None = None
+    dtype: Literal["float32", "uint8"] = "float32"
+
+
+class GrayScaleSpec(_Strict):
+    """TorchRL ``GrayScale`` (``[..., 3, H, W]`` → ``[..., 1, H, W]``, ITU-R 601-2 luma)."""
+
+    type: Literal["grayscale"]
+
+
+class ResizeSpec(_Strict):
+    """TorchRL ``Resize(w, h)``: the last two dims become ``[w, h]`` (antialiased)."""
+
+    type: Literal["resize"]
+    w: int = Field(ge=1, le=1024)
+    h: int | None = Field(None, ge=1, le=1024)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+
+
+class ObservationNormSpec(_Strict):
+    """TorchRL ``ObservationNorm``: ``(x - loc) / scale`` with ``standard_normal`` (else
+    ``x * scale + loc``); loc and scale broadcast against the observation."""
+
+    type: Literal["observation_norm"]
+    loc: Numbers
+    scale: Numbers
+    standard_normal: bool = True
+
+    @model_validator(mode="after")
+    def _values(self) -> ObservationNormSpec:
+        for name in ("loc", "scale"):
+            flat = _flatten(getattr(self, name))
+            if len(flat) > MAX_NORM_ELEMENTS:
+                raise ValueError(f"observation_norm {name} has more than {MAX_NORM_ELEMENTS} values")
+            if not all(math.isfinite(x) for x in flat):
+                raise ValueError(f"observation_norm {name} must be finite")
+            if name == "scale" and any(x == 0 for x in flat):
+                raise ValueError("observation_norm scale must not be 0")
+        return self
+
+
+def _flatten(x: Numbers) -> list[float]:
+    return [v for i in x for v in _flatten(i)] if isinstance(x, list) else [x]
+
+
+PreprocessSpec = Annotated[
+    ToTensorImageSpec | GrayScaleSpec | ResizeSpec | ObservationNormSpec, Field(discriminator="type")
+]
 
 
 class RecurrentSpec(_Strict):
@@ -109,8 +289,13 @@ class PolicySpec(_Strict):
     """What a policy is: enough to rebuild its TorchRL module and check its weights."""
 
     kind: Literal["actor", "probabilistic", "qvalue"]
-    observation: ObservationSpec | DiscreteObservationSpec
+    observation: ObservationSpec | DiscreteObservationSpec | DictObservationSpec
     action: ActionSpec
+    preprocess: list[PreprocessSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="TorchRL transforms applied in order to the raw observation before the network.",
+    )
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     recurrent: RecurrentSpec | None = None
     distribution: Literal["normal", "tanh_normal", "categorical"] | None = None
@@ -135,6 +320,8 @@ class PolicySpec(_Strict):
                 )
         elif self.distribution is not None:
             raise ValueError(f"distribution applies to kind 'probabilistic' only, not {self.kind!r}")
+        if (self.preprocess or self.network.conv) and not isinstance(self.observation, ObservationSpec):
+            raise ValueError("preprocess and network.conv apply to a tensor observation {shape, dtype}")
         return self
 
     def summary(self) -> dict[str, Any]:

@@ -147,7 +147,7 @@ class MicroBatcher:
             rows += item.obs.shape[0]
         if not items:
             del self._groups[key]
-        if rows <= self.inline_rows:
+        if rows <= self.inline_rows and key.runtime.light:
             # Small forward passes run right here: cheaper than a thread hop, and short enough
             # (tens of microseconds) not to hold the loop back.
             fut = self._loop.create_future()

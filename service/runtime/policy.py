@@ -8,7 +8,7 @@ them one at a time: that is what makes per-request parameters and ``seed`` safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -22,7 +22,14 @@ from torchrl.modules import QValueModule
 
 from service.errors import InvalidInput
 from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
-from service.registry.spec import PolicySpec
+from service.registry.preprocess import make_preprocess
+from service.registry.spec import (
+    DictObservationSpec,
+    DiscreteObservationSpec,
+    ObservationSpec,
+    PolicySpec,
+)
+from service.runtime.arrays import decode
 
 
 class Exploration(str, Enum):
@@ -109,7 +116,13 @@ class PolicyRuntime:
         self.core = built.core.eval()
         self.explore = built.explore
         self.explorer = TensorDictSequential(self.core, self.explore).eval() if self.explore else None
-        self.obs_dim = spec.observation.dim
+        # the spec's TorchRL transforms, applied to the raw observation before the network
+        self.preprocess = make_preprocess(spec.preprocess)
+        if self.preprocess is not None:
+            self.preprocess = self.preprocess.to(device).eval()
+        # cheap enough to run on the event loop when the batch is small (vector MLPs); image
+        # policies always run on the executor thread
+        self.light = spec.network.conv is None and self.preprocess is None
         self.n_actions = spec.action.n if self.discrete else None
         self.recurrent = spec.recurrent is not None
         self.state_shape = (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
@@ -117,7 +130,8 @@ class PolicyRuntime:
         # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
         # small MLPs). Tests check it against the TorchRL module called directly.
         self._plain = None
-        if not self.recurrent and spec.kind in ("qvalue", "actor"):
+        dict_obs = isinstance(spec.observation, DictObservationSpec)
+        if not self.recurrent and not dict_obs and spec.kind in ("qvalue", "actor"):
             # every TensorDictModule's network in order (a one-hot encoder, the MLP), without
             # the QValueModule, whose argmax _act_plain does
             nets = [m.module for m in self.core.module if not isinstance(m, QValueModule)]
@@ -140,35 +154,30 @@ class PolicyRuntime:
                 return Exploration.deterministic
         return requested
 
-    def observation_batch(self, rows: list, what: str, policy: str) -> torch.Tensor:
-        """Validate observations against the spec: ``[B, obs_dim]`` float32 rows of numbers, or
-        ``[B]`` int64 for a discrete observation (an integer in ``[0, n)`` each).
+    def observation_batch(self, rows: list, what: str, policy: str) -> torch.Tensor | TensorDict:
+        """Validate observations against the spec and stack them: ``[B, d]`` float32 rows of
+        numbers, ``[B]`` int64 for a discrete observation (an integer in ``[0, n)`` each), or a
+        ``[B]`` TensorDict of such entries for a dict observation (a JSON object each).
 
         Raises:
-            InvalidInput: naming the offending observation and what was expected.
+            InvalidInput: naming the offending observation (and entry) and what was expected.
         """
-        if self.spec.observation.discrete:
-            return self._discrete_batch(rows, what, policy)
-        dim = self.obs_dim
-        for i, row in enumerate(rows):
-            if type(row) is not list or len(row) != dim:
-                where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
-                got = f"shape [{len(row)}]" if type(row) is list else "a single number"
-                raise InvalidInput(f"{where} has {got}, policy {policy} expects [{dim}]")
-        with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused below
-            array = np.asarray(rows, dtype=np.float32)
-        # numpy's check: torch.isfinite(...).all() on a small tensor costs ~10x more (dispatch)
-        if not np.isfinite(array).all():
-            raise InvalidInput(f"{what} holds values that are not finite as float32")
-        return torch.from_numpy(array)
+        single = len(rows) == 1 and what == "observation"
 
-    def _discrete_batch(self, rows: list, what: str, policy: str) -> torch.Tensor:
-        n = self.spec.observation.n
-        for i, x in enumerate(rows):
-            if not isinstance(x, int) or not 0 <= x < n:
-                where = what if len(rows) == 1 and what == "observation" else f"{what}[{i}]"
-                raise InvalidInput(f"{where} is {x!r}; policy {policy} expects an integer in [0, {n})")
-        return torch.tensor(rows, dtype=torch.int64)
+        def where(i: int) -> str:
+            return what if single else f"{what}[{i}]"
+
+        obs = self.spec.observation
+        if isinstance(obs, DictObservationSpec):
+            return _dict_batch(obs, rows, where, policy)
+        return _leaf_batch(obs, rows, where, policy)
+
+    def observation_of(self, td: TensorDict) -> torch.Tensor | TensorDict:
+        """The observation in an environment's tensordict, as a batch of one."""
+        obs = self.spec.observation
+        if isinstance(obs, DictObservationSpec):
+            return td.select(*obs.entries).unsqueeze(0)
+        return td["observation"].unsqueeze(0)  # [1, d], or [1] for a discrete observation
 
     def mask_batch(
         self, masks: list[list[bool]] | None, rows: int, what: str, policy: str
@@ -210,7 +219,7 @@ class PolicyRuntime:
 
     def act(
         self,
-        observation: torch.Tensor,
+        observation: torch.Tensor | TensorDict,
         *,
         exploration: Exploration = Exploration.deterministic,
         epsilon: float | None = None,
@@ -221,7 +230,7 @@ class PolicyRuntime:
         is_init: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> ActResult:
-        """Act on ``observation`` (``[B, obs_dim]`` float32, already validated).
+        """Act on ``observation`` (from ``observation_batch``: already validated).
 
         For recurrent policies ``state`` is the ``(h, c)`` before this step and ``is_init``
         (``[B]`` bool) marks the first step of an episode (state zeroed, as in TorchRL); with no
@@ -229,10 +238,15 @@ class PolicyRuntime:
         policies) marks the allowed actions; no exploration mode answers a masked one.
         """
         used = self.resolve(exploration)
+        if self.preprocess is not None:
+            observation = self._preprocessed(observation)
         if used is Exploration.deterministic and self._plain is not None:
             return self._act_plain(observation, return_info, mask)
         batch = observation.shape[0]
-        td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
+        if isinstance(observation, TensorDict):  # a dict observation: its entries
+            td = observation.to(self.device).copy()
+        else:
+            td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
         if self.discrete:
             if mask is None:
                 mask = torch.ones(batch, self.n_actions, dtype=torch.bool)
@@ -263,6 +277,12 @@ class PolicyRuntime:
         info = self._info(out) if return_info else None
         return ActResult(out.get("action"), info, used, next_state)
 
+    def _preprocessed(self, observation: torch.Tensor) -> torch.Tensor:
+        batch = observation.shape[0]
+        td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
+        with torch.inference_mode():
+            return self.preprocess(td).get("observation")
+
     def _act_plain(
         self, observation: torch.Tensor, return_info: bool, mask: torch.Tensor | None
     ) -> ActResult:
@@ -289,3 +309,70 @@ class PolicyRuntime:
                 info["scale"] = out.get("scale")
             return info
         return {}
+
+
+def _leaf_batch(
+    spec: ObservationSpec | DiscreteObservationSpec, rows: list, where: Callable[[int], str], policy: str
+) -> torch.Tensor:
+    if spec.discrete:
+        n = spec.n
+        for i, x in enumerate(rows):
+            if type(x) is not int or not 0 <= x < n:
+                raise InvalidInput(
+                    f"{where(i)} is {_short(x)}; policy {policy} expects an integer in [0, {n})"
+                )
+        return torch.tensor(rows, dtype=torch.int64)
+    if not spec.vector:  # an image (or any tensor): nested lists or raw bytes
+        arrays = [decode(row, spec, where(i), policy) for i, row in enumerate(rows)]
+        return torch.from_numpy(np.stack(arrays))  # one copy, into a writable batch
+    dim = spec.dim
+    for i, row in enumerate(rows):
+        if type(row) is not list or len(row) != dim:
+            got = f"shape [{len(row)}]" if type(row) is list else _kind(row)
+            raise InvalidInput(f"{where(i)} has {got}, policy {policy} expects [{dim}]")
+    with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused below
+        array = np.asarray(rows, dtype=np.float32)
+    # numpy's check: torch.isfinite(...).all() on a small tensor costs ~10x more (dispatch)
+    finite = np.isfinite(array)
+    if not finite.all():
+        i = int(np.argmin(finite.all(axis=1)))
+        raise InvalidInput(f"{where(i)} holds values that are not finite as float32")
+    return torch.from_numpy(array)
+
+
+def _dict_batch(
+    spec: DictObservationSpec, rows: list, where: Callable[[int], str], policy: str
+) -> TensorDict:
+    names = list(spec.entries)
+    for i, row in enumerate(rows):
+        if type(row) is not dict:
+            raise InvalidInput(
+                f"{where(i)} is {_short(row)}; policy {policy} expects an object with entries {names}"
+            )
+        if row.keys() != spec.entries.keys():
+            missing = [n for n in names if n not in row]
+            unexpected = sorted(k for k in row if k not in spec.entries)
+            problems = ([f"misses {missing}"] if missing else []) + (
+                [f"has unexpected {[u[:40] for u in unexpected[:5]]}"] if unexpected else []
+            )
+            raise InvalidInput(
+                f"{where(i)} {' and '.join(problems)}; policy {policy} expects entries {names}"
+            )
+    entries = {
+        name: _leaf_batch(entry, [row[name] for row in rows], lambda i, n=name: f"{where(i)}[{n!r}]", policy)
+        for name, entry in spec.entries.items()
+    }
+    return TensorDict(entries, batch_size=[len(rows)])
+
+
+def _kind(value: object) -> str:
+    """What a client sent instead of a list, in words."""
+    if isinstance(value, (int, float)):
+        return "a single number"
+    return "an object" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+
+def _short(value: object) -> str:
+    """A client value for an error message: its type, or itself when short."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tensordict import TensorDict
 from torchrl.envs.utils import step_mdp
 
 from service.envs import make_env
@@ -74,7 +75,7 @@ def run_rollout(
                         f"rollout ran past its time limit of {timeout_s:g} s; "
                         "ask for fewer episodes or a smaller max_steps"
                     )
-                obs = td["observation"].unsqueeze(0)  # [1, d], or [1] for a discrete observation
+                obs = runtime.observation_of(td)
                 mask = td["action_mask"].unsqueeze(0) if "action_mask" in td.keys() else None
                 res = call(
                     runtime,
@@ -96,7 +97,7 @@ def run_rollout(
                 total += reward
                 length += 1
                 if return_trajectory:
-                    traj["observation"].append(obs[0].tolist())
+                    traj["observation"].append(_jsonable(obs[0]))
                     traj["action"].append(res.action[0].tolist())
                     traj["reward"].append(reward)
                     traj["done"].append(done)
@@ -120,3 +121,10 @@ def run_rollout(
     mean = sum(returns) / len(returns)
     std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
     return {"episodes": out, "mean_return": mean, "std_return": std}
+
+
+def _jsonable(obs: torch.Tensor | TensorDict) -> Any:
+    """One observation as the JSON a client would send for it."""
+    if isinstance(obs, TensorDict):
+        return {k: v.tolist() for k, v in obs.items()}
+    return obs.tolist()

@@ -6,10 +6,13 @@ Plain slotted dataclasses (not frozen: a frozen one costs ~1 µs more to build, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.runtime.policy import Exploration
 
-Row = list[float] | int  # a float vector, or an integer (a discrete observation)
+# a float vector, an integer (a discrete observation), or named entries (a dict observation)
+# (and for images: nested lists, or runtime.arrays.EncodedArray, the raw bytes)
+Row = Any
 
 
 @dataclass(slots=True)
