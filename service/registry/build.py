@@ -92,7 +92,7 @@ _AGGREGATORS = {
 }
 
 
-def observation_encoder(spec: PolicySpec) -> tuple[TensorDictModule | None, int]:
+def observation_encoder(spec: PolicySpec, key: str = OBSERVATION) -> tuple[TensorDictModule | None, int]:
     """The module turning the (preprocessed) observation into the vector the network reads
     (writing ``"observation_encoded"``), or None when it already is that vector; and the
     vector's size.
@@ -136,7 +136,7 @@ def observation_encoder(spec: PolicySpec) -> tuple[TensorDictModule | None, int]
             features = net(torch.zeros(1, *shape)).shape[-1]
         except RuntimeError as exc:  # e.g. kernels larger than the image
             raise ValueError(f"network.conv does not fit a {shape} image: {exc}") from None
-    return TensorDictModule(net, in_keys=[OBSERVATION], out_keys=[ENCODED]), features
+    return TensorDictModule(net, in_keys=[key], out_keys=[ENCODED]), features
 
 
 @dataclass
@@ -174,14 +174,19 @@ def _mlp(spec: PolicySpec, in_features: int, out_features: int) -> MLP:
 
 
 def build_policy(
-    spec: PolicySpec, device: torch.device | str = "cpu", action_mask: bool = False
+    spec: PolicySpec,
+    device: torch.device | str = "cpu",
+    action_mask: bool = False,
+    observation_key: str = OBSERVATION,
 ) -> BuiltPolicy:
     """Build the TorchRL policy described by ``spec``.
 
     With ``action_mask`` (discrete policies), the modules read a ``[..., n]`` bool
     ``"action_mask"`` and never pick a masked action: ``QValueModule`` and ``EGreedyModule`` with
     ``action_mask_key``, a ``MaskedCategorical`` for categorical policies. The parameters (and so
-    the ``state_dict``) are the same either way.
+    the ``state_dict``) are the same either way. ``observation_key`` is where a tensor
+    observation is read once preprocessed (training keeps the stored frame under
+    ``"observation"`` and preprocesses into another key); the state_dict does not depend on it.
 
     Examples:
         >>> from service.registry.spec import PolicySpec
@@ -194,8 +199,8 @@ def build_policy(
     a_spec = action_spec_of(spec, device)
     modules: list[TensorDictModuleBase] = []
     lstm = None
-    in_key = OBSERVATION
-    encoder, in_features = observation_encoder(spec)
+    in_key = observation_key  # the network reads it when there is no encoder
+    encoder, in_features = observation_encoder(spec, observation_key)
     if encoder is not None:
         modules.append(encoder)
         in_key = ENCODED

@@ -84,6 +84,36 @@ class Resize(_TorchRLResize):
         return x.reshape(*lead, *x.shape[-3:])
 
 
+class ApplyTransforms(torch.nn.Module):
+    """Transforms as a plain module over one tensor: each one's ``_apply_transform`` (the method
+    a TorchRL transform overrides to say what it does to a tensor), in order."""
+
+    def __init__(self, transforms: Compose) -> None:
+        super().__init__()
+        self.transforms = transforms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for t in self.transforms:
+            x = t._apply_transform(x)
+        return x
+
+
+def split_for_storage(
+    observation: ObservationSpec, specs: list[PreprocessSpec]
+) -> tuple[list[PreprocessSpec], list[PreprocessSpec]]:
+    """``specs`` cut where the observation stops being ``uint8``: training envs apply the first
+    part (so replay buffers store small uint8 frames), the policy the rest (e.g. the float
+    ``observation_norm``). Applying both in order is applying ``specs``."""
+    x = torch.zeros(observation.shape, dtype=DTYPES[observation.dtype])
+    cut = 0
+    for i, s in enumerate(specs):
+        x = make_transform(s)._apply_transform(x)
+        if x.dtype != torch.uint8:
+            break
+        cut = i + 1
+    return specs[:cut], specs[cut:]
+
+
 def make_transform(spec: PreprocessSpec, key: str = OBSERVATION) -> ObservationTransform:
     """The TorchRL transform one preprocess entry describes, reading and writing ``key``."""
     keys = [key]

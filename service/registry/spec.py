@@ -6,7 +6,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_PATTERN = NAME_RE.pattern
@@ -270,6 +270,12 @@ def _flatten(x: Numbers) -> list[float]:
 PreprocessSpec = Annotated[
     ToTensorImageSpec | GrayScaleSpec | ResizeSpec | ObservationNormSpec, Field(discriminator="type")
 ]
+_PREPROCESS = TypeAdapter(PreprocessSpec)
+
+
+def parse_preprocess(entry: dict[str, Any]) -> PreprocessSpec:
+    """One ``preprocess`` entry of policy.json, validated."""
+    return _PREPROCESS.validate_python(entry)
 
 
 class RecurrentSpec(_Strict):

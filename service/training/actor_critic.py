@@ -91,6 +91,8 @@ class ActorCritic:
         device = torch.device(config.device)
         self.spec = policy_spec_for(config)
         self.built: BuiltPolicy = build_policy(self.spec, device)
+        self.stored_preprocess = []  # vector observations: nothing to preprocess
+        self.act_policy = self.built.core
         critic = _critic(self.spec, hp, device)
         actor = self.built.core.module[0]  # the ProbabilisticActor / Actor itself (shares the weights)
         spec = self.built.action_spec

@@ -31,7 +31,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.envs import has_action_mask, make_env
 from service.registry.build import BuiltPolicy, build_policy, weights_bytes
-from service.registry.spec import Activation, PolicySpec
+from service.registry.preprocess import make_transform
+from service.registry.spec import Activation, PolicySpec, PreprocessSpec
 
 Progress = Callable[[dict[str, Any]], None]
 StopCheck = Callable[[], bool]
@@ -135,6 +136,10 @@ class OffPolicyAlgorithm(Protocol):
         hyperparameters: the shared loop's knobs (and the algorithm's own).
         collect_policy: the exploring policy the collector runs.
         buffer: the replay buffer the loop fills and samples.
+        stored_preprocess: the part of the spec's preprocessing the training env applies (the
+            observation the buffer stores); the rest runs inside ``act_policy``.
+        act_policy: the deterministic policy on the env's observation (``built.core`` after the
+            rest of the preprocessing).
     """
 
     name: str
@@ -143,6 +148,8 @@ class OffPolicyAlgorithm(Protocol):
     hyperparameters: OffPolicyHyperparameters
     collect_policy: TensorDictModuleBase
     buffer: ReplayBuffer
+    stored_preprocess: list[PreprocessSpec]
+    act_policy: TensorDictModuleBase
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
         """A collected batch (``[*envs, time]``) made ready to store (e.g. sequence ids)."""
@@ -157,9 +164,18 @@ class OffPolicyAlgorithm(Protocol):
         ...
 
 
-def train_env(env_id: str, built: BuiltPolicy, device: torch.device, num_envs: int = 1) -> TransformedEnv:
-    """The allow-listed env with the LSTM primer (recurrent policies) and episode returns."""
+def train_env(
+    env_id: str,
+    built: BuiltPolicy,
+    device: torch.device,
+    num_envs: int = 1,
+    preprocess: list[PreprocessSpec] | None = None,
+) -> TransformedEnv:
+    """The allow-listed env with ``preprocess`` (a spec's TorchRL transforms, applied to
+    ``"observation"``), the LSTM primer (recurrent policies) and episode returns."""
     env = make_env(env_id, device=str(device), trackers=built.lstm is not None, num_envs=num_envs)
+    for entry in preprocess or []:
+        env.append_transform(make_transform(entry))
     if built.lstm is not None:
         env.append_transform(built.lstm.make_tensordict_primer())
     env.append_transform(RewardSum())
@@ -167,16 +183,24 @@ def train_env(env_id: str, built: BuiltPolicy, device: torch.device, num_envs: i
 
 
 def evaluate(
-    env_id: str, built: BuiltPolicy, device: torch.device, episodes: int, seed: int = VALIDATION_SEED
+    env_id: str,
+    built: BuiltPolicy,
+    device: torch.device,
+    episodes: int,
+    seed: int = VALIDATION_SEED,
+    preprocess: list[PreprocessSpec] | None = None,
+    policy: TensorDictModuleBase | None = None,
 ) -> float:
-    """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…)."""
-    env = train_env(env_id, built, device)
+    """Mean return of deterministic episodes (seeds ``seed``, ``seed+1``…) of ``policy``
+    (``built.core`` unless given) in the env with ``preprocess`` applied."""
+    env = train_env(env_id, built, device, preprocess=preprocess)
+    policy = built.core if policy is None else policy
     returns = []
     try:
         for i in range(episodes):
             env.set_seed(seed + i)
             with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-                td = env.rollout(100_000, built.core, break_when_any_done=True)
+                td = env.rollout(100_000, policy, break_when_any_done=True)
             returns.append(float(td["next", "reward"].sum()))
     finally:
         env.close()
@@ -292,13 +316,14 @@ def select_weights(
     held-out seeds. Works on a module of its own: the trained module is left as it is."""
     scorer = build_policy(spec, device, action_mask=has_action_mask(env_id))
     validation = {}
+    pre = spec.preprocess  # the served module, after the spec's whole preprocessing: as served
     for label, state in candidates.items():
         scorer.core.load_state_dict(state)
-        validation[label] = evaluate(env_id, scorer, device, episodes, VALIDATION_SEED)
+        validation[label] = evaluate(env_id, scorer, device, episodes, VALIDATION_SEED, pre)
     # the first candidate (the final weights) wins ties
     label = max(validation, key=lambda k: (validation[k], k == next(iter(candidates))))
     scorer.core.load_state_dict(candidates[label])
-    heldout = evaluate(env_id, scorer, device, episodes, HELDOUT_SEED)
+    heldout = evaluate(env_id, scorer, device, episodes, HELDOUT_SEED, pre)
     return Selection(candidates[label], label, validation, heldout)
 
 
@@ -383,7 +408,8 @@ def train_offpolicy(
     with flushed_denormals():
         hp = algo.hyperparameters
         device = torch.device(config.device)
-        env = train_env(config.env_id, algo.built, device, hp.num_envs)
+        stored = algo.stored_preprocess  # applied by the env: what the replay buffer stores
+        env = train_env(config.env_id, algo.built, device, hp.num_envs, stored)
         env.set_seed(config.seed)
         collector = Collector(
             env,
@@ -402,7 +428,13 @@ def train_offpolicy(
                 collector,
                 total_frames=config.total_frames,
                 evaluate_now=lambda: evaluate(
-                    config.env_id, algo.built, device, PERIODIC_EPISODES, VALIDATION_SEED
+                    config.env_id,
+                    algo.built,
+                    device,
+                    PERIODIC_EPISODES,
+                    VALIDATION_SEED,
+                    stored,
+                    algo.act_policy,
                 ),
                 on_progress=on_progress,
                 should_stop=should_stop,

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictSequential
+from tensordict.nn import TensorDictModule, TensorDictSequential
 from torchrl.data import LazyTensorStorage, RandomSampler, SliceSampler, TensorDictReplayBuffer
 from torchrl.modules import EGreedyModule
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate, ValueEstimators
 
-from service.envs import env_specs, has_action_mask
+from service.envs import env_specs, has_action_mask, is_pixel_env, make_env
 from service.registry.build import ACTION_MASK, build_policy
-from service.registry.spec import PolicySpec
+from service.registry.preprocess import ApplyTransforms, make_preprocess, make_transform, split_for_storage
+from service.registry.spec import PolicySpec, parse_preprocess
 from service.training.common import (
     BatchSize,
     EvalEpisodes,
@@ -41,6 +42,7 @@ from service.training.common import (
 
 log = logging.getLogger(__name__)
 SEGMENT = "segment"
+PREPROCESSED = "observation_preprocessed"
 
 
 class DQNHyperparameters(OffPolicyHyperparameters):
@@ -71,6 +73,20 @@ class DQNHyperparameters(OffPolicyHyperparameters):
         "(td_lambda, recurrent only).",
     )
     lmbda: float = Field(0.9, ge=0, le=1, description="Lambda of td_lambda.")
+    # pixel envs (CartPolePixels-v1): the seed's preprocessing and a ConvNet
+    resize: int = Field(84, ge=8, le=256, description="Frames resized to resize x resize (pixels only).")
+    conv_cells: list[Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=lambda: [32, 64, 64], min_length=1, max_length=6, description="ConvNet channels."
+    )
+    conv_kernels: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        default_factory=lambda: [8, 4, 3], min_length=1, max_length=6, description="ConvNet kernel sizes."
+    )
+    conv_strides: list[Annotated[int, Field(ge=1, le=8)]] = Field(
+        default_factory=lambda: [4, 2, 1], min_length=1, max_length=6, description="ConvNet strides."
+    )
+    norm_init_frames: int = Field(
+        1000, ge=10, le=100_000, description="Random frames whose pixel mean/std set observation_norm."
+    )
 
 
 RECURRENT_DEFAULTS: dict[str, Any] = {
@@ -97,6 +113,16 @@ RECURRENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+PIXEL_DEFAULTS: dict[str, Any] = {
+    "num_envs": 1,
+    "buffer_size": 50_000,
+    "frames_per_batch": 100,
+    "updates_per_batch": 25,
+    "batch_size": 32,
+    "lr": 2.5e-4,
+}
+
+
 class DQNConfig(TrainConfig):
     """One DQN training run."""
 
@@ -108,7 +134,16 @@ class DQNConfig(TrainConfig):
         defaults = dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
         if kw.get("env_id") and has_action_mask(kw["env_id"]):
             defaults["num_envs"] = 1  # masked envs are stepped one copy at a time
+        if kw.get("env_id") and is_pixel_env(kw["env_id"]):
+            defaults.update(PIXEL_DEFAULTS)
         return defaults
+
+    @model_validator(mode="after")
+    def _conv_layers_agree(self) -> DQNConfig:
+        hp = self.hyperparameters
+        if not len(hp.conv_cells) == len(hp.conv_kernels) == len(hp.conv_strides):
+            raise ValueError("conv_cells, conv_kernels and conv_strides need one value per layer each")
+        return self
 
     @model_validator(mode="after")
     def _sequences_for_lambda(self) -> DQNConfig:
@@ -128,16 +163,49 @@ class DQNConfig(TrainConfig):
         return self
 
 
+def pixel_preprocess(config: DQNConfig) -> list[dict[str, Any]]:
+    """The seed's preprocessing of a pixel env: HWC uint8 → CHW, grayscale, resized (all still
+    uint8, what the replay buffer stores), then ``observation_norm`` with the mean and standard
+    deviation of ``norm_init_frames`` random frames (the seed's ``init_stats``)."""
+    hp = config.hyperparameters
+    stored = [
+        {"type": "to_tensor_image", "from_int": False, "dtype": "uint8"},
+        {"type": "grayscale"},
+        {"type": "resize", "w": hp.resize, "h": hp.resize},
+    ]
+    env = make_env(config.env_id, trackers=False)
+    for entry in stored:
+        env.append_transform(make_transform(parse_preprocess(entry)))
+    env.set_seed(config.seed)
+    try:
+        frames = env.rollout(hp.norm_init_frames, break_when_any_done=False)["observation"].float()
+    finally:
+        env.close()
+    loc, scale = frames.mean().item(), max(frames.std().item(), 1e-3)
+    return [*stored, {"type": "observation_norm", "loc": [[[loc]]], "scale": [[[scale]]]}]
+
+
 def policy_spec_for(config: DQNConfig) -> PolicySpec:
     hp = config.hyperparameters
     specs = env_specs(config.env_id)
     if specs["action"]["type"] != "discrete":
         raise ValueError(f"DQN needs a discrete action space; {config.env_id} has a box")
+    network: dict[str, Any] = {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation}
+    preprocess: list[dict[str, Any]] = []
+    if is_pixel_env(config.env_id):
+        preprocess = pixel_preprocess(config)
+        network["conv"] = {
+            "num_cells": hp.conv_cells,
+            "kernel_sizes": hp.conv_kernels,
+            "strides": hp.conv_strides,
+            "activation": "relu",
+        }
     return PolicySpec.model_validate(
         {
             "kind": "qvalue",
             **specs,
-            "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
+            "preprocess": preprocess,
+            "network": network,
             "recurrent": {"type": "lstm", "hidden_size": hp.hidden_size} if config.recurrent else None,
             "env_id": config.env_id,
             "exploration": {"epsilon": max(hp.eps_end, 0.01)},
@@ -159,7 +227,18 @@ class DQN:
         # epsilon-greedy draws and the target's max over next actions all respect the mask
         # (the loss runs the same masked module on the stored ("next", "action_mask")).
         masked = has_action_mask(config.env_id)
-        self.built = build_policy(self.spec, device, action_mask=masked)
+        # Pixel envs: the env applies the uint8 part of the preprocessing (the buffer stores
+        # small uint8 frames under "observation"); the float rest (observation_norm) runs in
+        # front of the network, writing PREPROCESSED, which is never stored.
+        self.stored_preprocess, rest = split_for_storage(self.spec.observation, self.spec.preprocess)
+        key = PREPROCESSED if rest else "observation"
+        self.built = build_policy(self.spec, device, action_mask=masked, observation_key=key)
+        self.act_policy = self.built.core
+        if rest:
+            normalise = TensorDictModule(
+                ApplyTransforms(make_preprocess(rest)), in_keys=["observation"], out_keys=[PREPROCESSED]
+            ).to(device)
+            self.act_policy = TensorDictSequential(normalise, self.built.core)
         self.egreedy = EGreedyModule(
             self.built.action_spec,
             eps_init=hp.eps_start,
@@ -167,7 +246,7 @@ class DQN:
             annealing_num_steps=max(1, int(hp.exploration_fraction * config.total_frames)),
             action_mask_key=ACTION_MASK if masked else None,
         ).to(device)
-        self.collect_policy = TensorDictSequential(self.built.core, self.egreedy)
+        self.collect_policy = TensorDictSequential(self.act_policy, self.egreedy)
         if config.recurrent:
             # Slices are cut within one collected batch (a contiguous stretch of one env's
             # stream), not within one episode: episodes shorter than slice_len stay sampleable
@@ -180,7 +259,7 @@ class DQN:
             storage=LazyTensorStorage(hp.buffer_size, device=device), sampler=sampler, batch_size=batch_size
         )
         self.loss_fn = DQNLoss(
-            self.built.core,
+            self.act_policy,
             action_space=self.built.action_spec,
             delay_value=True,
             double_dqn=hp.double_dqn,
@@ -203,6 +282,7 @@ class DQN:
         self.updates = 0
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
+        batch = batch.exclude(PREPROCESSED, ("next", PREPROCESSED))  # float frames: recomputed
         if self.recurrent:
             batch[SEGMENT] = segment_ids(batch.shape, index, batch.device)
         return batch
