@@ -36,7 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
+def start(
+    cmd: list[str], env: dict, port: int, policy: str = POLICY, body: dict | None = None
+) -> subprocess.Popen:
+    """Start a server and wait until it answers an act call for ``policy``."""
     proc = subprocess.Popen(
         cmd, env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -44,7 +47,9 @@ def start(cmd: list[str], env: dict, port: int) -> subprocess.Popen:
     while time.monotonic() < deadline:
         try:
             httpx.post(
-                f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act", json={"observation": OBS}, timeout=1
+                f"http://127.0.0.1:{port}/v1/policies/{policy}/act",
+                json=body or {"observation": OBS},
+                timeout=5,
             )
             return proc
         except httpx.HTTPError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, Tag, model_validator
 
 from service.registry.spec import NAME_PATTERN
 from service.runtime.arrays import EncodedArray
@@ -40,9 +40,31 @@ class ArrayIn(BaseModel):
         return EncodedArray(self.b64, self.dtype, tuple(self.shape))
 
 
-# A tensor of rank 2 to 4 (an image, HWC as the env yields it) as nested number lists.
-Nested = list[list[Number]] | list[list[list[Number]]] | list[list[list[list[Number]]]]
-Observation = Entry | ArrayIn | Annotated[dict[str, Entry], Field(max_length=32)] | Nested
+def _observation_form(value: Any) -> str:
+    """Which form an observation takes, read from the value itself, so that only that form is
+    validated (a plain union tries every member: 2.2x the cost on a 400x600x3 nested list)."""
+    if isinstance(value, dict):
+        return "array" if "b64" in value else "entries"
+    if isinstance(value, list):
+        rank, x = 1, value
+        while x and isinstance(x[0], list) and rank < 4:
+            x, rank = x[0], rank + 1
+        return f"rank{rank}"
+    return "integer"
+
+
+# One observation: a float vector (rank 1), a tensor of rank 2 to 4 as nested number lists (an
+# image, HWC as the env yields it), an integer (discrete), raw bytes (ArrayIn), or named entries.
+Observation = Annotated[
+    Annotated[Vector, Tag("rank1")]
+    | Annotated[list[list[Number]], Tag("rank2")]
+    | Annotated[list[list[list[Number]]], Tag("rank3")]
+    | Annotated[list[list[list[list[Number]]]], Tag("rank4")]
+    | Annotated[Annotated[int, Strict()], Tag("integer")]
+    | Annotated[ArrayIn, Tag("array")]
+    | Annotated[Annotated[dict[str, Entry], Field(max_length=32)], Tag("entries")],
+    Discriminator(_observation_form),
+]
 
 
 class _In(BaseModel):

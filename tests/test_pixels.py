@@ -249,3 +249,70 @@ def test_pixel_rollouts_and_jobs_are_offered(client):
         "total_frames": 1000,
     }
     assert client.post("/v1/jobs", json=body).status_code == 202
+
+
+PIX_CAT = {
+    "kind": "qvalue",
+    "observation": {"shape": [400, 600, 3], "dtype": "uint8"},
+    "preprocess": [
+        {"type": "to_tensor_image", "from_int": False, "dtype": "uint8"},
+        {"type": "grayscale"},
+        {"type": "resize", "w": 24},
+        {"type": "cat_frames", "N": 3, "dim": -3},
+        {"type": "observation_norm", "loc": 200.0, "scale": 60.0},
+    ],
+    "action": {"type": "discrete", "n": 2},
+    "network": {"num_cells": [16], "conv": {"num_cells": [6], "kernel_sizes": 4, "strides": 2}},
+}
+
+
+def test_cat_frames_history_is_session_state_and_matches_torchrl_in_an_env(client):
+    """A client steps a session with raw frames; a TorchRL env with the same transforms
+    (TorchRL's own CatFrames keeping the history) steps the same seeded episodes: the served
+    answers are the module's on the env's stacked observations, across an episode boundary."""
+    from torchrl.envs.utils import step_mdp
+
+    from service.envs import make_env
+    from service.registry.preprocess import make_transform
+
+    weights = random_weights(PIX_CAT)
+    assert upload(client, "pix-cat", PIX_CAT, weights).status_code == 201
+    core, _ = module_and_transforms(PIX_CAT, weights)
+    spec = PolicySpec.model_validate(PIX_CAT)
+    raw, stacked = make_env("CartPolePixels-v1"), make_env("CartPolePixels-v1")
+    for entry in spec.preprocess:
+        stacked.append_transform(make_transform(entry))
+    raw.set_seed(3)
+    stacked.set_seed(3)
+    ta, tb = raw.reset(), stacked.reset()
+    g = torch.Generator().manual_seed(0)
+    sid = new_session(client, "pix-cat")
+    starts, reset = 0, True
+    for _ in range(30):
+        assert torch.equal(ta["step_count"], tb["step_count"])
+        body = {"observation": b64(ta["observation"].numpy()), "reset": reset, "return_info": True}
+        served = client.post(f"/v1/sessions/{sid}/act", json=body).json()
+        with torch.no_grad():
+            expected = core(TensorDict({"observation": tb["observation"].unsqueeze(0)}, batch_size=[1]))
+        assert served["action"] == int(expected["action"][0])
+        assert torch.allclose(
+            torch.tensor(served["info"]["action_value"]), expected["action_value"][0], atol=1e-4
+        )
+        action = torch.randint(2, (), generator=g)
+        ta = raw.step(ta.set("action", action))
+        tb = stacked.step(tb.set("action", action))
+        reset = bool(ta["next", "done"])
+        ta, tb = step_mdp(ta), step_mdp(tb)
+        if reset:
+            starts += 1
+            ta, tb = raw.reset(), stacked.reset()
+    raw.close()
+    stacked.close()
+    assert starts >= 1  # the comparison crossed an episode boundary
+    # a stateless act starts an episode: its answer is a session's first step
+    frame = b64(ta["observation"].numpy())
+    first = client.post(f"/v1/sessions/{new_session(client, 'pix-cat')}/act", json={"observation": frame})
+    assert (
+        client.post("/v1/policies/pix-cat/act", json={"observation": frame}).json()["action"]
+        == first.json()["action"]
+    )

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional
-from torchrl.envs import Compose, ObservationNorm, ObservationTransform, ToTensorImage
+from torchrl.envs import CatFrames, Compose, ObservationNorm, ObservationTransform, ToTensorImage
 from torchrl.envs import GrayScale as _TorchRLGrayScale
 from torchrl.envs import Resize as _TorchRLResize
 
 from service.registry.spec import (
+    CatFramesSpec,
     GrayScaleSpec,
     ObservationNormSpec,
     ObservationSpec,
@@ -104,10 +105,12 @@ def split_for_storage(
     """``specs`` cut where the observation stops being ``uint8``: training envs apply the first
     part (so replay buffers store small uint8 frames), the policy the rest (e.g. the float
     ``observation_norm``). Applying both in order is applying ``specs``."""
+    if not specs:
+        return [], []
     x = torch.zeros(observation.shape, dtype=DTYPES[observation.dtype])
     cut = 0
     for i, s in enumerate(specs):
-        x = make_transform(s)._apply_transform(x)
+        x = _apply_one(s, x)
         if x.dtype != torch.uint8:
             break
         cut = i + 1
@@ -123,6 +126,8 @@ def make_transform(spec: PreprocessSpec, key: str = OBSERVATION) -> ObservationT
         return GrayScale(in_keys=keys)
     if isinstance(spec, ResizeSpec):
         return Resize(spec.w, spec.h, interpolation=spec.interpolation, in_keys=keys)
+    if isinstance(spec, CatFramesSpec):
+        return CatFrames(N=spec.N, dim=spec.dim, in_keys=keys, padding=spec.padding)
     if isinstance(spec, ObservationNormSpec):
         return ObservationNorm(
             loc=torch.tensor(spec.loc, dtype=torch.float32),
@@ -149,9 +154,51 @@ def preprocessed_shape(observation: ObservationSpec, specs: list[PreprocessSpec]
     x = torch.zeros(observation.shape, dtype=DTYPES[observation.dtype])
     for s in specs:
         try:
-            x = make_transform(s)._apply_transform(x)
+            x = _apply_one(s, x)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
                 f"preprocess {s.type} does not fit an observation of shape {list(x.shape)}: {exc}"
             ) from None
     return list(x.shape), str(x.dtype).removeprefix("torch.")
+
+
+def _apply_one(spec: PreprocessSpec, x: torch.Tensor) -> torch.Tensor:
+    """One entry on one tensor (cat_frames: a first step, the frame repeated N times)."""
+    if isinstance(spec, CatFramesSpec):
+        return torch.cat([x] * spec.N, dim=spec.dim)
+    return make_transform(spec)._apply_transform(x)
+
+
+class FrameStack:
+    """``cat_frames`` on a batch of single steps, with the history as explicit state (TorchRL's
+    ``CatFrames`` keeps it inside the transform, one buffer per env, which a server holding many
+    sessions cannot share): ``step(frame, history, starts) -> (stacked, next_history)``.
+
+    ``history`` is ``[B, N-1, *frame]`` (oldest first); rows where ``starts`` is true begin an
+    episode and take the frame itself as their history, as ``padding="same"`` does.
+    """
+
+    def __init__(self, spec: CatFramesSpec) -> None:
+        self.n, self.dim = spec.N, spec.dim
+
+    def initial(self, frame_shape: list[int], dtype: torch.dtype, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.n - 1, *frame_shape, dtype=dtype)
+
+    def step(
+        self, frame: torch.Tensor, history: torch.Tensor, starts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        repeated = frame.unsqueeze(1).expand(-1, self.n - 1, *frame.shape[1:])
+        where = starts.reshape(-1, *([1] * (history.dim() - 1))).to(history.device)
+        history = torch.where(where, repeated, history.to(frame.dtype))
+        window = torch.cat([history, frame.unsqueeze(1)], dim=1)  # [B, N, *frame]
+        return torch.cat(window.unbind(1), dim=self.dim), window[:, 1:]
+
+
+def split_at_frames(
+    specs: list[PreprocessSpec],
+) -> tuple[list[PreprocessSpec], CatFramesSpec | None, list[PreprocessSpec]]:
+    """``specs`` as (before cat_frames, the cat_frames entry or None, after it)."""
+    for i, s in enumerate(specs):
+        if isinstance(s, CatFramesSpec):
+            return specs[:i], s, specs[i + 1 :]
+    return specs, None, []

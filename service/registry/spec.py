@@ -263,12 +263,25 @@ class ObservationNormSpec(_Strict):
         return self
 
 
+class CatFramesSpec(_Strict):
+    """TorchRL ``CatFrames``: the last ``N`` (preprocessed) frames concatenated along ``dim``,
+    oldest first; at an episode's first step the history repeats that frame (``padding="same"``).
+    The history is per-env state, like an LSTM's: a session keeps it, ``reset`` clears it, and a
+    stateless act starts an episode at every observation."""
+
+    type: Literal["cat_frames"]
+    N: int = Field(ge=2, le=16)
+    dim: int = Field(-3, ge=-4, le=-1)
+    padding: Literal["same"] = "same"
+
+
 def _flatten(x: Numbers) -> list[float]:
     return [v for i in x for v in _flatten(i)] if isinstance(x, list) else [x]
 
 
 PreprocessSpec = Annotated[
-    ToTensorImageSpec | GrayScaleSpec | ResizeSpec | ObservationNormSpec, Field(discriminator="type")
+    ToTensorImageSpec | GrayScaleSpec | ResizeSpec | ObservationNormSpec | CatFramesSpec,
+    Field(discriminator="type"),
 ]
 _PREPROCESS = TypeAdapter(PreprocessSpec)
 
@@ -328,6 +341,8 @@ class PolicySpec(_Strict):
             raise ValueError(f"distribution applies to kind 'probabilistic' only, not {self.kind!r}")
         if (self.preprocess or self.network.conv) and not isinstance(self.observation, ObservationSpec):
             raise ValueError("preprocess and network.conv apply to a tensor observation {shape, dtype}")
+        if sum(isinstance(p, CatFramesSpec) for p in self.preprocess) > 1:
+            raise ValueError("preprocess may hold one cat_frames")
         return self
 
     def summary(self) -> dict[str, Any]:

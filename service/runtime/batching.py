@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from service.runtime.policy import ActResult, Exploration, PolicyRuntime
+from service.runtime.policy import ActResult, Exploration, PolicyRuntime, State
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ class BatchKey(NamedTuple):
 @dataclass
 class _Item:
     obs: torch.Tensor
-    state: tuple[torch.Tensor, torch.Tensor] | None
+    state: State | None
     is_init: torch.Tensor | None
     return_info: bool
     mask: torch.Tensor | None
@@ -107,7 +107,7 @@ class MicroBatcher:
         noise_std: float | None = None,
         seed: int | None = None,
         return_info: bool = False,
-        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        state: State | None = None,
         is_init: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> ActResult:
@@ -121,7 +121,7 @@ class MicroBatcher:
             seed,
             next(self._tickets) if seed is not None else 0,
         )
-        if runtime.recurrent and state is None:
+        if runtime.stateful and state is None:
             state = runtime.zero_state(obs.shape[0])
             is_init = torch.ones(obs.shape[0], dtype=torch.bool)
         self._groups.setdefault(key, []).append(_Item(obs, state, is_init, return_info, mask, future))
@@ -165,8 +165,8 @@ class MicroBatcher:
         runtime = key.runtime
         obs = items[0].obs if len(items) == 1 else torch.cat([i.obs for i in items])
         state = is_init = None
-        if runtime.recurrent:
-            state = (torch.cat([i.state[0] for i in items]), torch.cat([i.state[1] for i in items]))
+        if runtime.stateful:
+            state = tuple(torch.cat(parts) for parts in zip(*(i.state for i in items), strict=True))
             is_init = torch.cat(
                 [
                     i.is_init if i.is_init is not None else torch.zeros(i.obs.shape[0], dtype=torch.bool)

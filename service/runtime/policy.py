@@ -22,7 +22,13 @@ from torchrl.modules import QValueModule
 
 from service.errors import InvalidInput
 from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
-from service.registry.preprocess import make_preprocess
+from service.registry.preprocess import (
+    ApplyTransforms,
+    FrameStack,
+    make_preprocess,
+    preprocessed_shape,
+    split_at_frames,
+)
 from service.registry.spec import (
     DictObservationSpec,
     DiscreteObservationSpec,
@@ -30,6 +36,9 @@ from service.registry.spec import (
     PolicySpec,
 )
 from service.runtime.arrays import decode
+
+# Per-env state between steps: (h, c) for an LSTM, then the frame history for cat_frames.
+State = tuple[torch.Tensor, ...]
 
 
 class Exploration(str, Enum):
@@ -55,13 +64,13 @@ class ActResult:
         action: ``[B]`` int64 (discrete) or ``[B, d]`` float32 (box).
         info: per-observation extras (``action_value``, ``log_prob``…) when asked for.
         exploration: the exploration type actually used (see ``PolicyRuntime.resolve``).
-        state: the next recurrent state ``(h, c)``, each ``[B, num_layers, hidden]``, or None.
+        state: the next per-env state (``PolicyRuntime.zero_state``'s layout), or None.
     """
 
     action: torch.Tensor
     info: dict[str, torch.Tensor] | None
     exploration: Exploration
-    state: tuple[torch.Tensor, torch.Tensor] | None
+    state: State | None
 
     def rows(self, start: int, stop: int, with_info: bool) -> ActResult:
         """The slice of a batched result that belongs to one caller."""
@@ -70,7 +79,7 @@ class ActResult:
             info = {k: v[start:stop] for k, v in self.info.items()}
         state = None
         if self.state is not None:
-            state = (self.state[0][start:stop], self.state[1][start:stop])
+            state = tuple(t[start:stop] for t in self.state)
         return ActResult(self.action[start:stop], info, self.exploration, state)
 
     def payload(self, single: bool) -> dict:
@@ -116,16 +125,23 @@ class PolicyRuntime:
         self.core = built.core.eval()
         self.explore = built.explore
         self.explorer = TensorDictSequential(self.core, self.explore).eval() if self.explore else None
-        # the spec's TorchRL transforms, applied to the raw observation before the network
-        self.preprocess = make_preprocess(spec.preprocess)
-        if self.preprocess is not None:
-            self.preprocess = self.preprocess.to(device).eval()
+        # the spec's TorchRL transforms, applied to the raw observation before the network;
+        # cat_frames splits them, its frame history being per-env state
+        before, cat, after = split_at_frames(spec.preprocess)
+        self.pre_frames = _apply(before, device)
+        self.frames = FrameStack(cat) if cat is not None else None
+        self.post_frames = _apply(after, device)
+        if cat is not None:
+            shape, dtype = preprocessed_shape(spec.observation, before)
+            self.frame_shape, self.frame_dtype = shape, getattr(torch, dtype)
         # cheap enough to run on the event loop when the batch is small (vector MLPs); image
         # policies always run on the executor thread
-        self.light = spec.network.conv is None and self.preprocess is None
+        self.light = spec.network.conv is None and not spec.preprocess
         self.n_actions = spec.action.n if self.discrete else None
         self.recurrent = spec.recurrent is not None
         self.state_shape = (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
+        # per-env state kept between steps (sessions, rollouts): LSTM (h, c), frame history
+        self.stateful = self.recurrent or self.frames is not None
         # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
         # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
         # small MLPs). Tests check it against the TorchRL module called directly.
@@ -211,11 +227,17 @@ class PolicyRuntime:
                 raise InvalidInput(f"{where} allows no action: at least one of the {n} must be true")
         return torch.tensor(masks, dtype=torch.bool)
 
-    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.state_shape is None:
-            return None
-        z = torch.zeros(batch, *self.state_shape, device=self.device)
-        return z, z.clone()
+    def zero_state(self, batch: int) -> State | None:
+        """The state of ``batch`` envs before their first step: ``(h, c)`` (LSTM, each
+        ``[B, num_layers, hidden]``) then the frame history (cat_frames, ``[B, N-1, *frame]``),
+        whichever the policy has; None when it has neither."""
+        parts: list[torch.Tensor] = []
+        if self.state_shape is not None:
+            z = torch.zeros(batch, *self.state_shape, device=self.device)
+            parts += [z, z.clone()]
+        if self.frames is not None:
+            parts.append(self.frames.initial(self.frame_shape, self.frame_dtype, batch))
+        return tuple(parts) if parts else None
 
     def act(
         self,
@@ -226,23 +248,34 @@ class PolicyRuntime:
         noise_std: float | None = None,
         seed: int | None = None,
         return_info: bool = False,
-        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        state: State | None = None,
         is_init: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> ActResult:
         """Act on ``observation`` (from ``observation_batch``: already validated).
 
-        For recurrent policies ``state`` is the ``(h, c)`` before this step and ``is_init``
-        (``[B]`` bool) marks the first step of an episode (state zeroed, as in TorchRL); with no
-        state, every observation starts an episode. ``mask`` (``[B, n]`` bool, discrete
-        policies) marks the allowed actions; no exploration mode answers a masked one.
+        For stateful policies ``state`` is the one before this step (``zero_state``'s layout)
+        and ``is_init`` (``[B]`` bool) marks the first step of an episode (LSTM state zeroed as in
+        TorchRL, frame history refilled); with no state, every observation starts an episode.
+        ``mask`` (``[B, n]`` bool, discrete policies) marks the allowed actions; no exploration
+        mode answers a masked one.
         """
         used = self.resolve(exploration)
-        if self.preprocess is not None:
-            observation = self._preprocessed(observation)
-        if used is Exploration.deterministic and self._plain is not None:
-            return self._act_plain(observation, return_info, mask)
         batch = observation.shape[0]
+        if self.stateful:
+            if state is None:
+                state = self.zero_state(batch)
+                is_init = torch.ones(batch, dtype=torch.bool)
+            elif is_init is None:
+                is_init = torch.zeros(batch, dtype=torch.bool)
+        history = None
+        if not self.light:
+            with torch.inference_mode():
+                observation, history = self._preprocessed(observation, state, is_init)
+        if used is Exploration.deterministic and self._plain is not None:
+            result = self._act_plain(observation, return_info, mask)
+            result.state = None if history is None else (history,)
+            return result
         if isinstance(observation, TensorDict):  # a dict observation: its entries
             td = observation.to(self.device).copy()
         else:
@@ -252,11 +285,6 @@ class PolicyRuntime:
                 mask = torch.ones(batch, self.n_actions, dtype=torch.bool)
             td.set(ACTION_MASK, mask.to(self.device))
         if self.recurrent:
-            if state is None:
-                state = self.zero_state(batch)
-                is_init = torch.ones(batch, dtype=torch.bool)
-            elif is_init is None:
-                is_init = torch.zeros(batch, dtype=torch.bool)
             td.set("recurrent_state_h", state[0].to(self.device))
             td.set("recurrent_state_c", state[1].to(self.device))
             td.set("is_init", is_init.to(self.device).reshape(batch, 1))
@@ -271,17 +299,28 @@ class PolicyRuntime:
                 self.explore.sigma.fill_(std)
         with torch.inference_mode(), set_exploration_type(_TYPES[used]), seeded(seed, self.device):
             out = module(td)
-        next_state = None
+        parts: list[torch.Tensor] = []
         if self.recurrent:
-            next_state = (out.get(("next", "recurrent_state_h")), out.get(("next", "recurrent_state_c")))
+            parts += [out.get(("next", "recurrent_state_h")), out.get(("next", "recurrent_state_c"))]
+        if history is not None:
+            parts.append(history)
         info = self._info(out) if return_info else None
-        return ActResult(out.get("action"), info, used, next_state)
+        return ActResult(out.get("action"), info, used, tuple(parts) if parts else None)
 
-    def _preprocessed(self, observation: torch.Tensor) -> torch.Tensor:
-        batch = observation.shape[0]
-        td = TensorDict({"observation": observation.to(self.device)}, batch_size=[batch])
-        with torch.inference_mode():
-            return self.preprocess(td).get("observation")
+    def _preprocessed(
+        self, observation: torch.Tensor, state: State | None, is_init: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The spec's preprocessing of raw observations; with cat_frames, also the next frame
+        history (the last element of ``state``)."""
+        x = observation.to(self.device)
+        if self.pre_frames is not None:
+            x = self.pre_frames(x)
+        history = None
+        if self.frames is not None:
+            x, history = self.frames.step(x, state[-1], is_init)
+        if self.post_frames is not None:
+            x = self.post_frames(x)
+        return x, history
 
     def _act_plain(
         self, observation: torch.Tensor, return_info: bool, mask: torch.Tensor | None
@@ -376,3 +415,9 @@ def _short(value: object) -> str:
     """A client value for an error message: its type, or itself when short."""
     text = repr(value)
     return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _apply(specs: list, device: torch.device) -> ApplyTransforms | None:
+    """Preprocess entries as one module over a tensor, or None when there are none."""
+    compose = make_preprocess(specs)
+    return None if compose is None else ApplyTransforms(compose).to(device).eval()

@@ -1,7 +1,7 @@
 """Session stores: each client's recurrent state, kept by the server between calls.
 
 ``MemorySessionStore`` (one process) and ``RedisSessionStore`` (several API replicas) hold the
-same ``Session`` record. State travels as raw float32 bytes with its shape, never pickle.
+same ``Session`` record. State travels as raw bytes with its shape and dtype, never pickle.
 Calls on one session are applied in order through ``lock(session_id)``.
 """
 
@@ -25,6 +25,7 @@ from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_ava
 from service.runtime.policy import Exploration
 
 STORE = "the session store"
+STATE_DTYPES = {"float32": np.float32, "uint8": np.uint8}
 
 
 @dataclass
@@ -42,8 +43,8 @@ class Session:
     steps: int = 0
     expires_at: float = 0.0
     needs_init: torch.Tensor | None = None  # [num_envs] bool: next step starts an episode
-    h: torch.Tensor | None = None  # [num_envs, num_layers, hidden]
-    c: torch.Tensor | None = None
+    # the policy's per-env state (PolicyRuntime.zero_state): LSTM (h, c) and/or stacked frames
+    state: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.needs_init is None:
@@ -56,7 +57,7 @@ class Session:
 
     def reset(self) -> None:
         self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
-        self.h = self.c = None
+        self.state = None
 
     def public(self) -> dict:
         return {
@@ -82,7 +83,7 @@ class Session:
                 "session_id": self.session_id,
                 "steps": self.steps,
                 "expires_at": self.expires_at,
-                "state_shape": list(self.h.shape) if self.h is not None else None,
+                "state": None if self.state is None else [_layout(t) for t in self.state],
             }
         )
 
@@ -91,24 +92,31 @@ class Session:
             "meta": self.meta_json(),
             "needs_init": self.needs_init.numpy().astype(np.uint8).tobytes(),
         }
-        if self.h is not None:
-            fields["h"] = self.h.detach().cpu().contiguous().numpy().astype(np.float32).tobytes()
-            fields["c"] = self.c.detach().cpu().contiguous().numpy().astype(np.float32).tobytes()
+        for i, t in enumerate(self.state or ()):
+            fields[f"state{i}"] = t.detach().cpu().contiguous().numpy().tobytes()
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Session:
         meta = json.loads(fields[b"meta"])
-        shape = meta.pop("state_shape")
+        layout = meta.pop("state")
         expl = meta.pop("exploration")
         s = cls(**meta, exploration=Exploration(expl) if expl else None)
         s.needs_init = torch.from_numpy(
             np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy()
         )
-        if shape is not None:
-            s.h = torch.from_numpy(np.frombuffer(fields[b"h"], np.float32).copy()).reshape(shape)
-            s.c = torch.from_numpy(np.frombuffer(fields[b"c"], np.float32).copy()).reshape(shape)
+        if layout is not None:
+            s.state = tuple(
+                torch.from_numpy(
+                    np.frombuffer(fields[f"state{i}".encode()], STATE_DTYPES[t["dtype"]]).copy()
+                ).reshape(t["shape"])
+                for i, t in enumerate(layout)
+            )
         return s
+
+
+def _layout(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
 
 
 def _limit_error(max_sessions: int, soonest_expiry: float | None, now: float) -> Busy:

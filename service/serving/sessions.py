@@ -113,10 +113,8 @@ class SessionService:
             )
             is_init = session.needs_init | reset_mask(p.reset, session.num_envs)
             state = None
-            if runtime.recurrent:
-                state = (
-                    (session.h, session.c) if session.h is not None else runtime.zero_state(session.num_envs)
-                )
+            if runtime.stateful:
+                state = session.state if session.state is not None else runtime.zero_state(session.num_envs)
             e = p.explore
             result = await self.batcher.act(
                 runtime,
@@ -130,7 +128,7 @@ class SessionService:
                 mask=mask,
             )
             if result.state is not None:
-                session.h, session.c = result.state
+                session.state = result.state
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
             session.steps += 1
             await self.store.save(session)
