@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -229,12 +230,45 @@ def training_fps(frames_total: int, device: str) -> dict:
     }
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def replay_rss(frames_total: int, size: int, dtype: str) -> float:
+    """MB of resident memory a replay buffer of ``frames_total`` transitions takes once full:
+    ``observation`` and ``("next", "observation")`` frames of ``[1, size, size]``, as the pixel
+    DQN stores them (run in a fresh process per dtype)."""
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+    before = rss_mb()
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(frames_total))
+    chunk = 1000
+    frame = torch.zeros(chunk, 1, size, size, dtype=getattr(torch, dtype)) + 1
+    for _ in range(frames_total // chunk):
+        buffer.extend(
+            TensorDict(
+                {
+                    "observation": frame,
+                    "next": {"observation": frame},
+                    "action": torch.zeros(chunk, dtype=torch.long),
+                },
+                batch_size=[chunk],
+            )
+        )
+    return rss_mb() - before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--train-frames", type=int, default=1000)
+    ap.add_argument("--replay", nargs=3, metavar=("FRAMES", "SIZE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.replay:  # the child process of the replay-memory measurement
+        print(json.dumps(replay_rss(int(args.replay[0]), int(args.replay[1]), args.replay[2])))
+        return
     torch.set_num_threads(1)
     spec, weights, label = policy_files()
     batch = frames(32)
@@ -271,12 +305,18 @@ def main() -> None:
     local_32 = inprocess_rate(spec, weights, batch, args.seconds)
     decoding = decode_cost(spec, batch[0])
     train_cpu = training_fps(args.train_frames, "cpu")
+    replay = {}
+    for dtype in ("uint8", "float32"):
+        cmd = [sys.executable, "-m", "benchmarks.pixels", "--replay", "100000", "84", dtype]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        replay[dtype] = float(out.strip().splitlines()[-1])
     results = {
         "policy": label,
         "http_frames_per_s": {"single": http_1, "batch_32": http_32},
         "inprocess_frames_per_s": {"single": local_1, "batch_32": local_32},
         "decode_per_frame": decoding,
         "ws_session_steps_per_s": ws,
+        "replay_100k_84x84_rss_mb": replay,
         "training": [train_cpu]
         + ([training_fps(args.train_frames, "cuda")] if torch.cuda.is_available() else []),
     }

@@ -129,6 +129,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace) -> int:
+    """Publish a directory ``export_policy`` wrote (policy.json + weights.safetensors)."""
+    from service.sdk.client import PolicyClient, PolicyServerError
+
+    api_key = args.api_key or os.environ.get("POLICY_SERVER_API_KEY")
+    try:
+        with PolicyClient(args.url, api_key=api_key) as client:
+            version = client.upload(args.name, args.dir)
+    except (PolicyServerError, FileNotFoundError) as exc:
+        print(f"upload failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"policy": args.name, "version": version}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     tr.add_argument("--verbose", action="store_true")
     tr.set_defaults(func=_train)
+    up = sub.add_parser("upload", help="publish an exported policy directory as a new version")
+    up.add_argument("dir", help="the directory export_policy wrote")
+    up.add_argument("--name", required=True)
+    up.add_argument("--url", default="http://127.0.0.1:8000")
+    up.add_argument("--api-key", default=None, help="default: $POLICY_SERVER_API_KEY")
+    up.set_defaults(func=_upload)
     bench = sub.add_parser("bench", help="serving benchmark against baselines (make bench)")
     bench.add_argument("--seconds", type=int, default=10)
     bench.add_argument("--connections", type=int, default=32)

@@ -280,6 +280,7 @@ class EnvPublic(BaseModel):
     observation: dict[str, Any]
     action: dict[str, Any]
     action_mask: bool = False
+    pixels: bool = False
     description: str
 
 

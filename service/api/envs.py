@@ -19,6 +19,7 @@ def list_envs() -> dict:
                 "env_id": e.env_id,
                 "description": e.description,
                 "action_mask": e.action_mask,
+                "pixels": e.pixels,
                 **env_specs(e.env_id),
             }
             for e in ALLOWED.values()

@@ -58,6 +58,18 @@ class ScaledTanh(nn.Module):
         return self.low + (torch.tanh(x) + 1.0) * 0.5 * (self.high - self.low)
 
 
+class Clip(nn.Module):
+    """Clamp into ``[low, high]`` (an actor exported without a squashing head)."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("low", low.clone(), persistent=False)
+        self.register_buffer("high", high.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(x, self.high), self.low)
+
+
 class OneHot(nn.Module):
     """An integer observation as a one-hot float vector (RLlib's preprocessor for Discrete)."""
 
@@ -229,10 +241,13 @@ def build_policy(
             action_mask_key=mask_key,
         )
     elif spec.kind == "actor":
-        net = nn.Sequential(
-            _mlp(spec, in_features, spec.action.shape[0]),
-            ScaledTanh(a_spec.space.low, a_spec.space.high),
-        )
+        low, high = a_spec.space.low, a_spec.space.high
+        head = {
+            "scaled_tanh": [ScaledTanh(low, high)],
+            "tanh": [nn.Tanh(), Clip(low, high)],
+            "clip": [Clip(low, high)],
+        }[spec.squash]
+        net = nn.Sequential(_mlp(spec, in_features, spec.action.shape[0]), *head)
         modules.append(Actor(net, in_keys=[in_key], spec=a_spec))
         explore = AdditiveGaussianModule(
             spec=a_spec,

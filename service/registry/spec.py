@@ -318,6 +318,11 @@ class PolicySpec(_Strict):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     recurrent: RecurrentSpec | None = None
     distribution: Literal["normal", "tanh_normal", "categorical"] | None = None
+    squash: Literal["scaled_tanh", "tanh", "clip"] = Field(
+        "scaled_tanh",
+        description="How an actor's output meets the box (kind 'actor'): scaled_tanh maps tanh onto "
+        "[low, high]; tanh is a plain tanh then clipped into the box; clip clips the raw output.",
+    )
     env_id: str | None = Field(None, max_length=128)
     exploration: ExplorationDefaults = Field(default_factory=ExplorationDefaults)
     provenance: dict[str, Any] | None = None
@@ -341,6 +346,8 @@ class PolicySpec(_Strict):
             raise ValueError(f"distribution applies to kind 'probabilistic' only, not {self.kind!r}")
         if (self.preprocess or self.network.conv) and not isinstance(self.observation, ObservationSpec):
             raise ValueError("preprocess and network.conv apply to a tensor observation {shape, dtype}")
+        if self.squash != "scaled_tanh" and self.kind != "actor":
+            raise ValueError("squash applies to kind 'actor' only")
         if sum(isinstance(p, CatFramesSpec) for p in self.preprocess) > 1:
             raise ValueError("preprocess may hold one cat_frames")
         return self
