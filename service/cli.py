@@ -95,11 +95,33 @@ def _train(args: argparse.Namespace) -> int:
         command=command,
     )
     train = trainer_for(args.algorithm)
+    bar = _progress_bar(args.frames) if sys.stderr.isatty() and not args.verbose else None
 
     def progress(p: dict) -> None:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in p.items()}), flush=True)
+        if args.verbose:  # every point, as JSON lines
+            print(
+                json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in p.items()}), flush=True
+            )
+        elif bar is not None:
+            bar.n = p["frames"]
+            shown = {"fps": p.get("fps"), "return": p.get("mean_return"), "eps": p.get("epsilon")}
+            if p.get("eval_mean_return") is not None:
+                progress.last_eval = p["eval_mean_return"]
+            shown["eval"] = progress.last_eval
+            bar.set_postfix({k: round(v, 2) for k, v in shown.items() if v is not None}, refresh=True)
+        elif p.get("eval_mean_return") is not None:  # not a terminal: one line per evaluation
+            print(
+                f"frames {p['frames']}: evaluation {p['eval_mean_return']:.2f}, "
+                f"training return {p.get('mean_return')}, {p.get('fps', 0):.0f} frames/s",
+                flush=True,
+            )
 
-    trained = train(config, progress if args.verbose else None)
+    progress.last_eval = None
+    try:
+        trained = train(config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
     version = _publisher(settings)(args.name, trained.spec, trained.weights)
     print(
         json.dumps(
@@ -129,6 +151,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="frame", dynamic_ncols=True)
+
+
 def _upload(args: argparse.Namespace) -> int:
     """Publish a directory ``export_policy`` wrote (policy.json + weights.safetensors)."""
     from service.sdk.client import PolicyClient, PolicyServerError
@@ -147,10 +177,11 @@ def _upload(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the model repository (and consume jobs)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    serve = sub.add_parser("serve", help="serve the model repository (and consume jobs)", formatter_class=fmt)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (warning: no access log)")
     serve.add_argument(
         "--workers",
         type=int,
@@ -158,16 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         help="uvicorn worker processes (share sessions and jobs through Redis)",
     )
     serve.set_defaults(func=_serve)
-    worker = sub.add_parser("worker", help="consume training jobs")
+    worker = sub.add_parser("worker", help="consume training jobs", formatter_class=fmt)
     worker.set_defaults(func=_worker)
-    tr = sub.add_parser("train", help="train a policy into the model repository")
-    tr.add_argument("--algorithm", choices=ALGORITHMS, default="dqn")
-    tr.add_argument("--env", required=True)
-    tr.add_argument("--name", required=True)
-    tr.add_argument("--recurrent", action="store_true")
-    tr.add_argument("--frames", type=int, default=50_000)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto")
+    tr = sub.add_parser("train", help="train a policy into the model repository", formatter_class=fmt)
+    tr.add_argument("--algorithm", choices=ALGORITHMS, default="dqn", help="training algorithm")
+    tr.add_argument("--env", required=True, help="an allow-listed environment id (GET /v1/envs)")
+    tr.add_argument("--name", required=True, help="policy name to publish the trained version under")
+    tr.add_argument("--recurrent", action="store_true", help="an LSTM policy (dqn)")
+    tr.add_argument("--frames", type=int, default=50_000, help="environment frames to train on")
+    tr.add_argument("--seed", type=int, default=0, help="random seed")
+    tr.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     tr.add_argument(
         "--hp",
         action="append",
@@ -175,17 +206,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=JSON",
         help="hyperparameter override, e.g. --hp lr=0.001",
     )
-    tr.add_argument("--verbose", action="store_true")
+    tr.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every progress point as a JSON line (else a progress bar)",
+    )
     tr.set_defaults(func=_train)
-    up = sub.add_parser("upload", help="publish an exported policy directory as a new version")
+    up = sub.add_parser(
+        "upload", help="publish an exported policy directory as a new version", formatter_class=fmt
+    )
     up.add_argument("dir", help="the directory export_policy wrote")
-    up.add_argument("--name", required=True)
-    up.add_argument("--url", default="http://127.0.0.1:8000")
+    up.add_argument("--name", required=True, help="policy name")
+    up.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     up.add_argument("--api-key", default=None, help="default: $POLICY_SERVER_API_KEY")
     up.set_defaults(func=_upload)
-    bench = sub.add_parser("bench", help="serving benchmark against baselines (make bench)")
-    bench.add_argument("--seconds", type=int, default=10)
-    bench.add_argument("--connections", type=int, default=32)
+    bench = sub.add_parser(
+        "bench", help="serving benchmark against baselines (make bench)", formatter_class=fmt
+    )
+    bench.add_argument("--seconds", type=int, default=10, help="load duration per server")
+    bench.add_argument("--connections", type=int, default=32, help="concurrent connections")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import envs, health, jobs, policies, sessions
+from service.api import dashboard, envs, health, jobs, policies, sessions
 from service.api.errors import install_error_handlers
 from service.api.fastpath import FastActMiddleware
 from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -98,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes
     )
     install_error_handlers(app)
-    for router in (health, policies, envs, sessions, jobs):
+    for router in (health, policies, envs, sessions, jobs, dashboard):
         app.include_router(router.router)
     return app
 

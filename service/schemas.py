@@ -214,6 +214,11 @@ class SessionCreate(ExplorationFields):
         )
 
 
+class SessionSummary(BaseModel):
+    live: int
+    limit: int
+
+
 class SessionPublic(BaseModel):
     session_id: str
     policy: str

@@ -29,6 +29,7 @@ def live(tmp_path_factory):
     server = LiveServer.serving(
         root / "models", root, embedded_worker="true", max_sessions=str(MAX_SESSIONS), registry_poll_s="0"
     )
+    server.root = root
     yield server
     server.stop()
 
@@ -132,7 +133,7 @@ def test_rollouts_uploads_and_defaults(client, tmp_path):
     assert client.act("mine", [0.0] * 4).version == v1
 
 
-def test_jobs_are_submitted_waited_for_and_their_curve_read(client):
+def test_jobs_are_submitted_waited_for_and_their_curve_read(client, live):
     job = client.submit_job(
         algorithm="dqn",
         env_id="CartPole-v1",
@@ -148,6 +149,10 @@ def test_jobs_are_submitted_waited_for_and_their_curve_read(client):
     points = client.job_metrics(job.job_id)
     assert points and points[-1]["frames"] >= 400
     assert client.act("from-client", [0.0] * 4).version == done.result["version"]
+    # the job's scalars, written through torchrl.record.loggers (CSV: step = frames, value)
+    loss_csv = live.root / "var" / "jobs" / job.job_id / "scalars" / "loss.csv"
+    rows = [line.split(",") for line in loss_csv.read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == [p["frames"] for p in points if p["loss"] is not None]
 
 
 def test_the_async_client(live):

@@ -10,9 +10,20 @@ from service.api.deps import Inference, SessionsDep
 from service.api.errors import error_answer, invalid_body
 from service.api.responses import FastJSONResponse
 from service.errors import ServiceError
-from service.schemas import SessionActRequest, SessionActResponse, SessionCreate, SessionPublic
+from service.schemas import (
+    SessionActRequest,
+    SessionActResponse,
+    SessionCreate,
+    SessionPublic,
+    SessionSummary,
+)
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=[Inference])
+
+
+@router.get("", response_model=SessionSummary)
+async def session_summary(sessions: SessionsDep) -> dict:
+    return await sessions.summary()
 
 
 @router.post("", status_code=201, response_model=SessionPublic)

@@ -42,6 +42,10 @@ class SessionService:
         self.batcher = batcher
         self.settings = settings
 
+    async def summary(self) -> dict[str, Any]:
+        """How many sessions are live, and the limit (the dashboard shows both)."""
+        return {"live": await self.store.count(), "limit": self.settings.max_sessions}
+
     async def create(self, p: SessionCreateParams) -> dict[str, Any]:
         s = self.settings
         loaded = self.registry.resolve(p.policy, p.version)

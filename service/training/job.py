@@ -24,7 +24,7 @@ class JobStatus(str, Enum):
 FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 PROGRESS_FIELDS = ("frames", "total_frames", "episodes", "mean_return", "loss", "epsilon", "fps")
-POINT_FIELDS = ("frames", "time_s", "mean_return", "loss", "epsilon", "eval_mean_return")
+POINT_FIELDS = ("frames", "time_s", "mean_return", "loss", "epsilon", "fps", "eval_mean_return")
 
 
 def now_iso() -> str:

@@ -12,7 +12,12 @@ from service.training.worker import JobContext, JobWorker, Publisher, register_r
 def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWorker]:
     store = make_job_store(settings.queue_url, settings.data_dir)
     huey = make_huey(settings.queue_url, settings.data_dir)
-    ctx = JobContext(store, publish, heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4))
+    ctx = JobContext(
+        store,
+        publish,
+        heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4),
+        log_dir=settings.data_dir / "jobs",
+    )
     task = register_run_job(huey, ctx)
     worker = JobWorker(huey, ctx, settings.job_heartbeat_timeout_s, sweep_s=settings.job_sweep_s or 30.0)
     return JobQueue(store, task), worker

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from huey.api import Huey, TaskWrapper
@@ -28,6 +29,7 @@ from service.training.common import TrainedPolicy
 from service.training.job import POINT_FIELDS, PROGRESS_FIELDS, Job, JobStatus, now_iso, this_worker
 from service.training.job_store import JobStore
 from service.training.queue import TASK_NAME
+from service.training.tracking import JobLog
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class JobContext:
     publish: Publisher
     heartbeat_s: float = 10.0
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown
+    log_dir: Path | None = None  # per-job CSV/TensorBoard scalars (tracking.JobLog) go under it
 
 
 # -- one job: start / progress / finish -----------------------------------------------------
@@ -129,10 +132,17 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         config = build_config(
             req, device=device, job_id=job_id, command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}"
         )
+        tracker = JobLog(ctx.log_dir, job_id) if ctx.log_dir is not None else None
+
+        def on_progress(point: dict[str, Any]) -> None:
+            record_progress(ctx, job_id, point)
+            if tracker is not None:
+                tracker.log(point)
+
         with heartbeat(ctx, job_id):
             trained = trainer_for(req["algorithm"])(
                 config,
-                lambda point: record_progress(ctx, job_id, point),
+                on_progress,
                 lambda: ctx.stopping.is_set() or ctx.store.cancel_requested(job_id),
             )
         finish_job(ctx, job, trained)
