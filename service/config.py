@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_budget() -> int:
+    """An eighth of this machine's physical memory, at most 4 GiB."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 * 2**30
+    return min(4 * 2**30, physical // 8)
 
 
 class Settings(BaseSettings):
@@ -32,6 +42,12 @@ class Settings(BaseSettings):
         1024, ge=1, description="Most observations micro-batched into one forward pass."
     )
     max_sessions: int = Field(10_000, ge=1, description="Live sessions before 429.")
+    max_session_state_bytes: int = Field(
+        default_factory=lambda: default_state_budget(),
+        ge=0,
+        description="Bytes of per-env state (LSTM h/c, frame history) live sessions of this process "
+        "may hold together, 429 beyond; default: an eighth of physical memory, at most 4 GiB.",
+    )
     session_ttl_s: float = Field(900.0, gt=0, description="Default idle time before expiry.")
     max_session_ttl_s: float = Field(86_400.0, gt=0, description="Largest ttl_s a client may ask.")
     max_session_envs: int = Field(1024, ge=1, description="Largest num_envs of one session.")

@@ -36,6 +36,11 @@ class Metrics:
             registry=self.registry,
         )
         self.live_sessions = Gauge("policy_server_live_sessions", "Live sessions", registry=self.registry)
+        self.session_state_bytes = Gauge(
+            "policy_server_session_state_bytes",
+            "Bytes of per-env state reserved by the live sessions of this process (memory store)",
+            registry=self.registry,
+        )
         self.jobs = Gauge("policy_server_jobs", "Training jobs by status", ["status"], registry=self.registry)
         self.training_fps = Gauge(
             "policy_server_training_fps", "Frames per second of running training jobs", registry=self.registry

@@ -229,3 +229,28 @@ def test_protected_inference_needs_the_key_for_act_sessions_and_stream(settings)
         with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=auth) as ws:
             ws.send_json({"observation": [0, 0, 0, 0]})
             assert ws.receive_json()["step"] == 1
+
+
+def test_live_session_state_is_budgeted_and_refused_with_429_beyond(settings):
+    """q-lstm keeps h and c ([1, 16] float32 each) per env: 128 bytes. With a 1 KiB budget, an
+    8-env session takes it all; the next stateful session is refused (429, Retry-After, a
+    sentence), the server stays up and serves the live one, stateless sessions cost nothing,
+    and deleting the session frees its share."""
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings.max_session_state_bytes = 1024
+    with TestClient(create_app(settings)) as c:
+        full = c.post("/v1/sessions", json={"policy": "q-lstm", "num_envs": 8})
+        assert full.status_code == 201, full.text
+        sid = full.json()["session_id"]
+        r = c.post("/v1/sessions", json={"policy": "q-lstm", "num_envs": 1})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "1024 bytes of state" in r.json()["detail"] and "128 more" in r.json()["detail"]
+        steps = c.post(f"/v1/sessions/{sid}/act", json={"observations": [[0.1, 0.2, 0.3, 0.4]] * 8})
+        assert steps.status_code == 200 and len(steps.json()["actions"]) == 8
+        assert c.post("/v1/sessions", json={"policy": "q", "num_envs": 64}).status_code == 201  # stateless
+        assert "policy_server_session_state_bytes 1024.0" in c.get("/metrics").text
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+        assert c.post("/v1/sessions", json={"policy": "q-lstm", "num_envs": 8}).status_code == 201

@@ -34,6 +34,7 @@ async def metrics(request: Request, sessions: SessionsDep, jobs: JobsDep) -> Res
     m = request.app.state.metrics
     try:
         m.live_sessions.set(await sessions.store.count())
+        m.session_state_bytes.set(getattr(sessions.store, "state_bytes", 0))
         counts, fps = await jobs.counts()
         m.training_fps.set(fps)
         for status, n in counts.items():

@@ -142,6 +142,8 @@ class PolicyRuntime:
         self.state_shape = (spec.recurrent.num_layers, spec.recurrent.hidden_size) if spec.recurrent else None
         # per-env state kept between steps (sessions, rollouts): LSTM (h, c), frame history
         self.stateful = self.recurrent or self.frames is not None
+        state = self.zero_state(1)
+        self.state_bytes_per_env = sum(t.nbytes for t in state) if state is not None else 0
         # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
         # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
         # small MLPs). Tests check it against the TorchRL module called directly.

@@ -45,6 +45,7 @@ class Session:
     needs_init: torch.Tensor | None = None  # [num_envs] bool: next step starts an episode
     # the policy's per-env state (PolicyRuntime.zero_state): LSTM (h, c) and/or stacked frames
     state: tuple[torch.Tensor, ...] | None = None
+    state_bytes: int = 0  # what that state takes once stepped: counted against the budget
 
     def __post_init__(self) -> None:
         if self.needs_init is None:
@@ -83,6 +84,7 @@ class Session:
                 "session_id": self.session_id,
                 "steps": self.steps,
                 "expires_at": self.expires_at,
+                "state_bytes": self.state_bytes,
                 "state": None if self.state is None else [_layout(t) for t in self.state],
             }
         )
@@ -131,7 +133,9 @@ class SessionStore(ABC):
     """Where sessions live. Every method is safe to call from the event loop."""
 
     @abstractmethod
-    async def create(self, session: Session, max_sessions: int) -> None: ...
+    async def create(self, session: Session, max_sessions: int, max_state_bytes: int | None = None) -> None:
+        """Store a new session, or raise ``Busy`` (429) when ``max_sessions`` are live or (stores
+        that hold state in this process) their state would pass ``max_state_bytes``."""
 
     @abstractmethod
     async def get(self, session_id: str) -> Session | None: ...
@@ -167,20 +171,36 @@ class MemorySessionStore(SessionStore):
         self.clock = clock
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.state_bytes = 0  # reserved by the live sessions (Session.state_bytes summed)
 
     def _purge(self) -> None:
         now = self.clock()
         for sid in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-            self._sessions.pop(sid, None)
-            self._locks.pop(sid, None)
+            self._drop(sid)
 
-    async def create(self, session: Session, max_sessions: int) -> None:
+    def _drop(self, session_id: str) -> bool:
+        self._locks.pop(session_id, None)
+        gone = self._sessions.pop(session_id, None)
+        if gone is not None:
+            self.state_bytes -= gone.state_bytes
+        return gone is not None
+
+    async def create(self, session: Session, max_sessions: int, max_state_bytes: int | None = None) -> None:
         self._purge()
+        soonest = min((s.expires_at for s in self._sessions.values()), default=None)
         if len(self._sessions) >= max_sessions:
-            soonest = min((s.expires_at for s in self._sessions.values()), default=None)
             raise _limit_error(max_sessions, soonest, self.clock())
+        if max_state_bytes is not None and self.state_bytes + session.state_bytes > max_state_bytes:
+            wait = 1 if soonest is None else max(1, int(soonest - self.clock()) + 1)
+            raise Busy(
+                f"live sessions hold {self.state_bytes} bytes of state; this one needs "
+                f"{session.state_bytes} more and the budget is {max_state_bytes} "
+                "(MAX_SESSION_STATE_BYTES): delete idle sessions, use fewer num_envs, or retry later",
+                retry_after_s=wait,
+            )
         session.touch(self.clock())
         self._sessions[session.session_id] = session
+        self.state_bytes += session.state_bytes
 
     async def get(self, session_id: str) -> Session | None:
         s = self._sessions.get(session_id)
@@ -195,8 +215,7 @@ class MemorySessionStore(SessionStore):
             self._sessions[session.session_id] = session
 
     async def delete(self, session_id: str) -> bool:
-        self._locks.pop(session_id, None)
-        return self._sessions.pop(session_id, None) is not None
+        return self._drop(session_id)
 
     async def count(self) -> int:
         self._purge()
@@ -233,7 +252,8 @@ class RedisSessionStore(SessionStore):
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
 
-    async def create(self, session: Session, max_sessions: int) -> None:
+    async def create(self, session: Session, max_sessions: int, max_state_bytes: int | None = None) -> None:
+        # the state lives in Redis, not in this process: Redis's own maxmemory bounds it
         r = self._redis
         with redis_available(STORE):
             await r.zremrangebyscore(self.INDEX, "-inf", time.time())

@@ -60,8 +60,9 @@ class SessionService:
             exploration=p.explore.exploration,
             epsilon=p.explore.epsilon,
             noise_std=p.explore.noise_std,
+            state_bytes=loaded.runtime.state_bytes_per_env * p.num_envs,
         )
-        await self.store.create(session, s.max_sessions)
+        await self.store.create(session, s.max_sessions, s.max_session_state_bytes)
         return session.public()
 
     async def _load(self, session_id: str) -> Session:
