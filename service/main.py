@@ -24,6 +24,7 @@ from service.runtime.batching import InferenceExecutor, MicroBatcher
 from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import make_session_store
 from service.serving.acting import ActService
+from service.serving.feeds import JobFeeds
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
 from service.serving.rollouts import RolloutService
@@ -56,7 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(registry.load_all)
         queue, worker = build_jobs(settings, registry.publish)
         state.act_service = ActService(registry, state.batcher, settings)
-        state.session_service = SessionService(state.session_store, registry, state.batcher, settings)
+        state.job_feeds = JobFeeds(
+            settings.data_dir / "experience", queue.store, resolve_device(settings.device)
+        )
+        state.session_service = SessionService(
+            state.session_store, registry, state.batcher, settings, state.job_feeds
+        )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
         state.policy_service = PolicyService(registry, state.session_service)
         state.job_service = JobService(queue.store, queue, settings)
@@ -80,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.embedded_worker:
                 await asyncio.to_thread(worker.stop)
             state.executor.shutdown()
+            state.job_feeds.flush_all()  # reported transitions not yet written
             await state.session_store.close()
 
     app = FastAPI(

@@ -199,18 +199,32 @@ class DefaultVersionIn(_In):
 
 # -- sessions --------------------------------------------------------------------------------
 class SessionCreate(ExplorationFields):
-    policy: str = Field(pattern=NAME_PATTERN, max_length=64)
+    policy: str | None = Field(None, pattern=NAME_PATTERN, max_length=64)
+    job: str | None = Field(
+        None, max_length=64, description="Instead of policy: act with this source-sessions job's learner."
+    )
     version: int | None = Field(None, ge=1)
     num_envs: int = Field(1, ge=1)
     ttl_s: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _policy_or_job(self):
+        if (self.policy is None) == (self.job is None):
+            raise ValueError(
+                "send exactly one of 'policy' (a served policy) or 'job' (a job learning from sessions)"
+            )
+        if self.job is not None and self.version is not None:
+            raise ValueError("'version' goes with 'policy'; a job's sessions act with its latest weights")
+        return self
+
     def params(self) -> SessionCreateParams:
         return SessionCreateParams(
-            self.policy,
+            self.policy or "",
             self.version,
             self.num_envs,
             self.explore,
             self.ttl_s,
+            self.job,
         )
 
 
@@ -226,16 +240,37 @@ class SessionPublic(BaseModel):
     num_envs: int
     steps: int
     expires_at: datetime
+    job: str | None = None
 
 
 class SessionActRequest(_ObservationsIn, ExplorationIn):
     reset: bool | list[bool] | None = Field(
         None, description="First step of a new episode: one bool, or one per env."
     )
+    reward: Number | list[Number | None] | None = Field(
+        None,
+        description="Job sessions: the previous action's reward (one value, or one per env; null for "
+        "an env with nothing to report, e.g. one that starts an episode in this call).",
+    )
+    terminated: StrictBool | list[StrictBool] | None = Field(
+        None, description="Job sessions: the episode ended (this observation is its last)."
+    )
+    truncated: StrictBool | list[StrictBool] | None = Field(
+        None, description="Job sessions: the episode was cut short (this observation is its last)."
+    )
 
     def params(self, session_id: str) -> SessionStepParams:
         return SessionStepParams(
-            session_id, self.rows, self.single, self.reset, self.explore, self.return_info, self.masks
+            session_id,
+            self.rows,
+            self.single,
+            self.reset,
+            self.explore,
+            self.return_info,
+            self.masks,
+            self.reward,
+            self.terminated,
+            self.truncated,
         )
 
 
@@ -243,6 +278,9 @@ class SessionActResponse(BaseModel):
     action: Any | None = None
     actions: list[Any] | None = None
     step: int
+    policy_frames: int | None = Field(
+        None, description="Job sessions: the reported frames the acting weights were learned from."
+    )
     policy: str
     version: int
     exploration: Exploration
@@ -301,7 +339,14 @@ class JobCreate(_In):
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
         "policy) or td3 (box; deterministic actor)."
     )
-    env_id: str = Field(max_length=128, description="An allow-listed environment id.")
+    source: Literal["env", "sessions"] = Field(
+        "env",
+        description="env: the server steps env_id; sessions: clients report transitions through "
+        "sessions bound to the job (dqn; give observation and action instead of env_id).",
+    )
+    env_id: str | None = Field(None, max_length=128, description="An allow-listed environment id.")
+    observation: dict[str, Any] | None = Field(None, description="source sessions: policy.json's observation")
+    action: dict[str, Any] | None = Field(None, description="source sessions: policy.json's action")
     policy_name: str = Field(
         pattern=NAME_PATTERN, max_length=64, description="Published as a new version of this policy."
     )
@@ -310,6 +355,24 @@ class JobCreate(_In):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hyperparameters: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.source == "env":
+            if self.env_id is None:
+                raise ValueError("env_id is required (or source 'sessions' with observation and action)")
+            if self.observation is not None or self.action is not None:
+                raise ValueError("observation and action go with source 'sessions'; an env has its own")
+        else:
+            if self.env_id is not None:
+                raise ValueError(
+                    "source 'sessions' learns from clients: send observation and action, no env_id"
+                )
+            if self.observation is None or self.action is None:
+                raise ValueError(
+                    "source 'sessions' needs the observation and action specs (policy.json form)"
+                )
+        return self
 
 
 class JobPublic(BaseModel):

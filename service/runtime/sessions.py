@@ -25,7 +25,7 @@ from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_ava
 from service.runtime.policy import Exploration
 
 STORE = "the session store"
-STATE_DTYPES = {"float32": np.float32, "uint8": np.uint8}
+STATE_DTYPES = {"float32": np.float32, "uint8": np.uint8, "int64": np.int64, "bool": np.bool_}
 
 
 @dataclass
@@ -46,6 +46,10 @@ class Session:
     # the policy's per-env state (PolicyRuntime.zero_state): LSTM (h, c) and/or stacked frames
     state: tuple[torch.Tensor, ...] | None = None
     state_bytes: int = 0  # what that state takes once stepped: counted against the budget
+    job: str | None = None  # bound to a source-sessions job: acts with its learner's policy
+    # (job sessions) per env: the previous observation and action, whether there is one, and
+    # the running episode return; a reported reward turns them into a transition
+    pending: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.needs_init is None:
@@ -59,6 +63,7 @@ class Session:
     def reset(self) -> None:
         self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
         self.state = None
+        self.pending = None
 
     def public(self) -> dict:
         return {
@@ -67,6 +72,7 @@ class Session:
             "version": self.version,
             "num_envs": self.num_envs,
             "steps": self.steps,
+            "job": self.job,
             "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at)),
         }
 
@@ -86,6 +92,8 @@ class Session:
                 "expires_at": self.expires_at,
                 "state_bytes": self.state_bytes,
                 "state": None if self.state is None else [_layout(t) for t in self.state],
+                "pending": None if self.pending is None else [_layout(t) for t in self.pending],
+                "job": self.job,
             }
         )
 
@@ -96,25 +104,34 @@ class Session:
         }
         for i, t in enumerate(self.state or ()):
             fields[f"state{i}"] = t.detach().cpu().contiguous().numpy().tobytes()
+        for i, t in enumerate(self.pending or ()):
+            fields[f"pending{i}"] = t.detach().cpu().contiguous().numpy().tobytes()
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Session:
         meta = json.loads(fields[b"meta"])
         layout = meta.pop("state")
+        pending = meta.pop("pending", None)
         expl = meta.pop("exploration")
         s = cls(**meta, exploration=Exploration(expl) if expl else None)
         s.needs_init = torch.from_numpy(
             np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy()
         )
         if layout is not None:
-            s.state = tuple(
-                torch.from_numpy(
-                    np.frombuffer(fields[f"state{i}".encode()], STATE_DTYPES[t["dtype"]]).copy()
-                ).reshape(t["shape"])
-                for i, t in enumerate(layout)
-            )
+            s.state = _tensors(fields, "state", layout)
+        if pending is not None:
+            s.pending = _tensors(fields, "pending", pending)
         return s
+
+
+def _tensors(fields: dict[bytes, bytes], prefix: str, layout: list[dict]) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.from_numpy(
+            np.frombuffer(fields[f"{prefix}{i}".encode()], STATE_DTYPES[t["dtype"]]).copy()
+        ).reshape(t["shape"])
+        for i, t in enumerate(layout)
+    )
 
 
 def _layout(t: torch.Tensor) -> dict:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from service.config import Settings
 from service.envs import check_env_id, env_specs
 from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit, validation_sentence
-from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config
+from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config, client_policy_spec
 from service.training.job import Job, JobStatus
 from service.training.job_store import JobStore
 from service.training.queue import JobQueue
@@ -25,7 +25,10 @@ class JobService:
 
     def check_request(self, request: dict[str, Any]) -> None:
         """Everything a job request must satisfy, checked before anything is recorded."""
-        algorithm, env_id = request["algorithm"], request["env_id"]
+        algorithm, env_id = request["algorithm"], request.get("env_id")
+        if request.get("source") == "sessions":
+            self._check_sessions_source(request)
+            return
         check_env_id(env_id)
         space = env_specs(env_id)["action"]["type"]
         needs = ACTION_SPACE[algorithm]
@@ -42,6 +45,25 @@ class JobService:
             raise InvalidInput(
                 f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
             ) from None
+
+    def _check_sessions_source(self, request: dict[str, Any]) -> None:
+        if request["algorithm"] != "dqn":
+            raise InvalidInput(f"source 'sessions' trains dqn only, not {request['algorithm']!r}")
+        if (request.get("observation") or {}).get("type") == "dict":
+            raise InvalidInput(
+                "source 'sessions' takes a tensor or discrete observation; "
+                "dict observations are not supported"
+            )
+        check_limit("total_frames", request["total_frames"], self.settings.max_total_frames)
+        try:
+            config = build_config(request)
+            client_policy_spec(config)
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"invalid job: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
+            ) from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     async def submit(self, request: dict[str, Any]) -> Job:
         self.check_request(request)

@@ -45,6 +45,7 @@ class SessionCreateParams:
     num_envs: int = 1
     explore: ExplorationParams = field(default_factory=ExplorationParams)
     ttl_s: float | None = None
+    job: str | None = None  # bound to a source-sessions job instead of a served policy
 
 
 @dataclass(slots=True)
@@ -58,6 +59,10 @@ class SessionStepParams:
     explore: ExplorationParams = field(default_factory=ExplorationParams)
     return_info: bool = False
     masks: list[list[bool]] | None = None  # one action mask per env (discrete policies)
+    # job sessions: the previous action's outcome, one value or one per env
+    reward: float | list[float | None] | None = None
+    terminated: bool | list[bool] | None = None
+    truncated: bool | list[bool] | None = None
 
 
 @dataclass(slots=True)

@@ -12,7 +12,10 @@ from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
 from service.runtime.policy import Exploration
 from service.runtime.sessions import Session, SessionStore
+from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
+from service.serving.reports import Report
+from service.serving.reports import pending_bytes as _pending_bytes
 
 
 def _not_found(session_id: str) -> NotFound:
@@ -35,12 +38,18 @@ class SessionService:
     arrival order (the store's lock), and a failed call changes nothing."""
 
     def __init__(
-        self, store: SessionStore, registry: Registry, batcher: MicroBatcher, settings: Settings
+        self,
+        store: SessionStore,
+        registry: Registry,
+        batcher: MicroBatcher,
+        settings: Settings,
+        feeds: JobFeeds | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.batcher = batcher
         self.settings = settings
+        self.feeds = feeds
 
     async def summary(self) -> dict[str, Any]:
         """How many sessions are live, and the limit (the dashboard shows both)."""
@@ -48,19 +57,28 @@ class SessionService:
 
     async def create(self, p: SessionCreateParams) -> dict[str, Any]:
         s = self.settings
-        loaded = self.registry.resolve(p.policy, p.version)
         check_limit("num_envs", p.num_envs, s.max_session_envs)
         ttl = p.ttl_s or s.session_ttl_s
         check_limit("ttl_s", ttl, s.max_session_ttl_s)
+        if p.job is not None:
+            feed = await self._feeds().open(p.job)
+            runtime, name, version = feed.runtime, feed.policy_name, 0
+            # the previous observation and action per env, kept to make transitions
+            per_env = runtime.state_bytes_per_env + _pending_bytes(runtime)
+        else:
+            loaded = self.registry.resolve(p.policy, p.version)
+            runtime, name, version = loaded.runtime, loaded.name, loaded.version
+            per_env = runtime.state_bytes_per_env
         session = Session(
-            policy=loaded.name,
-            version=loaded.version,
+            policy=name,
+            version=version,
             num_envs=p.num_envs,
             ttl_s=ttl,
             exploration=p.explore.exploration,
             epsilon=p.explore.epsilon,
             noise_std=p.explore.noise_std,
-            state_bytes=loaded.runtime.state_bytes_per_env * p.num_envs,
+            state_bytes=per_env * p.num_envs,
+            job=p.job,
         )
         await self.store.create(session, s.max_sessions, s.max_session_state_bytes)
         return session.public()
@@ -90,18 +108,34 @@ class SessionService:
         """Close the sessions pinned to a version that is no longer served."""
         return await self.store.close_version(policy, version)
 
+    def _feeds(self) -> JobFeeds:
+        if self.feeds is None:
+            raise InvalidInput("this server has no job feeds: sessions cannot bind to jobs here")
+        return self.feeds
+
     async def step(self, p: SessionStepParams) -> dict[str, Any]:
         """One step of a session: in order with other calls on it; state unchanged on any error."""
         async with self.store.lock(p.session_id):
             session = await self._load(p.session_id)
-            try:
-                loaded = self.registry.resolve(session.policy, session.version)
-            except NotFound:
-                await self.store.delete(p.session_id)
-                raise NotFound(
-                    f"session {p.session_id!r} was closed: policy {session.policy} "
-                    f"version {session.version} is no longer served"
-                ) from None
+            feed = None
+            if session.job is not None:
+                feed = await self._feeds().open(session.job)
+                feed.refresh()
+                runtime = feed.runtime
+            else:
+                try:
+                    runtime = self.registry.resolve(session.policy, session.version).runtime
+                except NotFound:
+                    await self.store.delete(p.session_id)
+                    raise NotFound(
+                        f"session {p.session_id!r} was closed: policy {session.policy} "
+                        f"version {session.version} is no longer served"
+                    ) from None
+                if p.reward is not None or p.terminated is not None or p.truncated is not None:
+                    raise InvalidInput(
+                        "reward, terminated and truncated go to sessions bound to a job "
+                        '(POST /v1/sessions {"job": ...}); this session serves a policy'
+                    )
             check_limit("batch size", len(p.rows), self.settings.max_batch_size)
             if len(p.rows) != session.num_envs:
                 raise InvalidInput(
@@ -109,23 +143,33 @@ class SessionService:
                     f"observation(s) in 'observations' (or one 'observation' when num_envs=1), "
                     f"got {len(p.rows)}"
                 )
-            runtime = loaded.runtime
             obs = runtime.observation_batch(
                 p.rows, "observation" if p.single else "observations", session.policy
             )
             mask = runtime.mask_batch(
                 p.masks, len(p.rows), "action_mask" if p.single else "action_masks", session.policy
             )
-            is_init = session.needs_init | reset_mask(p.reset, session.num_envs)
+            resets = reset_mask(p.reset, session.num_envs)
+            is_init = session.needs_init | resets
+            report = None
+            if feed is not None:
+                report = Report.check(p, session, resets)
+                await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
+                runtime = feed.runtime
             state = None
             if runtime.stateful:
                 state = session.state if session.state is not None else runtime.zero_state(session.num_envs)
             e = p.explore
+            exploration = e.exploration or session.exploration or Exploration.deterministic
+            epsilon = e.epsilon if e.epsilon is not None else session.epsilon
+            if feed is not None and e.exploration is None and session.exploration is None:
+                exploration = Exploration.random  # the learner's exploring policy
+                epsilon = feed.epsilon if epsilon is None else epsilon
             result = await self.batcher.act(
                 runtime,
                 obs,
-                exploration=e.exploration or session.exploration or Exploration.deterministic,
-                epsilon=e.epsilon if e.epsilon is not None else session.epsilon,
+                exploration=exploration,
+                epsilon=epsilon,
                 noise_std=e.noise_std if e.noise_std is not None else session.noise_std,
                 return_info=p.return_info,
                 state=state,
@@ -134,9 +178,15 @@ class SessionService:
             )
             if result.state is not None:
                 session.state = result.state
+            if feed is not None:
+                transitions = report.record(session, obs, result.action)
+                if feed.learning:
+                    feed.add(transitions)
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
             session.steps += 1
             await self.store.save(session)
         payload = result.payload(p.single)
         payload.update(step=session.steps, policy=session.policy, version=session.version)
+        if feed is not None:
+            payload["policy_frames"] = feed.consumed
         return payload

@@ -16,7 +16,7 @@ RECURRENT: frozenset[str] = frozenset({"dqn"})
 def build_config(request: dict[str, Any], **extra: Any) -> TrainConfig:
     """The trainer's config for a job request (raises pydantic's ValidationError on bad input)."""
     common = {
-        "env_id": request["env_id"],
+        "env_id": request.get("env_id"),
         "total_frames": request["total_frames"],
         "seed": request.get("seed") or 0,
         **extra,
@@ -24,6 +24,10 @@ def build_config(request: dict[str, Any], **extra: Any) -> TrainConfig:
     if request["algorithm"] == "dqn":
         from service.training.dqn import DQNConfig
 
+        if request.get("source") == "sessions":
+            common.update(
+                source="sessions", observation=request.get("observation"), action=request.get("action")
+            )
         return DQNConfig.with_defaults(
             request.get("hyperparameters"), recurrent=request.get("recurrent", False), **common
         )
@@ -44,3 +48,10 @@ def trainer_for(algorithm: str) -> Trainer:
     else:
         from service.training.actor_critic import train
     return train
+
+
+def client_policy_spec(config: TrainConfig):
+    """The PolicySpec a ``source: sessions`` job learns (and its sessions act with)."""
+    from service.training.dqn import policy_spec_for
+
+    return policy_spec_for(config)

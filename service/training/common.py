@@ -96,7 +96,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    env_id: str
+    env_id: str | None = None  # None: a job fed by client sessions (dqn, source "sessions")
     total_frames: int = Field(50_000, ge=1)
     seed: int = 0
     device: str = "cpu"

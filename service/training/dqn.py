@@ -113,6 +113,9 @@ RECURRENT_DEFAULTS: dict[str, Any] = {
 }
 
 
+# source "sessions": the env-backed defaults, less one env-copy knob (clients are the envs)
+SESSIONS_DEFAULTS: dict[str, Any] = {"num_envs": 1}
+
 PIXEL_DEFAULTS: dict[str, Any] = {
     "num_envs": 1,
     "buffer_size": 50_000,
@@ -124,14 +127,32 @@ PIXEL_DEFAULTS: dict[str, Any] = {
 
 
 class DQNConfig(TrainConfig):
-    """One DQN training run."""
+    """One DQN training run: on an allow-listed env, or (``source: sessions``) on the
+    transitions clients report through sessions bound to the job."""
 
     recurrent: bool = False
     hyperparameters: DQNHyperparameters = Field(default_factory=DQNHyperparameters)
+    source: Literal["env", "sessions"] = "env"
+    observation: dict[str, Any] | None = None  # source sessions: the clients' specs
+    action: dict[str, Any] | None = None
+    experience_dir: str | None = None  # source sessions: where the transitions arrive
+
+    @model_validator(mode="after")
+    def _source_fits(self) -> DQNConfig:
+        if self.source == "env" and self.env_id is None:
+            raise ValueError("env_id is required (or source 'sessions' with observation and action)")
+        if self.source == "sessions":
+            if self.env_id is not None or self.observation is None or self.action is None:
+                raise ValueError("source 'sessions' takes observation and action specs, and no env_id")
+            if self.recurrent:
+                raise ValueError("recurrent=true with source 'sessions' is not supported yet")
+        return self
 
     @classmethod
     def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
         defaults = dict(RECURRENT_DEFAULTS) if kw.get("recurrent") else {}
+        if kw.get("source") == "sessions":
+            defaults.update(SESSIONS_DEFAULTS)
         if kw.get("env_id") and has_action_mask(kw["env_id"]):
             defaults["num_envs"] = 1  # masked envs are stepped one copy at a time
         if kw.get("env_id") and is_pixel_env(kw["env_id"]):
@@ -156,7 +177,7 @@ class DQNConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _one_copy_of_a_masked_env(self) -> DQNConfig:
-        if self.hyperparameters.num_envs > 1 and has_action_mask(self.env_id):
+        if self.env_id and self.hyperparameters.num_envs > 1 and has_action_mask(self.env_id):
             raise ValueError(
                 f"{self.env_id} gives action masks: its env copies are stepped one at a time, use num_envs=1"
             )
@@ -187,12 +208,15 @@ def pixel_preprocess(config: DQNConfig) -> list[dict[str, Any]]:
 
 def policy_spec_for(config: DQNConfig) -> PolicySpec:
     hp = config.hyperparameters
-    specs = env_specs(config.env_id)
-    if specs["action"]["type"] != "discrete":
-        raise ValueError(f"DQN needs a discrete action space; {config.env_id} has a box")
+    if config.source == "sessions":
+        specs = {"observation": config.observation, "action": config.action}
+    else:
+        specs = env_specs(config.env_id)
+    if specs["action"].get("type") != "discrete":
+        raise ValueError(f"DQN needs a discrete action space; {config.env_id or 'the clients'} have a box")
     network: dict[str, Any] = {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation}
     preprocess: list[dict[str, Any]] = []
-    if is_pixel_env(config.env_id):
+    if config.env_id and is_pixel_env(config.env_id):
         preprocess = pixel_preprocess(config)
         network["conv"] = {
             "num_cells": hp.conv_cells,
@@ -226,7 +250,7 @@ class DQN:
         # With an env that gives action masks (Taxi), the Q-network's greedy choice, the
         # epsilon-greedy draws and the target's max over next actions all respect the mask
         # (the loss runs the same masked module on the stored ("next", "action_mask")).
-        masked = has_action_mask(config.env_id)
+        masked = config.env_id is not None and has_action_mask(config.env_id)
         # Pixel envs: the env applies the uint8 part of the preprocessing (the buffer stores
         # small uint8 frames under "observation"); the float rest (observation_norm) runs in
         # front of the network, writing PREPROCESSED, which is never stored.
@@ -311,6 +335,10 @@ def train(
     """Train a DQN policy and return it ready to publish (``cancelled`` if stopped early)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
+    if config.source == "sessions":
+        from service.training.from_sessions import train_from_sessions
+
+        return train_from_sessions(DQN(config), config, on_progress, should_stop, start)
     return train_offpolicy(DQN(config), config, on_progress, should_stop, start)
 
 

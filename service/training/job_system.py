@@ -17,6 +17,7 @@ def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWor
         publish,
         heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4),
         log_dir=settings.data_dir / "jobs",
+        experience_root=settings.data_dir / "experience",
     )
     task = register_run_job(huey, ctx)
     worker = JobWorker(huey, ctx, settings.job_heartbeat_timeout_s, sweep_s=settings.job_sweep_s or 30.0)

@@ -45,6 +45,7 @@ class JobContext:
     heartbeat_s: float = 10.0
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown
     log_dir: Path | None = None  # per-job CSV/TensorBoard scalars (tracking.JobLog) go under it
+    experience_root: Path | None = None  # source "sessions" jobs: <root>/<job_id> (experience.py)
 
 
 # -- one job: start / progress / finish -----------------------------------------------------
@@ -129,8 +130,16 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     try:
         device = resolve_device(req.get("device", "auto"))
         ctx.store.update(job_id, device=device)
+        extra: dict[str, Any] = {}
+        if req.get("source") == "sessions":
+            root = ctx.experience_root or Path("var") / "experience"
+            extra["experience_dir"] = str(root / job_id)
         config = build_config(
-            req, device=device, job_id=job_id, command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}"
+            req,
+            device=device,
+            job_id=job_id,
+            command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}",
+            **extra,
         )
         tracker = JobLog(ctx.log_dir, job_id) if ctx.log_dir is not None else None
 

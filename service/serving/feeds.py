@@ -1,0 +1,149 @@
+"""The API side of ``source: sessions`` jobs: for each job, the policy its sessions act with (the
+learner's latest weights, swapped in when the learner publishes), the reported transitions not
+yet written, and the pacing that keeps clients within reach of the learner.
+
+Pacing: a learner consumes ``frames_per_batch`` reported frames per batch of
+``updates_per_batch`` updates. When this process has reported more than ``lag_frames`` beyond
+what the learner has consumed, a step waits (up to ``PACE_WAIT_S``, in short sleeps) for it to
+catch up, then answers 429 with ``Retry-After: 1``. So the update-to-data ratio is the
+hyperparameters', however fast the clients step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.errors import Busy, Conflict, InvalidInput, NotFound
+from service.registry.build import build_policy
+from service.runtime.policy import PolicyRuntime
+from service.training.algorithms import build_config, client_policy_spec
+from service.training.experience import ExperienceDir
+from service.training.job import JobStatus
+from service.training.job_store import JobStore
+
+CHUNK = 64  # transitions per chunk file
+FLUSH_S = 0.25  # ... or this old, whichever comes first
+PACE_WAIT_S = 2.0
+PACE_POLL_S = 0.02
+
+
+@dataclass
+class Feed:
+    job_id: str
+    policy_name: str
+    runtime: PolicyRuntime
+    channel: ExperienceDir
+    total_frames: int
+    lag_frames: int
+    device: torch.device
+    epsilon: float = 1.0
+    consumed: int = 0  # frames the acting weights' learner had consumed
+    reported: int = 0  # frames this process reported
+    stamp: int | None = None
+    pending: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    pending_n: int = 0
+    oldest: float = 0.0
+
+    def refresh(self) -> None:
+        """Take the learner's latest weights and position if it published since."""
+        stamp = self.channel.policy_stamp()
+        if stamp is None or stamp == self.stamp:
+            return
+        state = self.channel.learner_state()
+        try:
+            weights = self.channel.load_policy()
+        except (OSError, ValueError):
+            return  # mid-replace on a filesystem without atomic rename: next call
+        # a new runtime, swapped in whole: a forward pass running meanwhile keeps the old one
+        runtime = PolicyRuntime(self.runtime.spec, build_policy(self.runtime.spec, self.device), self.device)
+        runtime.core.load_state_dict(weights)
+        self.runtime, self.stamp = runtime, stamp
+        if state:
+            self.epsilon, self.consumed = float(state["epsilon"]), int(state["consumed"])
+
+    @property
+    def learning(self) -> bool:
+        return self.consumed < self.total_frames
+
+    async def pace(self) -> None:
+        deadline = time.monotonic() + PACE_WAIT_S
+        while self.reported - self.consumed > self.lag_frames:
+            if time.monotonic() > deadline:
+                raise Busy(
+                    f"the learner of job {self.job_id} is behind ({self.reported} frames reported, "
+                    f"{self.consumed} learned from); retry shortly",
+                    retry_after_s=1,
+                )
+            await asyncio.sleep(PACE_POLL_S)
+            self.flush()
+            self.refresh()
+
+    def add(self, transitions: dict[str, torch.Tensor]) -> None:
+        n = transitions["action"].shape[0] if transitions else 0
+        if n == 0:
+            return
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.append(transitions)
+        self.pending_n += n
+        self.reported += n
+        if self.pending_n >= CHUNK or time.monotonic() - self.oldest > FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        chunk = {k: torch.cat([t[k] for t in self.pending]) for k in self.pending[0]}
+        self.pending, self.pending_n = [], 0
+        self.channel.write_chunk(chunk)
+
+
+class JobFeeds:
+    """The feeds of the jobs this process's sessions are bound to."""
+
+    def __init__(self, root: Path, store: JobStore, device: torch.device) -> None:
+        self.root = root
+        self.store = store
+        self.device = device
+        self._feeds: dict[str, Feed] = {}
+
+    async def open(self, job_id: str) -> Feed:
+        feed = self._feeds.get(job_id)
+        if feed is not None:
+            return feed
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id[:64]!r} not found")
+        if job.request.get("source") != "sessions":
+            raise InvalidInput(
+                f"job {job_id} trains on {job.request.get('env_id')}; "
+                "bind sessions to a job with source 'sessions'"
+            )
+        if job.status not in (JobStatus.queued, JobStatus.running):
+            raise Conflict(f"job {job_id} is {job.status.value}: sessions bind to queued or running jobs")
+        config = build_config(job.request)
+        spec = client_policy_spec(config)
+        runtime = PolicyRuntime(spec, build_policy(spec, self.device), self.device)
+        hp = config.hyperparameters
+        feed = Feed(
+            job_id=job_id,
+            policy_name=job.request["policy_name"],
+            runtime=runtime,
+            channel=ExperienceDir(self.root / job_id),
+            total_frames=config.total_frames,
+            lag_frames=max(4 * hp.frames_per_batch, 2 * CHUNK),
+            device=self.device,
+            epsilon=hp.eps_start,
+        )
+        feed.refresh()
+        self._feeds[job_id] = feed
+        return feed
+
+    def flush_all(self) -> None:
+        for feed in self._feeds.values():
+            feed.flush()

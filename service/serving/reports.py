@@ -1,0 +1,129 @@
+"""What a client reports on a job session's step — ``reward``, ``terminated``, ``truncated``:
+the outcome of each env's previous action — checked before anything changes, then turned into
+transitions ``(previous observation, previous action, reward, this observation, terminated,
+truncated)`` for the job's learner.
+
+Per env the session keeps ``pending``: the previous observation and action, whether there is
+one (not after a reset or an episode's end), and the running episode return. When an env
+reports ``terminated`` or ``truncated``, its observation is the episode's last (the transition's
+next observation, which a truncation bootstraps from) and the action answered for it is not
+kept: its next call starts an episode (``reset: true``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from service.errors import InvalidInput
+from service.runtime.policy import PolicyRuntime
+from service.runtime.sessions import Session
+
+
+def _per_env(name: str, value, num_envs: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if len(value) != num_envs:
+            raise InvalidInput(f"{name} has {len(value)} values; the session has num_envs={num_envs}")
+    else:
+        value = [value] * num_envs
+    if dtype.is_floating_point:  # via float64: a number past float32's range becomes inf (refused)
+        return torch.tensor(value, dtype=torch.float64).to(dtype)
+    return torch.tensor(value, dtype=dtype)
+
+
+def pending_bytes(runtime: PolicyRuntime) -> int:
+    """Bytes per env of a job session's ``pending``."""
+    obs = runtime.spec.observation
+    obs_bytes = 8 if obs.discrete else math.prod(obs.shape) * (1 if obs.dtype == "uint8" else 4)
+    return obs_bytes + 8 + 1 + 4
+
+
+@dataclass
+class Report:
+    reward: torch.Tensor | None  # [E] float32 (NaN: nothing reported for that env), or None
+    terminated: torch.Tensor  # [E] bool
+    truncated: torch.Tensor
+    resets: torch.Tensor
+
+    @classmethod
+    def check(cls, p, session: Session, resets: torch.Tensor) -> Report:
+        """The step's report, or 422 saying what does not fit (nothing is recorded then)."""
+        n = session.num_envs
+        reported = None
+        raw = p.reward
+        if isinstance(raw, list):
+            reported = torch.tensor([r is not None for r in raw], dtype=torch.bool)
+            raw = [0.0 if r is None else r for r in raw]
+        reward = _per_env("reward", raw, n, torch.float32)
+        terminated = _per_env("terminated", p.terminated, n, torch.bool)
+        truncated = _per_env("truncated", p.truncated, n, torch.bool)
+        if reward is None and (terminated is not None or truncated is not None):
+            raise InvalidInput(
+                "terminated/truncated describe the previous action's outcome: send its reward too"
+            )
+        if reward is not None:
+            if not torch.isfinite(reward).all():
+                raise InvalidInput("reward holds values that are not finite as float32")
+            if reported is None:
+                reported = torch.ones(n, dtype=torch.bool)
+            ends = torch.zeros(n, dtype=torch.bool)
+            for flags in (terminated, truncated):
+                if flags is not None:
+                    ends |= flags
+            if (ends & ~reported).any():
+                raise InvalidInput("an env that terminated or was truncated needs its reward (not null)")
+            reward = torch.where(reported, reward, torch.full_like(reward, math.nan))
+            no_prev = torch.ones(n, dtype=torch.bool)
+            if session.pending is not None:
+                no_prev = ~(session.pending[2] & ~resets)
+            if (reported & no_prev).any():
+                envs = (reported & no_prev).nonzero().flatten().tolist()[:10]
+                raise InvalidInput(
+                    f"reward for env(s) {envs} that have no previous action (a session's first step, a "
+                    "reset, or the step after an episode ended): send null for them, and report an "
+                    "action's reward on the call after it"
+                )
+        zeros = torch.zeros(n, dtype=torch.bool)
+        return cls(
+            reward,
+            zeros if terminated is None else terminated,
+            zeros if truncated is None else truncated,
+            resets,
+        )
+
+    def record(self, session: Session, obs: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transitions this report completes, and the session's ``pending`` moved on."""
+        n = session.num_envs
+        if session.pending is None:
+            prev_obs, prev_action = torch.zeros_like(obs), torch.zeros(n, dtype=torch.int64)
+            has_prev, running = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float32)
+        else:
+            prev_obs, prev_action, has_prev, running = session.pending
+        has_prev = has_prev & ~self.resets
+        running = torch.where(self.resets, torch.zeros_like(running), running)
+        ends = self.terminated | self.truncated
+        transitions: dict[str, torch.Tensor] = {}
+        if self.reward is not None:
+            got = ~torch.isnan(self.reward)
+            running = torch.where(got, running + torch.nan_to_num(self.reward), running)
+            idx = (has_prev & got).nonzero().flatten()
+            transitions = {
+                "observation": prev_obs[idx],
+                "action": prev_action[idx],
+                "reward": self.reward[idx],
+                "next_observation": obs[idx],
+                "terminated": self.terminated[idx],
+                "truncated": self.truncated[idx],
+                "episode_return": torch.where(ends, running, torch.full_like(running, math.nan))[idx],
+            }
+        session.pending = (
+            obs.detach().clone(),
+            action.detach().to(torch.int64).reshape(n).clone(),
+            ~ends,
+            torch.where(ends, torch.zeros_like(running), running),
+        )
+        return transitions

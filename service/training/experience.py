@@ -1,0 +1,104 @@
+"""The channel between client sessions and a ``source: sessions`` job's learner, on disk under
+``<DATA_DIR>/experience/<job_id>/`` so that it works across processes (API replicas, a separate
+worker) and survives restarts:
+
+- ``chunks/*.safetensors``: reported transitions, appended by the API processes (one file per
+  flush, written to a temporary name and renamed: a reader never sees half a chunk). They stay:
+  a resumed job, or a later one seeded from them, reads them all again.
+- ``policy.safetensors`` + ``learner.json``: the learner's current weights and where it is
+  (frames consumed, updates, epsilon), replaced atomically after every batch of updates; API
+  processes reload them when the file changes.
+
+Safetensors and JSON only: nothing on these paths is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from tensordict import TensorDict
+
+# the tensors of a chunk: [n, ...] each
+FIELDS = ("observation", "action", "reward", "next_observation", "terminated", "truncated", "episode_return")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ExperienceDir:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.chunks = self.path / "chunks"
+        self._seen: set[str] = set()
+
+    # -- API side ---------------------------------------------------------------------------
+    def write_chunk(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.chunks.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
+        _atomic_write(self.chunks / name, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
+
+    def learner_state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "learner.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def policy_stamp(self) -> int | None:
+        try:
+            return (self.path / "policy.safetensors").stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def load_policy(self) -> dict[str, torch.Tensor]:
+        return load_tensors((self.path / "policy.safetensors").read_bytes())
+
+    # -- learner side -----------------------------------------------------------------------
+    def read_new(self) -> list[TensorDict]:
+        """Chunks not read yet, oldest first, as transitions TorchRL's DQN loss reads."""
+        if not self.chunks.exists():
+            return []
+        names = sorted(e.name for e in os.scandir(self.chunks) if e.name.endswith(".safetensors"))
+        out = []
+        for name in names:
+            if name in self._seen:
+                continue
+            self._seen.add(name)
+            t = load_tensors((self.chunks / name).read_bytes())
+            n = t["action"].shape[0]
+            terminated = t["terminated"].bool().reshape(n, 1)
+            truncated = t["truncated"].bool().reshape(n, 1)
+            out.append(
+                TensorDict(
+                    {
+                        "observation": t["observation"],
+                        "action": t["action"],
+                        "episode_return": t["episode_return"],
+                        "next": {
+                            "observation": t["next_observation"],
+                            "reward": t["reward"].reshape(n, 1),
+                            "terminated": terminated,
+                            "truncated": truncated,
+                            "done": terminated | truncated,
+                        },
+                    },
+                    batch_size=[n],
+                )
+            )
+        return out
+
+    def publish(self, state_dict: dict[str, torch.Tensor], learner: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        _atomic_write(self.path / "policy.safetensors", save_tensors(weights))
+        _atomic_write(self.path / "learner.json", json.dumps(learner).encode())

@@ -1,0 +1,123 @@
+"""The learner of a ``source: sessions`` DQN job: no environment in the server, the transitions
+clients report through sessions bound to the job (``experience.ExperienceDir``).
+
+The loop keeps DQN's update-to-data ratio whatever the clients' pace: every ``frames_per_batch``
+reported frames (once ``init_random_frames`` have arrived) it does ``updates_per_batch``
+updates, then anneals epsilon by those frames and publishes the weights and its position
+(``learner.json``: frames consumed, updates, epsilon) for the API processes, which act with them
+and hold clients back when they get too far ahead (``serving.feeds``). At ``total_frames``
+consumed frames it publishes a version like any job; its reported return is the mean of the
+last 20 client-reported episode returns (there is no environment here to evaluate in).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from service.registry.build import weights_bytes
+from service.training.common import Progress, StopCheck, TrainedPolicy, flushed_denormals
+from service.training.experience import ExperienceDir
+
+IDLE_S = 0.02  # how long the learner sleeps when no new chunk has arrived
+RECENT = 20
+
+
+def train_from_sessions(
+    algo: Any,
+    config: Any,
+    on_progress: Progress | None,
+    should_stop: StopCheck | None,
+    start: float,
+) -> TrainedPolicy:
+    hp = algo.hyperparameters
+    channel = ExperienceDir(config.experience_dir)
+    received = consumed = updates = episodes = 0
+    recent: list[float] = []
+    last_loss: torch.Tensor | None = None
+    cancelled = False
+
+    def publish() -> None:
+        channel.publish(
+            algo.built.core.state_dict(),
+            {
+                "consumed": consumed,
+                "received": received,
+                "updates": updates,
+                "epsilon": float(algo.egreedy.eps),
+            },
+        )
+
+    with flushed_denormals():
+        publish()  # sessions act with the initial (random) policy at epsilon eps_start
+        while consumed < config.total_frames:
+            if should_stop and should_stop():
+                cancelled = True
+                break
+            chunks = channel.read_new()
+            if not chunks:
+                time.sleep(IDLE_S)
+                continue
+            for td in chunks:
+                finished = td["episode_return"][~torch.isnan(td["episode_return"])].tolist()
+                episodes += len(finished)
+                recent = (recent + finished)[-RECENT:]
+                algo.buffer.extend(td.exclude("episode_return"))
+                received += td.numel()
+            while received - consumed >= hp.frames_per_batch and consumed < config.total_frames:
+                consumed += hp.frames_per_batch
+                if consumed >= hp.init_random_frames:
+                    size = algo.buffer.batch_size
+                    draw = algo.buffer.sample(size * hp.updates_per_batch)
+                    for i in range(hp.updates_per_batch):
+                        last_loss = algo.update(draw[i * size : (i + 1) * size])
+                        updates += 1
+                extra = algo.after_batch(hp.frames_per_batch)
+                publish()
+                now = time.perf_counter() - start
+                if on_progress:
+                    on_progress(
+                        {
+                            "frames": consumed,
+                            "total_frames": config.total_frames,
+                            "episodes": episodes,
+                            "mean_return": sum(recent) / len(recent) if recent else None,
+                            "loss": None if last_loss is None else float(last_loss),
+                            "fps": consumed / now,
+                            "time_s": now,
+                            **extra,
+                        }
+                    )
+    wall = time.perf_counter() - start
+    reported = sum(recent) / len(recent) if recent else math.nan
+    spec = algo.spec.model_copy(deep=True)
+    spec.provenance = {
+        "algorithm": "dqn",
+        "source": "sessions",
+        "job_id": config.job_id,
+        "frames": consumed,
+        "updates": updates,
+        "wall_time_s": round(wall, 2),
+        "device": str(config.device),
+        "seed": config.seed,
+        "eval_mean_return": reported,
+        "eval_episodes": len(recent),
+        "eval_source": f"client-reported returns of the last {len(recent)} episodes (no server-side env)",
+        "hyperparameters": hp.model_dump(),
+        "command": config.command,
+        "weights": "final",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return TrainedPolicy(
+        spec=spec.model_dump(mode="json"),
+        weights=weights_bytes(algo.built),
+        eval_mean_return=reported,
+        frames=consumed,
+        wall_time_s=wall,
+        device=str(config.device),
+        cancelled=cancelled,
+    )

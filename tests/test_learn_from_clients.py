@@ -1,0 +1,161 @@
+"""Learning from simulators over HTTP: a DQN job with ``source: sessions`` learns from the
+transitions clients report through sessions bound to it; the gymnasium env runs on the client
+side only. The contract's fields, the refusals (nothing recorded), the experience on disk, and a
+short run that learns (the 50,000-frame, 8-client figure is ``benchmarks/learn_from_clients.py``)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+
+from service.training.experience import ExperienceDir
+from tests.helpers import wait_for
+
+SPECS = {"observation": {"shape": [4]}, "action": {"type": "discrete", "n": 2}}
+
+
+def client_job(client, **kw) -> str:
+    body = {
+        "algorithm": "dqn",
+        "source": "sessions",
+        "policy_name": "from-clients",
+        "total_frames": 5000,
+        **SPECS,
+        **kw,
+    }
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"env_id": "CartPole-v1"}, "no env_id"),
+        ({"action": None}, "needs the observation and action"),
+        ({"action": {"type": "box", "shape": [1], "low": [-1.0], "high": [1.0]}}, "discrete action space"),
+        ({"recurrent": True}, "not supported yet"),
+        ({"algorithm": "sac"}, "dqn only"),
+        ({"observation": {"type": "dict", "entries": {"a": {"shape": [2]}}}}, "dict observations"),
+        ({"observation": {"shape": [0]}}, "observation"),
+    ],
+)
+def test_bad_source_sessions_jobs_are_refused(client, body, expected):
+    full = {
+        "algorithm": "dqn",
+        "source": "sessions",
+        "policy_name": "x",
+        "total_frames": 1000,
+        **SPECS,
+        **body,
+    }
+    full = {k: v for k, v in full.items() if v is not None}
+    r = client.post("/v1/jobs", json=full)
+    assert r.status_code == 422 and expected in str(r.json()["detail"]), r.text
+    assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_reports_are_checked_and_turned_into_transitions(client, settings):
+    job_id = client_job(client)
+    r = client.post("/v1/sessions", json={"job": job_id, "num_envs": 2})
+    assert r.status_code == 201 and r.json()["job"] == job_id and r.json()["policy"] == "from-clients", r.text
+    sid = r.json()["session_id"]
+    for bad, expected in [
+        ({"job": job_id, "policy": "q"}, "exactly one of"),
+        ({"job": "nope"}, "not found"),
+    ]:
+        r = client.post("/v1/sessions", json=bad)
+        assert r.status_code in (404, 422) and expected in str(r.json()["detail"]), r.text
+    obs = [[0.0, 0.1, 0.2, 0.3], [0.3, 0.2, 0.1, 0.0]]
+
+    def step(**kw):
+        return client.post(f"/v1/sessions/{sid}/act", json={"observations": obs, **kw})
+
+    r = step(reward=1.0)  # no previous action yet
+    assert r.status_code == 422 and "no previous action" in r.json()["detail"]
+    assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 0  # nothing changed
+    first = step()
+    assert first.status_code == 200 and first.json()["policy_frames"] == 0
+    for bad, expected in [
+        ({"reward": [1.0]}, "reward has 1 values"),
+        ({"reward": 1e39}, "not finite"),
+        ({"terminated": True}, "send its reward too"),
+        ({"reward": "1"}, "valid"),
+        ({"reward": 1.0, "reset": [True, False]}, "env(s) [0]"),
+        ({"reward": [None, 1.0], "terminated": [True, False]}, "needs its reward"),
+    ]:
+        r = step(**bad)
+        assert r.status_code == 422 and expected in str(r.json()["detail"]), (bad, r.text)
+    assert client.get(f"/v1/sessions/{sid}").json()["steps"] == 1
+    answers = [first.json()["actions"]]
+    for t in range(40):  # env 1 ends an episode at t = 9; its next call resets it
+        ends = [False, t == 9]
+        r = step(reward=[1.0, None if t == 10 else 2.0], terminated=ends, reset=[False, t == 10])
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["actions"])
+    policy = client.post("/v1/sessions", json={"policy": "q"}).json()["session_id"]
+    r = client.post(f"/v1/sessions/{policy}/act", json={"observation": obs[0], "reward": 1.0})
+    assert r.status_code == 422 and "bound to a job" in r.json()["detail"]
+
+    client.app.state.job_feeds.flush_all()
+    channel = ExperienceDir(settings.data_dir / "experience" / job_id)
+    data = torch.cat(channel.read_new())
+    # env 0: 40 transitions; env 1: 40 less the one after its episode ended (t = 10 is a reset)
+    assert data.numel() == 79
+    assert set(data["next", "reward"].flatten().tolist()) == {1.0, 2.0}
+    assert int(data["next", "terminated"].sum()) == 1
+    finished = data["episode_return"][~torch.isnan(data["episode_return"])]
+    assert finished.tolist() == [20.0]  # env 1's first episode: 10 rewards of 2
+    env0 = data[data["next", "reward"].flatten() == 1.0]
+    assert env0["action"].tolist() == [a[0] for a in answers[:40]]  # the actions answered, in order
+
+
+def test_a_job_learns_from_a_client_stepping_cartpole(jclient):
+    """The env is the client's; a short run (5,000 reported frames) beats the untrained policy."""
+    job_id = client_job(jclient, seed=0, hyperparameters={"num_cells": [64, 64]})
+    sid = jclient.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=0)
+    report: dict = {}
+    reset, calls = True, 0
+    while calls < 30_000:
+        calls += 1
+        r = jclient.post(
+            f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report}
+        )
+        if r.status_code == 429:  # the learner is behind: the same report again
+            continue
+        assert r.status_code == 200, r.text
+        if report.get("terminated") or report.get("truncated"):
+            obs, _ = env.reset()
+            report, reset = {}, True
+            continue
+        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
+        report, reset = {"reward": float(reward), "terminated": terminated, "truncated": truncated}, False
+        if calls % 500 == 0 and jclient.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"):
+            break
+    env.close()
+    job = wait_for(jclient, job_id, ("succeeded", "failed"), timeout=600)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["frames"] >= 5000 and job["progress"]["episodes"] > 20
+    version = job["result"]["version"]
+    seeds = {"episodes": 10, "seed": 20_000, "env_id": "CartPole-v1"}
+    trained = jclient.post("/v1/policies/from-clients/rollout", json={**seeds, "version": version}).json()
+    jclient.post("/v1/policies/untrained/versions", files=_untrained_files())
+    untrained = jclient.post("/v1/policies/untrained/rollout", json=seeds).json()
+    assert untrained["mean_return"] < 50
+    assert trained["mean_return"] > 2 * untrained["mean_return"] and trained["mean_return"] > 80, (
+        trained,
+        untrained,
+    )
+
+
+def _untrained_files() -> dict:
+    from service.registry.build import build_policy, weights_bytes
+    from service.registry.spec import PolicySpec
+    from tests.helpers import upload_files
+
+    spec = {"kind": "qvalue", **SPECS, "network": {"num_cells": [64, 64]}}
+    torch.manual_seed(0)
+    return upload_files(spec, weights_bytes(build_policy(PolicySpec.model_validate(spec))))
