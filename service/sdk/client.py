@@ -232,10 +232,13 @@ class PolicyClient:
 
     # -- sessions -------------------------------------------------------------------------------
     @contextmanager
-    def session(self, policy: str, **options: Any) -> Iterator[Session]:
-        """A session (deleted on exit); options: ``version``, ``num_envs``, ``exploration``,
-        ``epsilon``, ``noise_std``, ``ttl_s``."""
-        body = self.request("POST", "/v1/sessions", json={"policy": policy, **options})
+    def session(self, policy: str | None = None, **options: Any) -> Iterator[Session]:
+        """A session (deleted on exit) of a served ``policy``, or with ``job=job_id`` of a job that
+        learns from sessions (then ``step`` takes ``reward``, ``terminated``, ``truncated``);
+        options: ``version``, ``num_envs``, ``exploration``, ``epsilon``, ``noise_std``, ``ttl_s``."""
+        body = self.request(
+            "POST", "/v1/sessions", json={**({"policy": policy} if policy else {}), **options}
+        )
         session = Session(self, body)
         try:
             yield session
