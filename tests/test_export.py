@@ -5,6 +5,7 @@ sessions carrying the state), or is refused with a sentence naming the part."""
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -41,22 +42,18 @@ from torchrl.modules import (
 
 from service.registry.preprocess import GrayScale, Resize
 from service.sdk import export_policy
-from tests.helpers import new_session
+from tests.helpers import new_session, upload_files
 
 OBS4 = Unbounded(shape=(4,))
 BOX = Bounded(low=torch.tensor([-2.0, -1.0]), high=torch.tensor([2.0, 0.5]))
 
 
 def upload_dir(client, name: str, folder) -> int:
-    files = {
-        "spec": ("policy.json", (folder / "policy.json").read_bytes(), "application/json"),
-        "weights": (
-            "weights.safetensors",
-            (folder / "weights.safetensors").read_bytes(),
-            "application/octet-stream",
-        ),
-    }
-    r = client.post(f"/v1/policies/{name}/versions", files=files)
+    spec = json.loads((folder / "policy.json").read_text())
+    r = client.post(
+        f"/v1/policies/{name}/versions",
+        files=upload_files(spec, (folder / "weights.safetensors").read_bytes()),
+    )
     assert r.status_code == 201, r.text
     return r.json()["version"]
 

@@ -45,26 +45,25 @@ ACTIVATIONS: dict[Activation, type[nn.Module]] = {
 }
 
 
-class ScaledTanh(nn.Module):
-    """Squash to ``[low, high]``: ``low + (tanh(x) + 1) / 2 * (high - low)``."""
+class _Box(nn.Module):
+    """A module that knows the action box ``[low, high]``. Not persistent: the bounds come from
+    the spec, the weights file holds only weights."""
 
     def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
         super().__init__()
-        # Not persistent: the bounds come from the spec, the weights file holds only weights.
         self.register_buffer("low", low.clone(), persistent=False)
         self.register_buffer("high", high.clone(), persistent=False)
+
+
+class ScaledTanh(_Box):
+    """Squash to ``[low, high]``: ``low + (tanh(x) + 1) / 2 * (high - low)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.low + (torch.tanh(x) + 1.0) * 0.5 * (self.high - self.low)
 
 
-class Clip(nn.Module):
+class Clip(_Box):
     """Clamp into ``[low, high]`` (an actor exported without a squashing head)."""
-
-    def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("low", low.clone(), persistent=False)
-        self.register_buffer("high", high.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.maximum(torch.minimum(x, self.high), self.low)
