@@ -34,7 +34,7 @@ def shipped(tmp_path_factory):
 def test_every_shipped_version_loads(shipped):
     policies = shipped.get("/v1/policies").json()["policies"]
     names = {p["name"] for p in policies}
-    expected = {"cartpole-dqn", "cartpole-lstm-dqn", "cartpole-dict-dqn", "taxi-dqn"}
+    expected = {"cartpole-dqn", "cartpole-lstm-dqn", "cartpole-dict-dqn", "taxi-dqn", "cartpole-pixels-dqn"}
     expected |= {"pendulum-sac", "pendulum-td3"}
     assert expected <= names
     for name in names:
@@ -99,3 +99,27 @@ def test_shipped_taxi_dqn_drives_with_the_envs_masks(shipped):
         returns.append(total)
     env.close()
     assert sum(returns) / len(returns) >= 5.0 and min(returns) > 0, returns  # random play: ~ -200
+
+
+def test_shipped_pixel_policy_steps_a_session_from_raw_render_frames(shipped):
+    """The recurrent pixel DQN takes CartPole's raw 400x600x3 frames (as raw bytes) through a
+    session; its 20-episode held-out figure is in the README (benchmarks/eval_act_client.py)."""
+    import numpy as np
+
+    from service.sdk.client import encode_observation
+
+    register_envs()
+    env = gym.make("CartPolePixels-v1")
+    obs, _ = env.reset(seed=20_000)
+    assert obs.shape == (400, 600, 3) and obs.dtype == np.uint8
+    sid = shipped.post("/v1/sessions", json={"policy": "cartpole-pixels-dqn"}).json()["session_id"]
+    total, reset, done, steps = 0.0, True, False, 0
+    while not done and steps < 60:
+        body = {"observation": encode_observation(obs), "reset": reset, "return_info": True}
+        r = shipped.post(f"/v1/sessions/{sid}/act", json=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["info"]["action_value"]) == 2
+        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
+        total, reset, done, steps = total + float(reward), False, terminated or truncated, steps + 1
+    env.close()
+    assert steps == 60 and total == 60.0  # balances past the ~20 steps of random play
