@@ -145,6 +145,13 @@ def make_preprocess(specs: list[PreprocessSpec], key: str = OBSERVATION) -> Comp
     return Compose(*(make_transform(s, key) for s in specs))
 
 
+def as_module(specs: list[PreprocessSpec]) -> ApplyTransforms | None:
+    """Preprocess entries as one module over a tensor (what a policy runs in front of its
+    network), or None when there are none."""
+    compose = make_preprocess(specs)
+    return None if compose is None else ApplyTransforms(compose)
+
+
 def preprocessed_shape(observation: ObservationSpec, specs: list[PreprocessSpec]) -> tuple[list[int], str]:
     """Shape and dtype of one observation after ``specs`` (what the network reads).
 

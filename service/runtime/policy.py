@@ -25,7 +25,7 @@ from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
 from service.registry.preprocess import (
     ApplyTransforms,
     FrameStack,
-    make_preprocess,
+    as_module,
     preprocessed_shape,
     split_at_frames,
 )
@@ -420,6 +420,5 @@ def _short(value: object) -> str:
 
 
 def _apply(specs: list, device: torch.device) -> ApplyTransforms | None:
-    """Preprocess entries as one module over a tensor, or None when there are none."""
-    compose = make_preprocess(specs)
-    return None if compose is None else ApplyTransforms(compose).to(device).eval()
+    module = as_module(specs)
+    return None if module is None else module.to(device).eval()

@@ -23,7 +23,7 @@ from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate, ValueEstimators
 
 from service.envs import env_specs, has_action_mask, is_pixel_env, make_env
 from service.registry.build import ACTION_MASK, build_policy
-from service.registry.preprocess import ApplyTransforms, make_preprocess, make_transform, split_for_storage
+from service.registry.preprocess import as_module, make_transform, split_for_storage
 from service.registry.spec import PolicySpec, parse_preprocess
 from service.training.common import (
     BatchSize,
@@ -260,7 +260,7 @@ class DQN:
         self.act_policy = self.built.core
         if rest:
             normalise = TensorDictModule(
-                ApplyTransforms(make_preprocess(rest)), in_keys=["observation"], out_keys=[PREPROCESSED]
+                as_module(rest), in_keys=["observation"], out_keys=[PREPROCESSED]
             ).to(device)
             self.act_policy = TensorDictSequential(normalise, self.built.core)
         self.egreedy = EGreedyModule(
