@@ -1,9 +1,11 @@
 """Baseline servers for the throughput benchmark.
 
 ``naive``: the FastAPI endpoint people write themselves (``async def``, a TensorDict and the
-same TorchRL policy per request). ``empty``: the same stack doing no work at all.
+same TorchRL policy per request). ``empty``: the same stack doing no work at all. ``bare``: the
+limit, a raw ASGI app on the same uvicorn answering a constant ``{"action": 0}`` to every request
+(it reads the body, parses nothing); on a WebSocket it echoes a constant per message.
 
-    python -m benchmarks.baselines naive|empty MODEL_DIR NAME PORT
+    python -m benchmarks.baselines naive|empty|bare MODEL_DIR NAME PORT
 """
 
 import sys
@@ -35,11 +37,31 @@ if kind == "naive":
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             out = policy(td)
         return {"action": out["action"][0].item()}
-else:
+elif kind == "empty":
 
     @app.post("/v1/policies/{name}/act")
     async def act(name: str, body: dict) -> dict:
         return {"action": 0}
+else:
+    _ANSWER = b'{"action":0}'
+    _HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ANSWER))]
+
+    async def app(scope, receive, send) -> None:  # noqa: F811 - the bare ASGI limit
+        if scope["type"] == "http":
+            more = True
+            while more:
+                more = (await receive()).get("more_body", False)
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            await send({"type": "http.response.body", "body": _ANSWER})
+        elif scope["type"] == "websocket":
+            await receive()  # connect
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": '{"action":0}'})
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
 
 
 uvicorn.run(

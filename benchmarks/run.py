@@ -1,9 +1,13 @@
 """``make bench``: the act path against baselines, in one run, on this machine.
 
-Starts three servers on loopback (ours, the naive FastAPI endpoint, an empty endpoint), drives
-each with the same load (wrk when installed, else a Python load generator), and prints req/s,
-p50 and p99 side by side with the ratios. Then session steps over HTTP vs the WebSocket
-stream, and a batch of 1024 observations vs the policy called in-process.
+Starts four servers on loopback (ours as ``make serve`` runs it, the naive FastAPI endpoint, an
+empty FastAPI endpoint, and the bare ASGI app on the same uvicorn: the limit), drives each with
+the same load (wrk when installed, else a Python load generator), and prints req/s, p50 and p99
+side by side with the ratios. Then session steps over HTTP and over the WebSocket stream (vs a
+bare WebSocket echo), and a batch of 1024 observations vs the policy called in-process.
+
+    python -m benchmarks.run [--seconds 10] [--connections 32] [--workers 1]
+    python -m benchmarks.run --stores   # LSTM session steps, memory vs Redis store
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = "cartpole-dqn"
 OBS = [0.01, -0.02, 0.03, 0.04]
+LSTM_POLICY, LSTM_OBS = "cartpole-lstm-dqn", [0.01, 0.03]  # CartPoleNoVel: positions only
 
 
 def free_port() -> int:
@@ -58,12 +63,19 @@ def start(
     raise RuntimeError(f"{cmd} did not start")
 
 
-def wrk(url: str, body: dict, seconds: int, connections: int) -> dict:
+def wrk(url: str, body: dict, seconds: int, connections: int, paths: list[str] | None = None) -> dict:
+    """wrk POSTing ``body`` to ``url``, or in turn to each of ``paths`` on its host."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(
             'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
             f"wrk.body = '{json.dumps(body)}'\n"
         )
+        if paths:
+            f.write(
+                "local paths = {" + ", ".join(f'"{p}"' for p in paths) + "}\nlocal i = 0\n"
+                "request = function()\n  i = i + 1\n"
+                "  return wrk.format(nil, paths[(i % #paths) + 1])\nend\n"
+            )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", f.name, url],
         capture_output=True,
@@ -113,6 +125,37 @@ def load(url: str, body: dict, seconds: int, connections: int) -> dict:
     if shutil.which("wrk"):
         return wrk(url, body, seconds, connections)
     return asyncio.run(pyload(url, body, seconds, connections))
+
+
+def wrk_sessions(base: str, policy: str, n_sessions: int, seconds: int, connections: int) -> dict:
+    """HTTP session steps of ``policy`` under wrk: ``n_sessions`` sessions stepped in turn."""
+    with httpx.Client(base_url=base) as c:
+        sids = [
+            c.post("/v1/sessions", json={"policy": policy}).json()["session_id"] for _ in range(n_sessions)
+        ]
+    paths = [f"/v1/sessions/{s}/act" for s in sids]
+    body = {"observation": LSTM_OBS}
+    wrk(base + paths[0], body, 2, connections, paths)  # warm-up
+    return wrk(base + paths[0], body, seconds, connections, paths)
+
+
+async def ws_echo(base: str, n: int, seconds: float) -> float:
+    """Messages/s of ``n`` WebSocket clients against the bare app's echo."""
+    import websockets
+
+    msg = json.dumps({"observation": OBS})
+
+    async def worker(stop: float) -> int:
+        k = 0
+        async with websockets.connect(base.replace("http://", "ws://") + "/echo") as ws:
+            while time.monotonic() < stop:
+                await ws.send(msg)
+                await ws.recv()
+                k += 1
+        return k
+
+    stop = time.monotonic() + seconds
+    return sum(await asyncio.gather(*(worker(stop) for _ in range(n)))) / seconds
 
 
 async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
@@ -183,7 +226,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="serve --workers N for ours")
+    ap.add_argument("--stores", action="store_true", help="only: LSTM sessions, memory vs Redis store")
     args = ap.parse_args()
+    if args.stores:
+        stores(args.seconds, args.connections)
+        return
     torch.set_num_threads(1)
     py = sys.executable
     env = {
@@ -194,14 +242,20 @@ def main() -> None:
     }
     results = {}
     servers = {
-        "ours": [py, "-m", "service.cli", "serve", "--log-level", "warning", "--port"],
+        # the configuration make serve runs: log level info, the access log on
+        "ours": [py, "-m", "service.cli", "serve", "--workers", str(args.workers), "--port"],
         "naive": [py, "-m", "benchmarks.baselines", "naive", str(ROOT / "models"), POLICY],
         "empty": [py, "-m", "benchmarks.baselines", "empty", str(ROOT / "models"), POLICY],
+        "bare": [py, "-m", "benchmarks.baselines", "bare", str(ROOT / "models"), POLICY],
     }
+    if args.workers > 1:
+        env["POLICY_SERVER_SESSION_STORE"] = os.environ.get(
+            "POLICY_SERVER_SESSION_STORE", "redis://127.0.0.1:6379/0"
+        )
     body = {"observation": OBS}
     for name, cmd in servers.items():
         port = free_port()
-        proc = start([*cmd, str(port)], env, port)
+        proc = start([*cmd, str(port)], env, port)  # stderr (ours: the access log) written to /dev/null
         try:
             url = f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act"
             load(url, body, 2, args.connections)  # warm-up
@@ -210,6 +264,13 @@ def main() -> None:
                 base = f"http://127.0.0.1:{port}"
                 results["sessions"] = asyncio.run(session_steps(base, args.connections, args.seconds))
                 results["batch_1024"] = big_batch(base)
+                if shutil.which("wrk"):
+                    results["lstm_sessions"] = wrk_sessions(
+                        base, LSTM_POLICY, 64, args.seconds, args.connections
+                    )
+            if name == "bare":
+                bare = f"http://127.0.0.1:{port}"
+                results["ws_echo"] = asyncio.run(ws_echo(bare, args.connections, args.seconds))
         finally:
             proc.terminate()
             proc.wait(10)
@@ -221,18 +282,71 @@ def main() -> None:
     for name in servers:
         r = results[name]
         print(f"{name:8} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:8d}")
-    o, n, e = results["ours"], results["naive"], results["empty"]
+    o, n, e, z = results["ours"], results["naive"], results["empty"], results["bare"]
     s, b = results["sessions"], results["batch_1024"]
     ratios = {
         "ours/naive req/s (target >= 2.0)": o["rps"] / n["rps"],
         "ours/empty req/s (target >= 0.7)": o["rps"] / e["rps"],
         "ours/empty p99 (target <= 2.0)": o["p99_ms"] / e["p99_ms"],
+        "ours/bare ASGI req/s (target >= 0.5)": o["rps"] / z["rps"],
+        "ours/bare ASGI p99 (target <= 2.0)": o["p99_ms"] / z["p99_ms"],
+        "ws session steps/bare ws echo (target >= 0.5)": s["ws_steps_per_s"] / results["ws_echo"],
         "ws/http session steps (target >= 3.0)": s["ws_steps_per_s"] / s["http_steps_per_s"],
         "batch 1024 http/in-process obs/s (target >= 0.25)": b["ratio"],
     }
-    print(json.dumps({"sessions": s, "batch_1024": b}, indent=None))
+    print(json.dumps({"sessions": s, "ws_echo_per_s": results["ws_echo"], "batch_1024": b}, indent=None))
+    if "lstm_sessions" in results:
+        store = env.get("POLICY_SERVER_SESSION_STORE", "memory")
+        line = _line(results["lstm_sessions"])
+        print(f"LSTM session steps over HTTP (wrk, 64 sessions, store {store}): {line}")
     for k, v in ratios.items():
         print(f"{k:55} {v:6.2f}")
+
+
+def _line(r: dict) -> str:
+    return f"{r['rps']:.0f}/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, non-2xx {r['errors']}"
+
+
+def stores(seconds: int, connections: int, rounds: int = 2) -> None:
+    """LSTM session steps with the memory store vs the Redis store (a redis-server started here),
+    alternating, same load: ``python -m benchmarks.run --stores``."""
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    base_env = {
+        "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
+        "POLICY_SERVER_EMBEDDED_WORKER": "false",
+        "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(),
+        "POLICY_SERVER_REGISTRY_POLL_S": "0",
+    }
+    runs: dict[str, list[dict]] = {"memory": [], "redis": []}
+    try:
+        for _ in range(rounds):
+            for store in runs:
+                env = {**base_env, "POLICY_SERVER_SESSION_STORE": store}
+                if store == "redis":
+                    env["POLICY_SERVER_SESSION_STORE"] = f"redis://127.0.0.1:{redis_port}/0"
+                port = free_port()
+                proc = start([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env, port)
+                try:
+                    base = f"http://127.0.0.1:{port}"
+                    runs[store].append(wrk_sessions(base, LSTM_POLICY, 64, seconds, connections))
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+    finally:
+        redis.terminate()
+    for store, rs in runs.items():
+        for r in rs:
+            print(f"{store:7} {_line(r)}")
+    mem = max(r["rps"] for r in runs["memory"])
+    red = max(r["rps"] for r in runs["redis"])
+    p99m = min(r["p99_ms"] for r in runs["memory"])
+    p99r = min(r["p99_ms"] for r in runs["redis"])
+    print(f"redis/memory steps/s (best of {rounds}; target >= 0.7) {red / mem:6.2f}")
+    print(f"redis/memory p99 (best of {rounds}; target <= 2.0)     {p99r / p99m:6.2f}")
 
 
 if __name__ == "__main__":

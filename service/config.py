@@ -61,6 +61,14 @@ class Settings(BaseSettings):
         30.0, gt=0, description="HTTP requests other than rollouts and uploads are answered 504 past this."
     )
 
+    access_log_sample: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of successful requests written to the access log (at log level info); "
+        "errors (status >= 400) are always written. 0 = errors only.",
+    )
+
     # stores and queue
     session_store: str = Field("memory", description="memory | redis://host:port/db")
     queue_url: str | None = Field(None, description="None: SQLite queue; redis://… for RedisHuey.")

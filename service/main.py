@@ -12,9 +12,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import dashboard, envs, health, jobs, policies, sessions
+from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
-from service.api.fastpath import FastActMiddleware
-from service.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.config import Settings, resolve_device
 from service.observability import Metrics
 from service.process import configure_process, freeze_loaded_objects
@@ -34,7 +33,7 @@ from service.training.job_system import build_jobs
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> ServiceApp:
     """Build the application; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
     configure_process(settings.torch_threads)
@@ -87,9 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(worker.stop)
             state.executor.shutdown()
             state.job_feeds.flush_all()  # reported transitions not yet written
+            app.access_log.flush()
             await state.session_store.close()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="policy-server",
         version="0.1.0",
         description="Serve and train TorchRL policies over HTTP.",
@@ -97,13 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.add_middleware(FastActMiddleware, fastapi_app=app)
-    app.add_middleware(
-        RequestContextMiddleware, metrics=app.state.metrics, timeout_s=settings.request_timeout_s
-    )
-    app.add_middleware(
-        BodyLimitMiddleware, max_body=settings.max_body_bytes, max_upload=settings.max_upload_bytes
-    )
+    app.configure_edge(settings, app.state.metrics)
     install_error_handlers(app)
     for router in (health, policies, envs, sessions, jobs, dashboard):
         app.include_router(router.router)

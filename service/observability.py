@@ -1,11 +1,15 @@
-"""Prometheus metrics and JSON-lines logs (the request middleware is ``service.api.middleware``)."""
+"""Prometheus metrics and JSON-lines logs (what records them per request is ``service.api.edge``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from collections.abc import Callable
+from typing import TextIO
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -46,8 +50,85 @@ class Metrics:
             "policy_server_training_fps", "Frames per second of running training jobs", registry=self.registry
         )
 
+        # (route, method, status, policy) -> its counter and histogram children: labels() costs
+        # a lock and a dict build per call. The keys come from bounded sets (the edge's job).
+        self._request_children: dict[tuple, tuple] = {}
+
+    def observe_request(self, route: str, method: str, status: int, policy: str, seconds: float) -> None:
+        key = (route, method, status, policy)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status), policy),
+                self.latency.labels(route, policy),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class AccessLog:
+    """One JSON line per request, as the ``service.access`` logger's lines were, written in
+    blocks instead of one ``logging`` call and one write per request.
+
+    On when the ``service.access`` logger is enabled for INFO (``serve --log-level info``, the
+    default). ``sample`` is the share of successful requests written (deterministically: every
+    ``1/sample``-th); errors (status >= 400) are always written. Lines are buffered and written
+    in blocks of at most ``BLOCK`` bytes (a write that size to a pipe is atomic, so the workers
+    of one server do not interleave lines) when the block is full or ``flush`` is called; the
+    edge calls it ``flush_s`` after the first buffered line at the latest.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, sample: float = 1.0, stream: TextIO | None = None, clock=time.time) -> None:
+        self.sample = sample
+        self.stream = stream
+        self.clock = clock
+        self._logger = logging.getLogger("service.access")
+        self._seen = 0
+        self._lines: list[str] = []
+        self._size = 0
+
+    def record(self, request_id: str, method: str, path: str, status: int, seconds: float) -> bool:
+        """Buffer the line of one request; True when it starts a new buffer (flush it later)."""
+        if not self._logger.isEnabledFor(logging.INFO):
+            return False
+        if status < 400:
+            seen, self._seen = self._seen, self._seen + 1
+            if int((seen + 1) * self.sample) == int(seen * self.sample):
+                return False
+        line = orjson.dumps(
+            {
+                "ts": round(self.clock(), 3),
+                "level": "INFO",
+                "logger": "service.access",
+                "msg": "request",
+                "request_id": request_id,
+                "method": method,
+                "path": path[:256],
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+        ).decode()
+        if self._size + len(line) + 1 > self.BLOCK:
+            self.flush()
+        first = not self._lines
+        self._lines.append(line)
+        self._size += len(line) + 1
+        return first
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        block = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        self._size = 0
+        stream = self.stream or sys.stderr
+        stream.write(block)
+        stream.flush()
 
 
 class JsonFormatter(logging.Formatter):

@@ -183,11 +183,116 @@ def test_a_redis_outage_answers_503_and_recovers_by_itself(settings, redis_serve
         ("POST", "/v1/policies/a/b/act", "other", None),
         ("POST", "/v1/policies//act", "other", None),
         ("POST", "/v1/policies/p/actx", "other", None),
-        ("POST", "/v1/sessions/x/act", "other", None),
+        ("POST", "/v1/sessions/x/act", "session_act", None),
+        ("POST", "/v1/sessions/x/act/y", "other", None),
+        ("POST", "/v1/sessions//act", "other", None),
+        ("GET", "/v1/sessions/x/act", "other", None),
     ],
 )
-def test_the_route_classifier_the_middlewares_share(method, path, kind, policy):
+def test_the_route_classifier_of_the_edge(method, path, kind, policy):
     from service.api.asgi import classify
 
     route = classify(method, path)
     assert (route.kind.value, route.policy) == (kind, policy)
+
+
+@pytest.mark.parametrize("path", ["/v1/policies/q/act", "/v1/sessions/x/act", "/v1/policies/q/rollout"])
+def test_a_streamed_body_over_the_limit_is_413(settings, path):
+    """No Content-Length (chunked): the edge counts bytes as they arrive, hot routes or not."""
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings.max_body_bytes = 2048
+    with TestClient(create_app(settings)) as c:
+
+        def chunks():
+            yield b'{"observations": ['
+            for _ in range(400):
+                yield b"[0.0, 0.0, 0.0, 0.0],"
+            yield b"[0.0, 0.0, 0.0, 0.0]]}"
+
+        r = c.post(path, content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "2048" in r.json()["detail"]
+        assert r.headers["x-request-id"]
+        assert c.post("/v1/policies/q/act", json={"observation": [0, 0, 0, 0]}).status_code == 200
+
+
+def test_session_steps_carry_request_ids_and_metrics(client):
+    sid = client.post("/v1/sessions", json={"policy": "q"}).json()["session_id"]
+    r = client.post(
+        f"/v1/sessions/{sid}/act", json={"observation": [0, 0, 0, 0]}, headers={"X-Request-ID": "s-1"}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "s-1"
+    r = client.post("/v1/sessions/nope/act", json={"observation": [0, 0, 0, 0]})
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    text = client.get("/metrics").text
+    assert 'route="/v1/sessions/{session_id}/act",status="200"' in text
+    assert 'route="/v1/sessions/{session_id}/act",status="404"' in text
+
+
+def test_an_unexpected_error_on_a_hot_route_is_a_500_and_the_server_goes_on(client, monkeypatch):
+    service = client.app.state.act_service
+
+    async def broken(params):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service, "act", broken)
+    r = client.post("/v1/policies/q/act", json={"observation": [0, 0, 0, 0]})
+    assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+    assert r.headers["x-request-id"]
+    monkeypatch.undo()
+    assert client.post("/v1/policies/q/act", json={"observation": [0, 0, 0, 0]}).status_code == 200
+
+
+def test_the_access_log_samples_successes_keeps_errors_and_writes_whole_lines_in_blocks(caplog):
+    import io
+    import json
+    import logging
+
+    from service.observability import AccessLog
+
+    caplog.set_level(logging.INFO, logger="service.access")
+    stream = io.StringIO()
+    log = AccessLog(sample=0.25, stream=stream, clock=lambda: 100.0)
+    firsts = [log.record(f"r{i}", "POST", "/v1/x", 200, 0.001) for i in range(40)]
+    log.record("bad", "POST", "/v1/x" + "y" * 1000, 422, 0.002)
+    assert not stream.getvalue()  # buffered: nothing written yet
+    log.flush()
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [x["request_id"] for x in lines if x["status"] == 200] == [f"r{i}" for i in range(3, 40, 4)]
+    assert lines[-1]["request_id"] == "bad" and len(lines[-1]["path"]) == 256
+    assert lines[0] == {
+        "ts": 100.0,
+        "level": "INFO",
+        "logger": "service.access",
+        "msg": "request",
+        "request_id": "r3",
+        "method": "POST",
+        "path": "/v1/x",
+        "status": 200,
+        "duration_ms": 1.0,
+    }
+    assert firsts.count(True) == 1  # one flush to schedule for the whole buffer
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.blocks = []
+
+        def write(self, s):
+            self.blocks.append(s)
+            return super().write(s)
+
+    stream = Writes()
+    log = AccessLog(sample=1.0, stream=stream)
+    for i in range(200):
+        log.record(f"r{i}", "GET", "/healthz", 200, 0.0)
+    log.flush()
+    assert len(stream.blocks) > 1
+    assert all(len(b) <= AccessLog.BLOCK and b.endswith("\n") for b in stream.blocks)
+    assert len(stream.getvalue().splitlines()) == 200
+
+    caplog.set_level(logging.WARNING, logger="service.access")
+    quiet = AccessLog(stream=io.StringIO())
+    assert quiet.record("r", "GET", "/", 500, 0.0) is False

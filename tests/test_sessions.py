@@ -254,3 +254,52 @@ def test_live_session_state_is_budgeted_and_refused_with_429_beyond(settings):
         assert "policy_server_session_state_bytes 1024.0" in c.get("/metrics").text
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
         assert c.post("/v1/sessions", json={"policy": "q-lstm", "num_envs": 8}).status_code == 201
+
+
+def test_redis_sessions_apply_concurrent_steps_from_two_servers_once_each_in_order(tmp_path, redis_url):
+    """Two real servers share a Redis store; 24 steps of one LSTM session sent at once, half to
+    each: every step is applied exactly once (steps 1..24, no lost update), one at a time (the
+    state each step used is the one the previous step left: the actions equal the sequence
+    replayed in the order the server numbered the steps), in two round trips a step."""
+    import httpx
+
+    from tests.helpers import LiveServer, write_policy
+
+    write_policy(tmp_path / "models", "q-lstm", SPECS["q-lstm"])
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+    servers = [
+        LiveServer.serving(
+            tmp_path / "models", tmp_path / f"s{i}", session_store=redis_url, registry_poll_s="0"
+        )
+        for i in range(2)
+    ]
+    try:
+        sid = httpx.post(servers[0].url + "/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
+        seq = obs_for("q-lstm", 24, seed=3)
+
+        def send(i: int) -> dict:
+            body = {"observation": seq[i], "return_info": True}
+            r = httpx.post(f"{servers[i % 2].url}/v1/sessions/{sid}/act", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return {**r.json(), "i": i}
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(send, range(24)))
+        assert sorted(a["step"] for a in answers) == list(range(1, 25))
+        in_order = sorted(answers, key=lambda a: a["step"])
+        with TestClient(create_app(_settings_for(tmp_path))) as c:
+            alone = replay_alone(c, "q-lstm", [seq[a["i"]] for a in in_order])
+        assert [a["info"] for a in in_order] == [s["info"] for s in alone]
+        assert httpx.get(servers[1].url + f"/v1/sessions/{sid}").json()["steps"] == 24
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _settings_for(tmp_path):
+    from service.config import Settings
+
+    return Settings(
+        model_dir=tmp_path / "models", data_dir=tmp_path / "alone", registry_poll_s=0, embedded_worker=False
+    )

@@ -10,11 +10,14 @@ import orjson
 from service.registry.spec import is_valid_name
 
 _PREFIX = "/v1/policies/"
+_SESSIONS = "/v1/sessions/"
 ACT_ROUTE = "/v1/policies/{name}/act"
+SESSION_ACT_ROUTE = "/v1/sessions/{session_id}/act"
 
 
 class RouteKind(str, Enum):
-    act = "act"  # POST /v1/policies/{name}/act: answered by the fast path
+    act = "act"  # POST /v1/policies/{name}/act: answered by the edge (service.api.edge)
+    session_act = "session_act"  # POST /v1/sessions/{session_id}/act: answered by the edge
     rollout = "rollout"  # its own ROLLOUT_TIMEOUT_S, not the request timeout
     upload = "upload"  # MAX_UPLOAD_BYTES, not MAX_BODY_BYTES; no request timeout
     other = "other"
@@ -23,26 +26,23 @@ class RouteKind(str, Enum):
 class Route(NamedTuple):
     kind: RouteKind
     policy: str | None = None
+    session_id: str | None = None
 
 
 _OTHER = Route(RouteKind.other)
 _TAILS = {"act": RouteKind.act, "rollout": RouteKind.rollout, "versions": RouteKind.upload}
 
 
-def route_of(scope) -> Route:
-    """``classify`` for an HTTP scope, computed once per request and kept in the scope."""
-    route = scope.get(_SCOPE_KEY)
-    if route is None:
-        route = scope[_SCOPE_KEY] = classify(scope["method"], scope["path"])
-    return route
-
-
-_SCOPE_KEY = "policy_server.route"
-
-
 def classify(method: str, path: str) -> Route:
-    """The one route classifier the middlewares and the fast path share."""
-    if method != "POST" or not path.startswith(_PREFIX):
+    """The one route classifier of the edge: limits, timeouts and the hot routes."""
+    if method != "POST":
+        return _OTHER
+    if path.startswith(_SESSIONS):
+        session_id, _, tail = path[len(_SESSIONS) :].partition("/")
+        if tail == "act" and session_id:
+            return Route(RouteKind.session_act, None, session_id)
+        return _OTHER
+    if not path.startswith(_PREFIX):
         return _OTHER
     name, _, tail = path[len(_PREFIX) :].partition("/")
     kind = _TAILS.get(tail)
@@ -62,18 +62,6 @@ def is_json(scope) -> bool:
     """No content-type, or ``application/json`` (with any parameters)."""
     v = header(scope, b"content-type")
     return v is None or v.split(b";")[0].strip().lower() == b"application/json"
-
-
-async def read_body(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
 
 
 def dumps(payload: object) -> bytes:

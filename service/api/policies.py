@@ -63,5 +63,5 @@ async def delete_version(entry: PolicyDep, version: int, policies: PoliciesDep) 
 
 @router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
 async def act(name: PolicyName, body: ActRequest, acting: ActDep) -> Response:
-    """Documented here; served by ``service.api.fastpath`` ahead of the router (same service)."""
+    """Documented here; answered by ``service.api.edge`` ahead of the router (same schema and service)."""
     return FastJSONResponse(await acting.act(body.params(name)))

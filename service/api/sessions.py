@@ -49,6 +49,7 @@ async def reset_session(session_id: str, sessions: SessionsDep) -> dict:
 
 @router.post("/{session_id}/act", response_model=SessionActResponse)
 async def act_session(session_id: str, body: SessionActRequest, sessions: SessionsDep) -> Response:
+    """Documented here; answered by ``service.api.edge`` ahead of the router (same schema and service)."""
     return FastJSONResponse(await sessions.step(body.params(session_id)))
 
 

@@ -248,6 +248,49 @@ class MemorySessionStore(SessionStore):
         return self._locks.setdefault(session_id, asyncio.Lock())
 
 
+LOCK_TTL_MS = 30_000  # a crashed holder frees the session after this
+LOCK_WAIT_S = 30.0  # then 429
+
+# KEYS: lock, session; ARGV: token, ttl ms -> {1, fields} when taken, {0, {}} when held elsewhere
+_ACQUIRE_AND_READ = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, redis.call('hgetall', KEYS[2])}
+end
+return {0, {}}
+"""
+# KEYS: session, index, lock; ARGV: token, ttl ms, id, expiry, field, value, ...
+# Writes only a session that still exists (deleted or expired meanwhile: stays gone).
+_SAVE_AND_RELEASE = """
+if redis.call('exists', KEYS[1]) == 1 then
+  redis.call('del', KEYS[1])
+  redis.call('hset', KEYS[1], unpack(ARGV, 5))
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
+end
+if ARGV[1] ~= '' and redis.call('get', KEYS[3]) == ARGV[1] then
+  redis.call('del', KEYS[3])
+end
+return 1
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass
+class _Held:
+    token: str
+    fields: dict[bytes, bytes] | None  # the session as read with the lock, until get takes it
+    released: bool = False
+
+
+def _pairs(flat: list) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every API process: a hash per session with a TTL.
 
@@ -257,6 +300,7 @@ class RedisSessionStore(SessionStore):
     """
 
     PREFIX = "ps:session:"
+    LOCK_PREFIX = "ps:lock:"
     INDEX = "ps:sessions"
 
     def __init__(self, url: str) -> None:
@@ -265,6 +309,11 @@ class RedisSessionStore(SessionStore):
         self._redis = aioredis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S
         )
+        self._acquire_script = self._redis.register_script(_ACQUIRE_AND_READ)
+        self._save_script = self._redis.register_script(_SAVE_AND_RELEASE)
+        self._release_script = self._redis.register_script(_RELEASE)
+        # sessions this process holds the lock of: their token, the fields read with it
+        self._held: dict[str, _Held] = {}
 
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
@@ -289,18 +338,37 @@ class RedisSessionStore(SessionStore):
             await p.execute()
 
     async def get(self, session_id: str) -> Session | None:
-        with redis_available(STORE):
-            fields = await self._redis.hgetall(self._key(session_id))
-            if not fields:
+        held = self._held.get(session_id)
+        if held is not None and held.fields is not None:  # read with the lock: no round trip
+            fields, held.fields = held.fields, None
+        else:
+            with redis_available(STORE):
+                fields = await self._redis.hgetall(self._key(session_id))
+        if not fields:
+            with redis_available(STORE):
                 await self._redis.zrem(self.INDEX, session_id)
-                return None
+            return None
         return Session.from_fields(fields)
 
     async def save(self, session: Session) -> None:
+        """Write the session if it still exists; under ``lock``, also release it: one round trip."""
+        session.touch()
+        sid = session.session_id
+        held = self._held.get(sid)
+        fields = [x for kv in session.to_fields().items() for x in kv]
         with redis_available(STORE):
-            if await self._redis.exists(self._key(session.session_id)):
-                session.touch()
-                await self._write(session)
+            await self._save_script(
+                keys=[self._key(sid), self.INDEX, self._lock_key(sid)],
+                args=[
+                    held.token if held else "",
+                    int(session.ttl_s * 1000),
+                    sid,
+                    session.expires_at,
+                    *fields,
+                ],
+            )
+        if held is not None:
+            held.released = True
 
     async def delete(self, session_id: str) -> bool:
         with redis_available(STORE):
@@ -325,17 +393,38 @@ class RedisSessionStore(SessionStore):
                 closed += await self.delete(s.session_id)
         return closed
 
+    def _lock_key(self, sid: str) -> str:
+        return self.LOCK_PREFIX + sid
+
     @asynccontextmanager
     async def lock(self, session_id: str) -> AsyncIterator[None]:
-        lock = self._redis.lock(f"ps:lock:{session_id}", timeout=30, blocking_timeout=30)
-        with redis_available(STORE):
-            if not await lock.acquire():
+        """Hold the session across processes (a token under ``ps:lock:<id>``, 30 s TTL).
+
+        Acquiring also reads the session (``get`` then costs nothing) and ``save`` releases
+        it: a step is two round trips. Waits up to 30 s for another holder, then 429.
+        """
+        token = uuid.uuid4().hex
+        key, lock_key = self._key(session_id), self._lock_key(session_id)
+        wait, deadline = 0.001, time.monotonic() + LOCK_WAIT_S
+        while True:
+            with redis_available(STORE):
+                got, fields = await self._acquire_script(keys=[lock_key, key], args=[token, LOCK_TTL_MS])
+            if got:
+                break
+            if time.monotonic() >= deadline:
                 raise Busy(f"session {session_id[:64]!r} is held by another call; retry", retry_after_s=1)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.05)
+        held = _Held(token, _pairs(fields))
+        self._held[session_id] = held
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):  # expired or Redis gone: the TTL frees it
-                await lock.release()
+            if self._held.get(session_id) is held:  # (save released it: another may hold it now)
+                del self._held[session_id]
+            if not held.released:
+                with contextlib.suppress(Exception):  # expired or Redis gone: the TTL frees it
+                    await self._release_script(keys=[lock_key], args=[token])
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,0 +1,258 @@
+"""The HTTP edge: what every request goes through, in one ASGI layer, and the two hot routes.
+
+``ServiceApp`` is the FastAPI application with one change: its ``__call__`` first does the
+service's per-request work (request id, body limits, timeout, metrics, access log) here, once,
+and answers ``POST /v1/policies/{name}/act`` and ``POST /v1/sessions/{session_id}/act`` itself,
+with the same schemas, auth check, services and JSON as the declared routes. Everything else
+goes on to FastAPI. Why: on these routes, which simulators call thousands of times a second,
+Starlette's middleware chain (server errors, body size, telemetry, exceptions), routing and
+dependency solving cost several times the forward pass of a small policy; subclassing is the
+one place this works around the framework. The declared routes stay for the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from service.api.asgi import (
+    ACT_ROUTE,
+    SESSION_ACT_ROUTE,
+    Route,
+    RouteKind,
+    classify,
+    header,
+    is_json,
+    send_json,
+)
+from service.api.auth import check_bearer
+from service.api.errors import error_answer, invalid_body
+from service.config import Settings
+from service.errors import ServiceError, too_large
+from service.observability import AccessLog, Metrics
+from service.schemas import ActRequest, SessionActRequest
+
+log = logging.getLogger(__name__)
+
+# Prometheus label values fed from requests must come from a fixed set: anything else would
+# grow /metrics (and the process) with every new value a client makes up.
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+UNKNOWN = "unknown"
+_HOT = (RouteKind.act, RouteKind.session_act)
+_UNTIMED = (RouteKind.rollout, RouteKind.upload)  # rollouts have their own timeout
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _Exchange:
+    """One request's response side: status and whether it started, ``x-request-id`` added."""
+
+    __slots__ = ("send", "request_id", "status", "started")
+
+    def __init__(self, send, request_id: bytes) -> None:
+        self.send, self.request_id, self.status, self.started = send, request_id, 500, False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", self.request_id)]
+        await self.send(message)
+
+    async def json(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+        await send_json(self, status, payload, headers)
+
+
+class _Deadlines:
+    """Request timeouts with one loop timer for all requests.
+
+    ``asyncio.timeout`` arms a timer per request (with uvloop a libuv timer: ~20 µs of each act
+    call under load, a fifth of its cost). Here a request registers its deadline in a dict and
+    one sweep, every tenth of the timeout (at most 1 s), cancels the tasks past theirs, marked so
+    that the edge answers 504 rather than propagating the cancellation: a request is answered
+    between ``timeout_s`` and ``1.1 * timeout_s``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.period_s = min(1.0, timeout_s / 10)
+        self._tasks: dict[asyncio.Task, float] = {}
+        self.expired: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def enter(self, task: asyncio.Task) -> None:
+        loop = task.get_loop()
+        if self._loop is not loop:  # the first request on this loop starts the sweep
+            self._loop = loop
+            loop.call_later(self.period_s, self._sweep, loop)
+        self._tasks[task] = loop.time() + self.timeout_s
+
+    def leave(self, task: asyncio.Task) -> None:
+        self._tasks.pop(task, None)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop or loop.is_closed():
+            return  # a later loop took over (tests run several)
+        now = loop.time()
+        late = [t for t, deadline in self._tasks.items() if deadline <= now]
+        for task in late:
+            del self._tasks[task]
+            self.expired.add(task)
+            task.cancel()
+        loop.call_later(self.period_s, self._sweep, loop)
+
+
+class ServiceApp(FastAPI):
+    """FastAPI behind the service's edge; ``configure_edge`` before serving."""
+
+    def configure_edge(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.access_log = AccessLog(settings.access_log_sample)
+        self._flush_scheduled = False
+        self._deadlines = _Deadlines(settings.request_timeout_s)
+        # unique per process and cheap: a random prefix and a counter
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = itertools.count()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        start = time.perf_counter()
+        raw_id = header(scope, b"x-request-id")
+        request_id = raw_id.decode("latin-1")[:128] if raw_id else f"{self._id_prefix}-{next(self._ids):x}"
+        exchange = _Exchange(send, request_id.encode("latin-1"))
+        route = classify(scope["method"], scope["path"])
+        settings = self.settings
+        limit = settings.max_upload_bytes if route.kind is RouteKind.upload else settings.max_body_bytes
+        try:
+            length = header(scope, b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise BodyTooLarge
+            if route.kind in _UNTIMED:
+                await self._route(scope, receive, exchange, route, limit)
+            else:
+                await self._timed(scope, receive, exchange, route, limit)
+        except BodyTooLarge:
+            if not exchange.started:
+                await exchange.json(413, {"detail": too_large("request body", limit)})
+        except TimeoutError:
+            if exchange.started:  # nothing more can be sent on this response
+                raise
+            detail = f"the request took longer than {settings.request_timeout_s:g} s"
+            await exchange.json(504, {"detail": detail})
+        finally:
+            self._record(scope, route, exchange, request_id, time.perf_counter() - start)
+
+    async def _timed(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
+        task = asyncio.current_task()
+        deadlines = self._deadlines
+        deadlines.enter(task)
+        try:
+            await self._route(scope, receive, exchange, route, limit)
+        except asyncio.CancelledError:
+            if task not in deadlines.expired:
+                raise  # not ours: the server shutting down, the client gone
+            deadlines.expired.discard(task)
+            task.uncancel()
+            raise TimeoutError from None
+        finally:
+            deadlines.leave(task)
+            deadlines.expired.discard(task)
+
+    async def _route(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
+        if route.kind in _HOT and is_json(scope):
+            try:
+                await self._hot(scope, receive, exchange, route, limit)
+            except (BodyTooLarge, TimeoutError):
+                raise
+            except Exception:  # as FastAPI's handler of unexpected errors answers them
+                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                if not exchange.started:
+                    await exchange.json(500, {"detail": "internal error"})
+            return
+        # The body is read here, within the limit, before FastAPI runs: a BodyTooLarge raised
+        # from inside its stack would be answered 500 by Starlette's error middleware.
+        body = await _read_body(receive, limit)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what follows the body: a disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await super().__call__(scope, replay, exchange)
+
+    async def _hot(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
+        state = self.state
+        status, headers = 200, None
+        try:
+            settings = self.settings
+            if settings.api_key and settings.protect_inference:
+                auth = header(scope, b"authorization")
+                check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
+            body = await _read_body(receive, limit)
+            try:
+                if route.kind is RouteKind.act:
+                    params = ActRequest.model_validate_json(body).params(route.policy)
+                else:
+                    params = SessionActRequest.model_validate_json(body).params(route.session_id)
+            except ValidationError as exc:
+                status, payload = 422, invalid_body(exc)
+            else:
+                if route.kind is RouteKind.act:
+                    payload = await state.act_service.act(params)
+                else:
+                    payload = await state.session_service.step(params)
+        except ServiceError as exc:
+            status, payload, headers = error_answer(exc)
+        await exchange.json(status, payload, headers)
+
+    def _record(self, scope, route: Route, exchange: _Exchange, request_id: str, seconds: float) -> None:
+        if route.kind is RouteKind.act:
+            template, name = ACT_ROUTE, route.policy
+        elif route.kind is RouteKind.session_act:
+            template, name = SESSION_ACT_ROUTE, ""
+        else:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            name = (scope.get("path_params") or {}).get("name", "")
+        policy = name if not name or self.metrics.known_policy(name) else UNKNOWN
+        method = scope["method"] if scope["method"] in METHODS else UNKNOWN
+        self.metrics.observe_request(template, method, exchange.status, policy, seconds)
+        if (
+            self.access_log.record(request_id, scope["method"], scope["path"], exchange.status, seconds)
+            and not self._flush_scheduled
+        ):
+            # lines reach the log within a second, also when traffic stops
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(1.0, self._flush_access_log)
+
+    def _flush_access_log(self) -> None:
+        self._flush_scheduled = False
+        self.access_log.flush()
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
