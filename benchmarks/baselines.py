@@ -17,6 +17,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.process import configure_process
+from service.registry.build import build_policy
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.policy import PolicyRuntime
@@ -29,7 +30,10 @@ app = FastAPI()
 if kind == "naive":
     registry = Registry(ModelStore(model_dir), prepare=PolicyRuntime)
     registry.load_all()
-    policy = registry.resolve(name).runtime.core
+    runtime = registry.resolve(name).runtime
+    # the plain TorchRL policy a user writes (the served one also reads action masks)
+    policy = build_policy(runtime.spec, torch.device("cpu")).core.eval()
+    policy.load_state_dict(runtime.core.state_dict())
 
     @app.post("/v1/policies/{name}/act")
     async def act(name: str, body: dict) -> dict:

@@ -139,15 +139,15 @@ def wrk_sessions(base: str, policy: str, n_sessions: int, seconds: int, connecti
     return wrk(base + paths[0], body, seconds, connections, paths)
 
 
-async def ws_echo(base: str, n: int, seconds: float) -> float:
-    """Messages/s of ``n`` WebSocket clients against the bare app's echo."""
+async def ws_drive(urls: list[str], seconds: float) -> float:
+    """Messages/s of one WebSocket client per URL, each sending an act body and awaiting the reply."""
     import websockets
 
     msg = json.dumps({"observation": OBS})
 
-    async def worker(stop: float) -> int:
+    async def worker(url: str, stop: float) -> int:
         k = 0
-        async with websockets.connect(base.replace("http://", "ws://") + "/echo") as ws:
+        async with websockets.connect(url) as ws:
             while time.monotonic() < stop:
                 await ws.send(msg)
                 await ws.recv()
@@ -155,12 +155,15 @@ async def ws_echo(base: str, n: int, seconds: float) -> float:
         return k
 
     stop = time.monotonic() + seconds
-    return sum(await asyncio.gather(*(worker(stop) for _ in range(n)))) / seconds
+    return sum(await asyncio.gather(*(worker(u, stop) for u in urls))) / seconds
+
+
+async def ws_echo(base: str, n: int, seconds: float) -> float:
+    """Messages/s of ``n`` WebSocket clients against the bare app's echo."""
+    return await ws_drive([base.replace("http://", "ws://") + "/echo"] * n, seconds)
 
 
 async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
-    import websockets
-
     async with httpx.AsyncClient(base_url=base) as c:
         sids = [
             (await c.post("/v1/sessions", json={"policy": POLICY})).json()["session_id"]
@@ -179,20 +182,8 @@ async def session_steps(base: str, n_sessions: int, seconds: float) -> dict:
         http_n = sum(await asyncio.gather(*(http_worker(s, stop) for s in sids)))
 
     ws_base = base.replace("http://", "ws://")
-    msg = json.dumps({"observation": OBS})
-
-    async def ws_worker(sid: str, stop: float) -> int:
-        n = 0
-        async with websockets.connect(f"{ws_base}/v1/sessions/{sid}/stream") as ws:
-            while time.monotonic() < stop:
-                await ws.send(msg)
-                await ws.recv()
-                n += 1
-        return n
-
-    stop = time.monotonic() + seconds
-    ws_n = sum(await asyncio.gather(*(ws_worker(s, stop) for s in sids)))
-    return {"http_steps_per_s": http_n / seconds, "ws_steps_per_s": ws_n / seconds}
+    ws_per_s = await ws_drive([f"{ws_base}/v1/sessions/{sid}/stream" for sid in sids], seconds)
+    return {"http_steps_per_s": http_n / seconds, "ws_steps_per_s": ws_per_s}
 
 
 def big_batch(base: str, repeats: int = 20) -> dict:
