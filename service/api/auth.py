@@ -1,4 +1,4 @@
-"""The one bearer-key check, shared by the FastAPI dependencies, the ASGI fast path and the
+"""The one bearer-key check, shared by the FastAPI dependencies, the ASGI edge (api/edge.py) and the
 WebSocket (through the same dependencies)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every error answer is ``{"detail": "sentence"}``, except validation errors, which are
 ``{"detail": [{"loc", "msg", "type"}]}`` (FastAPI's shape, produced by ``validation_detail``
-for the FastAPI routes, the ASGI fast path and the WebSocket alike).
+for the FastAPI routes, the ASGI edge (api/edge.py) and the WebSocket alike).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from service.serving.params import ActParams
 
 
 class ActService:
-    """``act(ActParams) -> dict``: the stateless act call of the HTTP route, fast path and SDK."""
+    """``act(ActParams) -> dict``: the stateless act call of the HTTP route, the edge and the SDK."""
 
     def __init__(self, registry: Registry, batcher: MicroBatcher, settings: Settings) -> None:
         self.registry = registry
