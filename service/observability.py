@@ -78,7 +78,7 @@ class AccessLog:
     ``1/sample``-th); errors (status >= 400) are always written. Lines are buffered and written
     in blocks of at most ``BLOCK`` bytes (a write that size to a pipe is atomic, so the workers
     of one server do not interleave lines) when the block is full or ``flush`` is called; the
-    edge calls it ``flush_s`` after the first buffered line at the latest.
+    edge calls it within 1 s of the first buffered line.
     """
 
     BLOCK = 4096

@@ -258,12 +258,13 @@ if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {0, {}}
 """
-# KEYS: session, index, lock; ARGV: token, ttl ms, id, expiry, field, value, ...
-# Writes only a session that still exists (deleted or expired meanwhile: stays gone).
-_SAVE_AND_RELEASE = """
-if redis.call('exists', KEYS[1]) == 1 then
+# KEYS: session, index, lock; ARGV: token ('' = no lock to release), ttl ms, id, expiry,
+# '1' = only if the session still exists (a save: deleted or expired meanwhile stays gone) or
+# '0' (a create), then field, value, ...
+_WRITE_AND_RELEASE = """
+if ARGV[5] == '0' or redis.call('exists', KEYS[1]) == 1 then
   redis.call('del', KEYS[1])
-  redis.call('hset', KEYS[1], unpack(ARGV, 5))
+  redis.call('hset', KEYS[1], unpack(ARGV, 6))
   redis.call('pexpire', KEYS[1], ARGV[2])
   redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
 end
@@ -310,7 +311,7 @@ class RedisSessionStore(SessionStore):
             url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S
         )
         self._acquire_script = self._redis.register_script(_ACQUIRE_AND_READ)
-        self._save_script = self._redis.register_script(_SAVE_AND_RELEASE)
+        self._write_script = self._redis.register_script(_WRITE_AND_RELEASE)
         self._release_script = self._redis.register_script(_RELEASE)
         # sessions this process holds the lock of: their token, the fields read with it
         self._held: dict[str, _Held] = {}
@@ -328,14 +329,12 @@ class RedisSessionStore(SessionStore):
                 raise _limit_error(max_sessions, first[0][1] if first else None, time.time())
             await self._write(session)
 
-    async def _write(self, session: Session) -> None:
-        key = self._key(session.session_id)
-        async with self._redis.pipeline(transaction=True) as p:
-            p.delete(key)
-            p.hset(key, mapping=session.to_fields())
-            p.pexpire(key, int(session.ttl_s * 1000))
-            p.zadd(self.INDEX, {session.session_id: session.expires_at})
-            await p.execute()
+    async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> None:
+        """One round trip: the session's fields, TTL and index entry (and its lock released)."""
+        sid = session.session_id
+        fields = [x for kv in session.to_fields().items() for x in kv]
+        args = [token, int(session.ttl_s * 1000), sid, session.expires_at, "1" if only_if_exists else "0"]
+        await self._write_script(keys=[self._key(sid), self.INDEX, self._lock_key(sid)], args=args + fields)
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
@@ -353,20 +352,9 @@ class RedisSessionStore(SessionStore):
     async def save(self, session: Session) -> None:
         """Write the session if it still exists; under ``lock``, also release it: one round trip."""
         session.touch()
-        sid = session.session_id
-        held = self._held.get(sid)
-        fields = [x for kv in session.to_fields().items() for x in kv]
+        held = self._held.get(session.session_id)
         with redis_available(STORE):
-            await self._save_script(
-                keys=[self._key(sid), self.INDEX, self._lock_key(sid)],
-                args=[
-                    held.token if held else "",
-                    int(session.ttl_s * 1000),
-                    sid,
-                    session.expires_at,
-                    *fields,
-                ],
-            )
+            await self._write(session, held.token if held else "", only_if_exists=True)
         if held is not None:
             held.released = True
 
