@@ -6,8 +6,11 @@ reported frames (once ``init_random_frames`` have arrived) it does ``updates_per
 updates, then anneals epsilon by those frames and publishes the weights and its position
 (``learner.json``: frames consumed, updates, epsilon) for the API processes, which act with them
 and hold clients back when they get too far ahead (``serving.feeds``). At ``total_frames``
-consumed frames it publishes a version like any job; its reported return is the mean of the
-last 20 client-reported episode returns (there is no environment here to evaluate in).
+consumed frames it publishes a version like any job. There is no environment here to evaluate
+candidate weights in, so the candidates are judged by what clients report: the published weights
+are those the learner held when the mean of the last 20 client-reported episode returns was at
+its best (the later of equals), or the final ones when no window of 20 episodes completed; that
+mean is the version's reported return.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def train_from_sessions(
     channel = ExperienceDir(config.experience_dir)
     received = consumed = updates = episodes = 0
     recent: list[float] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # window mean, frames, weights
     last_loss: torch.Tensor | None = None
     cancelled = False
 
@@ -78,6 +82,9 @@ def train_from_sessions(
                         updates += 1
                 extra = algo.after_batch(hp.frames_per_batch)
                 publish()
+                if len(recent) == RECENT and (best is None or sum(recent) / RECENT >= best[0]):
+                    weights = {k: v.detach().clone() for k, v in algo.built.core.state_dict().items()}
+                    best = (sum(recent) / RECENT, consumed, weights)
                 now = time.perf_counter() - start
                 if on_progress:
                     on_progress(
@@ -94,6 +101,11 @@ def train_from_sessions(
                     )
     wall = time.perf_counter() - start
     reported = sum(recent) / len(recent) if recent else math.nan
+    chosen, window = "final", len(recent)
+    if best is not None and not cancelled and best[0] >= reported:
+        algo.built.core.load_state_dict(best[2])
+        reported, chosen = best[0], f"best client-reported window (at {best[1]} frames)"
+        window = RECENT
     spec = algo.spec.model_copy(deep=True)
     spec.provenance = {
         "algorithm": "dqn",
@@ -105,11 +117,11 @@ def train_from_sessions(
         "device": str(config.device),
         "seed": config.seed,
         "eval_mean_return": reported,
-        "eval_episodes": len(recent),
-        "eval_source": f"client-reported returns of the last {len(recent)} episodes (no server-side env)",
+        "eval_episodes": window,
+        "eval_source": f"client-reported returns of {window} episodes (no server-side env)",
         "hyperparameters": hp.model_dump(),
         "command": config.command,
-        "weights": "final",
+        "weights": chosen,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(
