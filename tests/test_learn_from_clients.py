@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service.training.experience import ExperienceDir
+from service.training.from_sessions import Streams
 from tests.helpers import wait_for
 
 SPECS = {"observation": {"shape": [4]}, "action": {"type": "discrete", "n": 2}}
@@ -35,7 +36,6 @@ def client_job(client, **kw) -> str:
         ({"env_id": "CartPole-v1"}, "no env_id"),
         ({"action": None}, "needs the observation and action"),
         ({"action": {"type": "box", "shape": [1], "low": [-1.0], "high": [1.0]}}, "discrete action space"),
-        ({"recurrent": True}, "not supported yet"),
         ({"algorithm": "sac"}, "dqn only"),
         ({"observation": {"type": "dict", "entries": {"a": {"shape": [2]}}}}, "dict observations"),
         ({"observation": {"shape": [0]}}, "observation"),
@@ -159,3 +159,77 @@ def _untrained_files() -> dict:
     spec = {"kind": "qvalue", **SPECS, "network": {"num_cells": [64, 64]}}
     torch.manual_seed(0)
     return upload_files(spec, weights_bytes(build_policy(PolicySpec.model_validate(spec))))
+
+
+NOVEL = {"observation": {"shape": [2]}, "action": {"type": "discrete", "n": 2}}
+SMALL_LSTM = {"hidden_size": 16, "num_cells": [16], "init_random_frames": 300}
+
+
+def test_recurrent_reports_carry_each_steps_lstm_state(client, settings):
+    """A recurrent job's transitions hold the LSTM state each step started from and the one after
+    it (the next step's), zeros where an episode starts; the learner cuts each client env's stream
+    into step-ordered segments."""
+    job_id = client_job(client, recurrent=True, hyperparameters=SMALL_LSTM, **NOVEL)
+    sid = client.post("/v1/sessions", json={"job": job_id, "num_envs": 2}).json()["session_id"]
+    obs = [[0.1, 0.2], [0.3, -0.1]]
+    r = client.post(f"/v1/sessions/{sid}/act", json={"observations": obs})
+    assert r.status_code == 200, r.text
+    for t in range(30):  # env 1 ends an episode at t = 9 and restarts at t = 10
+        body = {"observations": [[0.1 + t / 50, 0.2], [0.3, -0.1 - t / 50]]}
+        body.update(reward=[1.0, None if t == 10 else 1.0], terminated=[False, t == 9], reset=[False, t == 10])
+        r = client.post(f"/v1/sessions/{sid}/act", json=body)
+        assert r.status_code == 200, r.text
+    client.app.state.job_feeds.flush_all()
+    data = torch.cat(ExperienceDir(settings.data_dir / "experience" / job_id).read_new())
+    assert data.numel() == 59 and data["stream"].unique().numel() == 2
+    for stream in data["stream"].unique():
+        rows = data[data["stream"] == stream]
+        rows = rows[rows["step"].argsort()]
+        h, nxt, init = rows["recurrent_state_h"], rows["next", "recurrent_state_h"], rows["is_init"].flatten()
+        assert init[0] and h[0].abs().sum() == 0 and nxt[0].abs().sum() > 0
+        follows = rows["step"][1:] == rows["step"][:-1] + 1
+        assert torch.equal(nxt[:-1][follows], h[1:][follows])  # the state after a step starts the next
+        assert (h[~init].abs().sum(dim=(1, 2)) > 0).all() and (h[init].abs().sum() == 0)
+    env1 = data[data["stream"] == data["stream"][data["next", "terminated"].flatten()]]
+    assert env1["is_init"].sum() == 2  # its first step and the step after its reset
+
+    segments = Streams(length=8).add(data)
+    assert sum(seg.numel() for seg in segments) >= 59 - 2 * 7  # at most 7 rows wait per stream
+    for seg in segments:
+        assert seg["segment"].unique().numel() == 1 and seg["stream"].unique().numel() == 1
+        steps, init = seg["step"], seg["is_init"].flatten()
+        assert ((steps[1:] == steps[:-1] + 1) | init[1:]).all()  # no gap without an episode start
+    assert len({int(seg["segment"][0]) for seg in segments}) == len(segments)
+
+
+def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jclient):
+    job_id = client_job(jclient, recurrent=True, total_frames=600, seed=0, hyperparameters=SMALL_LSTM, **NOVEL)
+    sid = jclient.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+    env = gym.make("CartPoleNoVel-v1")
+    obs, _ = env.reset(seed=0)
+    report: dict = {}
+    reset = True
+    for calls in range(1, 5000):
+        r = jclient.post(f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report})
+        if r.status_code in (404, 429):  # the job finished and closed the session / the learner is behind
+            if r.status_code == 404:
+                break
+            continue
+        assert r.status_code == 200, r.text
+        if report.get("terminated") or report.get("truncated"):
+            (obs, _), report, reset = env.reset(), {}, True
+            continue
+        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
+        report, reset = {"reward": float(reward), "terminated": terminated, "truncated": truncated}, False
+        if calls % 200 == 0 and jclient.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+            break
+    env.close()
+    job = wait_for(jclient, job_id, ("succeeded", "failed"), timeout=300)
+    assert job["status"] == "succeeded", job
+    details = jclient.get("/v1/policies/from-clients").json()["version_details"][0]
+    assert details["spec"]["recurrent"]["hidden_size"] == 16
+    assert details["provenance"]["source"] == "sessions" and details["provenance"]["updates"] > 0
+    served = jclient.post("/v1/sessions", json={"policy": "from-clients"}).json()["session_id"]
+    for step in (1, 2):
+        r = jclient.post(f"/v1/sessions/{served}/act", json={"observation": [0.0, 0.1]})
+        assert r.status_code == 200 and r.json()["step"] == step and r.json()["action"] in (0, 1), r.text

@@ -179,7 +179,8 @@ class SessionService:
             if result.state is not None:
                 session.state = result.state
             if feed is not None:
-                transitions = report.record(session, obs, result.action)
+                lstm = (state[0], state[1]) if runtime.recurrent else None
+                transitions = report.record(session, obs, result.action, lstm, is_init)
                 if feed.learning:
                     feed.add(transitions)
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)

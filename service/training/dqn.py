@@ -144,8 +144,6 @@ class DQNConfig(TrainConfig):
         if self.source == "sessions":
             if self.env_id is not None or self.observation is None or self.action is None:
                 raise ValueError("source 'sessions' takes observation and action specs, and no env_id")
-            if self.recurrent:
-                raise ValueError("recurrent=true with source 'sessions' is not supported yet")
         return self
 
     @classmethod

@@ -26,8 +26,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tensordict import TensorDict
 
-# the tensors of a chunk: [n, ...] each
-FIELDS = ("observation", "action", "reward", "next_observation", "terminated", "truncated", "episode_return")
+# A chunk's tensors, [n, ...] each: observation, action, reward, next_observation, terminated,
+# truncated, episode_return (NaN unless the transition ends an episode); a recurrent job's add
+# recurrent_state_h/_c and is_init (the step's LSTM input), next_recurrent_state_h/_c, and
+# stream (the client env) and step (its step number), to cut each env's stream into sequences.
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -78,23 +80,34 @@ class ExperienceDir:
             n = t["action"].shape[0]
             terminated = t["terminated"].bool().reshape(n, 1)
             truncated = t["truncated"].bool().reshape(n, 1)
-            out.append(
-                TensorDict(
-                    {
-                        "observation": t["observation"],
-                        "action": t["action"],
-                        "episode_return": t["episode_return"],
-                        "next": {
-                            "observation": t["next_observation"],
-                            "reward": t["reward"].reshape(n, 1),
-                            "terminated": terminated,
-                            "truncated": truncated,
-                            "done": terminated | truncated,
-                        },
+            td = TensorDict(
+                {
+                    "observation": t["observation"],
+                    "action": t["action"],
+                    "episode_return": t["episode_return"],
+                    "next": {
+                        "observation": t["next_observation"],
+                        "reward": t["reward"].reshape(n, 1),
+                        "terminated": terminated,
+                        "truncated": truncated,
+                        "done": terminated | truncated,
                     },
-                    batch_size=[n],
-                )
+                },
+                batch_size=[n],
             )
+            if "stream" in t:  # a recurrent job's: the LSTM state before and after each step
+                td.update(
+                    {
+                        "recurrent_state_h": t["recurrent_state_h"],
+                        "recurrent_state_c": t["recurrent_state_c"],
+                        "is_init": t["is_init"].bool().reshape(n, 1),
+                        "stream": t["stream"],
+                        "step": t["step"],
+                        ("next", "recurrent_state_h"): t["next_recurrent_state_h"],
+                        ("next", "recurrent_state_c"): t["next_recurrent_state_c"],
+                    }
+                )
+            out.append(td)
         return out
 
     def publish(self, state_dict: dict[str, torch.Tensor], learner: dict[str, Any]) -> None:

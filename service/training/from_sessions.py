@@ -21,13 +21,59 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from tensordict import TensorDict
 
 from service.registry.build import weights_bytes
 from service.training.common import Progress, StopCheck, TrainedPolicy, flushed_denormals
+from service.training.dqn import SEGMENT
 from service.training.experience import ExperienceDir
 
 IDLE_S = 0.02  # how long the learner sleeps when no new chunk has arrived
 RECENT = 20
+EXTRA = ("episode_return", "stream", "step")  # in a chunk, not in the replay buffer
+
+
+class Streams:
+    """Recurrent jobs: each client env's transitions (``stream``), put back in step order and cut
+    into segments of ``length`` for the ``SliceSampler`` (one ``SEGMENT`` id each, as the
+    env-backed recurrent DQN cuts each env copy's stream per collected batch).
+
+    A segment is also cut where steps are missing (a step reported without a reward) and no
+    episode starts: the LSTM must not run across a gap. Episode starts inside a segment stay
+    (``is_init``), as in the env-backed buffer.
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.pending: dict[int, list[TensorDict]] = {}
+        self.counts: dict[int, int] = {}
+        self.segments = 0
+
+    def add(self, td: TensorDict) -> list[TensorDict]:
+        """Take a chunk's transitions; return the segments completed by them."""
+        out = []
+        streams = td["stream"]
+        for stream in streams.unique().tolist():
+            part = td[streams == stream]
+            self.pending.setdefault(stream, []).append(part)
+            self.counts[stream] = self.counts.get(stream, 0) + part.numel()
+            if self.counts[stream] >= self.length:
+                del self.counts[stream]
+                rows = torch.cat(self.pending.pop(stream))
+                out += self._cut(rows[rows["step"].argsort()])
+        return out
+
+    def _cut(self, rows: TensorDict) -> list[TensorDict]:
+        step, init = rows["step"], rows["is_init"].reshape(-1)
+        gaps = ((step[1:] != step[:-1] + 1) & ~init[1:]).nonzero().flatten() + 1
+        bounds = [0, *gaps.tolist(), rows.numel()]
+        out = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            segment = rows[a:b]
+            segment[SEGMENT] = torch.full((b - a,), self.segments, dtype=torch.int64)
+            self.segments += 1
+            out.append(segment)
+        return out
 
 
 def train_from_sessions(
@@ -44,6 +90,7 @@ def train_from_sessions(
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # window mean, frames, weights
     last_loss: torch.Tensor | None = None
     cancelled = False
+    streams = Streams(4 * hp.slice_len) if algo.recurrent else None
 
     def publish() -> None:
         channel.publish(
@@ -70,11 +117,14 @@ def train_from_sessions(
                 finished = td["episode_return"][~torch.isnan(td["episode_return"])].tolist()
                 episodes += len(finished)
                 recent = (recent + finished)[-RECENT:]
-                algo.buffer.extend(td.exclude("episode_return"))
                 received += td.numel()
+                for part in streams.add(td) if streams is not None else [td]:
+                    algo.buffer.extend(part.exclude(*EXTRA))
             while received - consumed >= hp.frames_per_batch and consumed < config.total_frames:
                 consumed += hp.frames_per_batch
-                if consumed >= hp.init_random_frames:
+                # a recurrent buffer samples sequences: it needs one whole segment first
+                ready = len(algo.buffer) >= (streams.length if streams is not None else 1)
+                if consumed >= hp.init_random_frames and ready:
                     size = algo.buffer.batch_size
                     draw = algo.buffer.sample(size * hp.updates_per_batch)
                     for i in range(hp.updates_per_batch):
