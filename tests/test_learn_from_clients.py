@@ -176,7 +176,9 @@ def test_recurrent_reports_carry_each_steps_lstm_state(client, settings):
     assert r.status_code == 200, r.text
     for t in range(30):  # env 1 ends an episode at t = 9 and restarts at t = 10
         body = {"observations": [[0.1 + t / 50, 0.2], [0.3, -0.1 - t / 50]]}
-        body.update(reward=[1.0, None if t == 10 else 1.0], terminated=[False, t == 9], reset=[False, t == 10])
+        body.update(
+            reward=[1.0, None if t == 10 else 1.0], terminated=[False, t == 9], reset=[False, t == 10]
+        )
         r = client.post(f"/v1/sessions/{sid}/act", json=body)
         assert r.status_code == 200, r.text
     client.app.state.job_feeds.flush_all()
@@ -203,17 +205,21 @@ def test_recurrent_reports_carry_each_steps_lstm_state(client, settings):
 
 
 def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jclient):
-    job_id = client_job(jclient, recurrent=True, total_frames=600, seed=0, hyperparameters=SMALL_LSTM, **NOVEL)
+    job_id = client_job(
+        jclient, recurrent=True, total_frames=600, seed=0, hyperparameters=SMALL_LSTM, **NOVEL
+    )
     sid = jclient.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
     env = gym.make("CartPoleNoVel-v1")
     obs, _ = env.reset(seed=0)
     report: dict = {}
     reset = True
     for calls in range(1, 5000):
-        r = jclient.post(f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report})
-        if r.status_code in (404, 429):  # the job finished and closed the session / the learner is behind
-            if r.status_code == 404:
-                break
+        r = jclient.post(
+            f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report}
+        )
+        if r.status_code == 404:  # the job finished: its sessions are closed
+            break
+        if r.status_code == 429:  # the learner is behind: the same report again
             continue
         assert r.status_code == 200, r.text
         if report.get("terminated") or report.get("truncated"):
