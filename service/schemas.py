@@ -355,6 +355,12 @@ class JobCreate(_In):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hyperparameters: dict[str, Any] | None = None
+    experience_from: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] | None = Field(
+        None,
+        max_length=16,
+        description="source sessions: ids of earlier source-sessions jobs (same observation, action "
+        "and recurrent) whose recorded transitions seed the replay buffer (an offline start).",
+    )
 
     @model_validator(mode="after")
     def _source(self):
@@ -363,6 +369,8 @@ class JobCreate(_In):
                 raise ValueError("env_id is required (or source 'sessions' with observation and action)")
             if self.observation is not None or self.action is not None:
                 raise ValueError("observation and action go with source 'sessions'; an env has its own")
+            if self.experience_from:
+                raise ValueError("experience_from goes with source 'sessions' (recorded client experience)")
         else:
             if self.env_id is not None:
                 raise ValueError(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import gymnasium as gym
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+from service.main import create_app
 from service.training.experience import ExperienceDir
 from service.training.from_sessions import Streams
 from tests.helpers import wait_for
@@ -28,6 +30,36 @@ def client_job(client, **kw) -> str:
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     return r.json()["job_id"]
+
+
+def play(client, sid: str, env, until, max_calls: int = 5000, seed: int = 0) -> int:
+    """A simulator: steps ``env`` (its own) with the session's answers, reporting each outcome,
+    until ``until()`` (checked every 100 calls), the session closes, or ``max_calls``."""
+    obs, _ = env.reset(seed=seed)
+    report: dict = {}
+    reset = True
+    for calls in range(1, max_calls + 1):
+        r = client.post(
+            f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report}
+        )
+        if r.status_code == 404:  # the job finished: its sessions are closed
+            break
+        if r.status_code == 429:  # the learner is behind: the same report again
+            continue
+        assert r.status_code == 200, r.text
+        if report.get("terminated") or report.get("truncated"):
+            (obs, _), report, reset = env.reset(), {}, True
+        else:
+            obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
+            report, reset = {"reward": float(reward), "terminated": terminated, "truncated": truncated}, False
+        if calls % 100 == 0 and until():
+            break
+    env.close()
+    return calls
+
+
+def _finished(client, job_id: str) -> bool:
+    return client.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed", "cancelled")
 
 
 @pytest.mark.parametrize(
@@ -115,27 +147,7 @@ def test_a_job_learns_from_a_client_stepping_cartpole(jclient):
     """The env is the client's; a short run (5,000 reported frames) beats the untrained policy."""
     job_id = client_job(jclient, seed=0, hyperparameters={"num_cells": [64, 64]})
     sid = jclient.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
-    env = gym.make("CartPole-v1")
-    obs, _ = env.reset(seed=0)
-    report: dict = {}
-    reset, calls = True, 0
-    while calls < 30_000:
-        calls += 1
-        r = jclient.post(
-            f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report}
-        )
-        if r.status_code == 429:  # the learner is behind: the same report again
-            continue
-        assert r.status_code == 200, r.text
-        if report.get("terminated") or report.get("truncated"):
-            obs, _ = env.reset()
-            report, reset = {}, True
-            continue
-        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
-        report, reset = {"reward": float(reward), "terminated": terminated, "truncated": truncated}, False
-        if calls % 500 == 0 and jclient.get(f"/v1/jobs/{job_id}").json()["status"] in ("succeeded", "failed"):
-            break
-    env.close()
+    play(jclient, sid, gym.make("CartPole-v1"), until=lambda: _finished(jclient, job_id), max_calls=30_000)
     job = wait_for(jclient, job_id, ("succeeded", "failed"), timeout=600)
     assert job["status"] == "succeeded", job
     assert job["progress"]["frames"] >= 5000 and job["progress"]["episodes"] > 20
@@ -209,27 +221,7 @@ def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jcli
         jclient, recurrent=True, total_frames=600, seed=0, hyperparameters=SMALL_LSTM, **NOVEL
     )
     sid = jclient.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
-    env = gym.make("CartPoleNoVel-v1")
-    obs, _ = env.reset(seed=0)
-    report: dict = {}
-    reset = True
-    for calls in range(1, 5000):
-        r = jclient.post(
-            f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), "reset": reset, **report}
-        )
-        if r.status_code == 404:  # the job finished: its sessions are closed
-            break
-        if r.status_code == 429:  # the learner is behind: the same report again
-            continue
-        assert r.status_code == 200, r.text
-        if report.get("terminated") or report.get("truncated"):
-            (obs, _), report, reset = env.reset(), {}, True
-            continue
-        obs, reward, terminated, truncated, _ = env.step(r.json()["action"])
-        report, reset = {"reward": float(reward), "terminated": terminated, "truncated": truncated}, False
-        if calls % 200 == 0 and jclient.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
-            break
-    env.close()
+    play(jclient, sid, gym.make("CartPoleNoVel-v1"), until=lambda: _finished(jclient, job_id))
     job = wait_for(jclient, job_id, ("succeeded", "failed"), timeout=300)
     assert job["status"] == "succeeded", job
     details = jclient.get("/v1/policies/from-clients").json()["version_details"][0]
@@ -239,3 +231,95 @@ def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jcli
     for step in (1, 2):
         r = jclient.post(f"/v1/sessions/{served}/act", json={"observation": [0.0, 0.1]})
         assert r.status_code == 200 and r.json()["step"] == step and r.json()["action"] in (0, 1), r.text
+
+
+QUICK = {"num_cells": [16], "frames_per_batch": 256, "updates_per_batch": 4, "init_random_frames": 256}
+
+
+def test_a_job_interrupted_by_a_worker_restart_resumes_where_it_was(settings):
+    """The worker shuts down mid-job: the job fails, its experience stays; resumed, the learner
+    continues from its last published weights and position with the recorded transitions."""
+    settings.embedded_worker = True
+    with TestClient(create_app(settings)) as c:
+        job_id = client_job(c, total_frames=2048, seed=0, hyperparameters=QUICK)
+        sid = c.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+        play(c, sid, gym.make("CartPole-v1"), until=lambda: _frames(c, job_id) >= 512)
+        r = c.post(f"/v1/jobs/{job_id}/resume")
+        assert r.status_code == 409 and "only a failed job" in r.json()["detail"], r.text
+    with TestClient(create_app(settings)) as c:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "failed" and "resume it with POST" in job["error"], job
+        channel = ExperienceDir(settings.data_dir / "experience" / job_id)
+        learned = channel.learner_state()
+        assert 512 <= learned["consumed"] < 2048 and learned["updates"] == 4 * (learned["consumed"] // 256)
+        recorded = sum(td.numel() for td in channel.read_new())
+        assert recorded >= learned["consumed"]
+        r = c.post(f"/v1/jobs/{job_id}/resume")
+        assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["error"] is None, r.text
+        sid = c.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+        play(c, sid, gym.make("CartPole-v1"), until=lambda: _finished(c, job_id), seed=1)
+        job = wait_for(c, job_id, ("succeeded", "failed"), timeout=300)
+        assert job["status"] == "succeeded", job
+        provenance = c.get("/v1/policies/from-clients").json()["version_details"][0]["provenance"]
+        assert provenance["resumed_at_frames"] == learned["consumed"]
+        assert provenance["frames"] == 2048 and provenance["updates"] == 32  # 8 batches of 4, not more
+        assert job["progress"]["episodes"] >= 1
+
+
+def _frames(client, job_id: str) -> int:
+    return (client.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("frames") or 0
+
+
+def test_recorded_experience_seeds_a_new_job(jclient, settings):
+    """A job's recorded transitions fill a later job's buffer: it learns from its first batch
+    (1,000+ seeded frames reach init_random_frames), where alone it would wait 1,000 frames."""
+    first = client_job(jclient, total_frames=100_000, hyperparameters=QUICK)
+    sid = jclient.post("/v1/sessions", json={"job": first, "num_envs": 8}).json()["session_id"]
+    obs = torch.rand(8, 4).tolist()
+    jclient.post(f"/v1/sessions/{sid}/act", json={"observations": obs})
+    for t in range(130):
+        r = jclient.post(
+            f"/v1/sessions/{sid}/act", json={"observations": obs, "reward": 1.0, "terminated": t % 20 == 19}
+        )
+        assert r.status_code == 200, r.text
+        if t % 20 == 19:
+            jclient.post(f"/v1/sessions/{sid}/act", json={"observations": obs, "reset": True})
+    jclient.app.state.job_feeds.flush_all()
+    assert jclient.post(f"/v1/jobs/{first}/cancel").status_code == 202
+    wait_for(jclient, first, ("cancelled",))
+    recorded = sum(td.numel() for td in ExperienceDir(settings.data_dir / "experience" / first).read_new())
+    assert recorded >= 1000
+
+    hp = {**QUICK, "init_random_frames": 1000}
+    for bad, expected in [
+        ([first[::-1]], "not found"),
+        (["x"], "pattern"),
+    ]:
+        r = jclient.post("/v1/jobs", json={**_job(hp), "experience_from": bad})
+        assert r.status_code == 422 and expected in str(r.json()["detail"]), r.text
+    r = jclient.post("/v1/jobs", json={**_job(hp), "experience_from": [first], "observation": {"shape": [3]}})
+    assert r.status_code == 422 and "another observation" in r.json()["detail"], r.text
+    r = jclient.post("/v1/jobs", json={**_job(hp), "experience_from": [first], "recurrent": True})
+    assert r.status_code == 422 and "another recurrent" in r.json()["detail"], r.text
+
+    second = client_job(jclient, total_frames=512, hyperparameters=hp, experience_from=[first])
+    sid = jclient.post("/v1/sessions", json={"job": second}).json()["session_id"]
+    play(jclient, sid, gym.make("CartPole-v1"), until=lambda: _finished(jclient, second))
+    job = wait_for(jclient, second, ("succeeded", "failed"), timeout=300)
+    assert job["status"] == "succeeded", job
+    provenance = jclient.get("/v1/policies/from-clients").json()["version_details"][0]["provenance"]
+    assert provenance["seeded_frames"] == recorded and provenance["experience_from"] == [first]
+    assert provenance["updates"] == 8  # two batches of 4 updates; unseeded it would be 0
+    r = jclient.post(f"/v1/jobs/{second}/resume")
+    assert r.status_code == 409 and "only a failed job" in r.json()["detail"]
+
+
+def _job(hp: dict) -> dict:
+    return {
+        "algorithm": "dqn",
+        "source": "sessions",
+        "policy_name": "p",
+        "total_frames": 512,
+        **SPECS,
+        "hyperparameters": hp,
+    }

@@ -1,4 +1,4 @@
-"""Training jobs: submit (admin), list, inspect, metrics, cancel."""
+"""Training jobs: submit (admin), list, inspect, metrics, cancel, resume."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ async def job_metrics(job_id: str, jobs: JobsDep) -> dict:
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, dependencies=[Admin])
 async def cancel_job(job_id: str, jobs: JobsDep) -> dict:
     return (await jobs.cancel(job_id)).model_dump()
+
+
+@router.post("/{job_id}/resume", status_code=202, response_model=JobPublic, dependencies=[Admin])
+async def resume_job(job_id: str, jobs: JobsDep) -> dict:
+    return (await jobs.resume(job_id)).model_dump()

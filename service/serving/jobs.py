@@ -65,8 +65,28 @@ class JobService:
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
 
+    def check_experience_from(self, request: dict[str, Any]) -> None:
+        """Each job named in ``experience_from`` exists and recorded what this job learns from."""
+        same = ("observation", "action", "recurrent")
+        for i, job_id in enumerate(request.get("experience_from") or []):
+            job = self.store.get(job_id)
+            if job is None:
+                raise InvalidInput(f"experience_from[{i}]: job {job_id} not found")
+            if job.request.get("source") != "sessions":
+                raise InvalidInput(
+                    f"experience_from[{i}]: job {job_id} trained in an env; only source-sessions jobs "
+                    "record client experience"
+                )
+            differ = [k for k in same if (job.request.get(k) or None) != (request.get(k) or None)]
+            if differ:
+                raise InvalidInput(
+                    f"experience_from[{i}]: job {job_id} has another {', '.join(differ)} than this job; "
+                    "its transitions do not fit this job's network"
+                )
+
     async def submit(self, request: dict[str, Any]) -> Job:
         self.check_request(request)
+        await asyncio.to_thread(self.check_experience_from, request)
         limit = self.settings.max_queued_jobs
         if await asyncio.to_thread(self.store.count, JobStatus.queued) >= limit:
             raise Busy(f"{limit} jobs are already queued; retry later", retry_after_s=30)
@@ -92,6 +112,19 @@ class JobService:
                 f"job {job_id} already {job.status.value}; only queued or running jobs can be cancelled"
             )
         return await asyncio.to_thread(self.queue.cancel, job_id) or job
+
+    async def resume(self, job_id: str) -> Job:
+        """Queue a failed ``source: sessions`` job again: its learner continues from its last
+        published weights and position, with the transitions recorded on disk."""
+        job = await self.get(job_id)
+        if job.request.get("source") != "sessions":
+            raise Conflict(f"job {job_id} trains in an env; only source-sessions jobs can be resumed")
+        if job.status is not JobStatus.failed:
+            raise Conflict(f"job {job_id} is {job.status.value}; only a failed job can be resumed")
+        resumed = await asyncio.to_thread(self.queue.resume, job_id)
+        if resumed is None:
+            raise Conflict(f"job {job_id} changed meanwhile; it is no longer failed")
+        return resumed
 
     async def counts(self) -> tuple[dict[str, int], float]:
         """Jobs per status, and the summed fps of the running ones (for /metrics)."""

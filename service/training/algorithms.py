@@ -26,7 +26,10 @@ def build_config(request: dict[str, Any], **extra: Any) -> TrainConfig:
 
         if request.get("source") == "sessions":
             common.update(
-                source="sessions", observation=request.get("observation"), action=request.get("action")
+                source="sessions",
+                observation=request.get("observation"),
+                action=request.get("action"),
+                experience_from=request.get("experience_from") or [],
             )
         return DQNConfig.with_defaults(
             request.get("hyperparameters"), recurrent=request.get("recurrent", False), **common

@@ -136,6 +136,7 @@ class DQNConfig(TrainConfig):
     observation: dict[str, Any] | None = None  # source sessions: the clients' specs
     action: dict[str, Any] | None = None
     experience_dir: str | None = None  # source sessions: where the transitions arrive
+    experience_from: list[str] = Field(default_factory=list)  # earlier jobs' dirs (siblings) seed it
 
     @model_validator(mode="after")
     def _source_fits(self) -> DQNConfig:

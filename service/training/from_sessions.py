@@ -11,13 +11,21 @@ candidate weights in, so the candidates are judged by what clients report: the p
 are those the learner held when the mean of the last 20 client-reported episode returns was at
 its best (the later of equals), or the final ones when no window of 20 episodes completed; that
 mean is the version's reported return.
+
+Durability: the transitions stay on disk. A failed job queued again (``POST
+/v1/jobs/{id}/resume``, e.g. after a worker restart) continues from its last published weights
+and position, its buffer refilled from every chunk; ``experience_from`` (earlier jobs' ids)
+seeds the buffer of a new job with their recorded transitions, which count towards
+``init_random_frames`` but not towards ``total_frames``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,12 +93,32 @@ def train_from_sessions(
 ) -> TrainedPolicy:
     hp = algo.hyperparameters
     channel = ExperienceDir(config.experience_dir)
-    received = consumed = updates = episodes = 0
+    received = consumed = updates = episodes = seeded = 0
     recent: list[float] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # window mean, frames, weights
     last_loss: torch.Tensor | None = None
     cancelled = False
     streams = Streams(4 * hp.slice_len) if algo.recurrent else None
+
+    def store(td: TensorDict) -> None:
+        for part in streams.add(td) if streams is not None else [td]:
+            algo.buffer.extend(part.exclude(*EXTRA))
+
+    # an offline start: earlier jobs' recorded transitions fill the buffer (not counted as frames)
+    for job_id in config.experience_from:
+        for td in ExperienceDir(Path(config.experience_dir).parent / job_id).read_new():
+            seeded += td.numel()
+            store(td)
+    # resuming (the job was interrupted): the last published weights and position; the buffer
+    # refills from every chunk on disk below. The optimizer's moments start afresh.
+    resumed = channel.learner_state()
+    if resumed is not None:
+        algo.built.core.load_state_dict(channel.load_policy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "already initialized": re-copying is the point
+            algo.target.init_()
+        consumed, updates = int(resumed["consumed"]), int(resumed["updates"])
+        algo.after_batch(consumed)  # epsilon where the schedule was
 
     def publish() -> None:
         channel.publish(
@@ -118,13 +146,12 @@ def train_from_sessions(
                 episodes += len(finished)
                 recent = (recent + finished)[-RECENT:]
                 received += td.numel()
-                for part in streams.add(td) if streams is not None else [td]:
-                    algo.buffer.extend(part.exclude(*EXTRA))
+                store(td)
             while received - consumed >= hp.frames_per_batch and consumed < config.total_frames:
                 consumed += hp.frames_per_batch
                 # a recurrent buffer samples sequences: it needs one whole segment first
                 ready = len(algo.buffer) >= (streams.length if streams is not None else 1)
-                if consumed >= hp.init_random_frames and ready:
+                if consumed + seeded >= hp.init_random_frames and ready:
                     size = algo.buffer.batch_size
                     draw = algo.buffer.sample(size * hp.updates_per_batch)
                     for i in range(hp.updates_per_batch):
@@ -172,6 +199,9 @@ def train_from_sessions(
         "hyperparameters": hp.model_dump(),
         "command": config.command,
         "weights": chosen,
+        "resumed_at_frames": None if resumed is None else int(resumed["consumed"]),
+        "experience_from": config.experience_from,
+        "seeded_frames": seeded,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(

@@ -40,6 +40,13 @@ def local_pid_alive(worker: str) -> bool | None:
     return True
 
 
+def resumable(job: Job) -> str:
+    """What a failure message adds for a job that can be resumed (source sessions)."""
+    if job.request.get("source") != "sessions":
+        return ""
+    return f"; its recorded experience is kept: resume it with POST /v1/jobs/{job.job_id}/resume"
+
+
 class JobStore(ABC):
     """Job records: one ``Job`` per job, metric points, and a cancel flag."""
 
@@ -96,7 +103,7 @@ class JobStore(ABC):
                 expect=JobStatus.running,
                 status=JobStatus.failed,
                 finished_at=now_iso(),
-                error=reason,
+                error=reason + resumable(job),
             )
             if done is not None:
                 log.warning("job %s failed: %s", job.job_id, reason)

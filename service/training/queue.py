@@ -74,6 +74,16 @@ class JobQueue:
             self.task(job.job_id)
         return job
 
+    def resume(self, job_id: str) -> Job | None:
+        """A failed job queued again (same id, same record); ``None`` if it is no longer failed."""
+        job = self.store.update(
+            job_id, expect=JobStatus.failed, status=JobStatus.queued, error=None, finished_at=None
+        )
+        if job is not None:
+            with redis_available("the job queue"):
+                self.task(job_id)
+        return job
+
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled at once; a running one stops at its next batch."""
         self.store.request_cancel(job_id)

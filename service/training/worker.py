@@ -27,7 +27,7 @@ from service.config import resolve_device
 from service.training.algorithms import build_config, trainer_for
 from service.training.common import TrainedPolicy
 from service.training.job import POINT_FIELDS, PROGRESS_FIELDS, Job, JobStatus, now_iso, this_worker
-from service.training.job_store import JobStore
+from service.training.job_store import JobStore, resumable
 from service.training.queue import TASK_NAME
 from service.training.tracking import JobLog
 
@@ -79,7 +79,7 @@ def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy) -> None:
                 job_id,
                 status=JobStatus.failed,
                 finished_at=now_iso(),
-                error="interrupted: the worker shut down during training",
+                error="interrupted: the worker shut down during training" + resumable(job),
             )
         else:
             store.update(job_id, status=JobStatus.cancelled, finished_at=now_iso())
