@@ -5,6 +5,11 @@ held-out episodes (seeds 20000-20019, the server's rollout endpoint). Per seed: 
 learner's updates/s, the staleness of the acting weights, and the held-out return.
 
     python -m benchmarks.learn_from_clients --seeds 0 1 2 3 4 --frames 50000
+    python -m benchmarks.learn_from_clients --recurrent --seeds 0 --frames 100000
+
+``--recurrent``: a ``recurrent: true`` job (the env-backed recurrent DQN's defaults: LSTM 128,
+MLP 128) learns CartPoleNoVel-v1 (cart position and pole angle only) from the clients, and the
+held-out episodes run in CartPoleNoVel-v1 with the server carrying the LSTM state.
 
 The server is ``policy-server serve`` with its embedded worker, on a free port, with a fresh
 data directory per run.
@@ -27,11 +32,17 @@ from pathlib import Path
 import gymnasium as gym
 import httpx
 
+from service.envs import register_envs
 from service.sdk import PolicyClient, PolicyServerError
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECS = {"observation": {"shape": [4]}, "action": {"type": "discrete", "n": 2}}
-HP = {"num_cells": [256, 256]}  # the env-backed CartPole job's network (models/cartpole-dqn)
+# per task: the clients' env, the job's specs and hyperparameters (None: the job's defaults)
+TASKS = {
+    # the env-backed CartPole job's network (models/cartpole-dqn)
+    "mlp": ("CartPole-v1", {"shape": [4]}, {"num_cells": [256, 256]}),
+    # the recurrent defaults (RECURRENT_DEFAULTS, as models/cartpole-lstm-dqn was trained)
+    "recurrent": ("CartPoleNoVel-v1", {"shape": [2]}, None),
+}
 
 
 def free_port() -> int:
@@ -66,9 +77,12 @@ def serve(root: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not start")
 
 
-def client_loop(url: str, job_id: str, env_seed: int, stop: threading.Event, stats: dict) -> None:
+def client_loop(
+    url: str, job_id: str, env_id: str, env_seed: int, stop: threading.Event, stats: dict
+) -> None:
     """One simulator: its own CartPole, stepping a session bound to the job."""
-    env = gym.make("CartPole-v1")
+    register_envs()  # CartPoleNoVel-v1 for the clients
+    env = gym.make(env_id)
     obs, _ = env.reset(seed=env_seed)
     with PolicyClient(url, timeout=60, retries=50) as client, client.session(job=job_id) as s:
         report: dict = {}
@@ -92,7 +106,8 @@ def client_loop(url: str, job_id: str, env_seed: int, stop: threading.Event, sta
     env.close()
 
 
-def one_seed(seed: int, frames: int, clients: int) -> dict:
+def one_seed(seed: int, frames: int, clients: int, task: str) -> dict:
+    env_id, observation, hp = TASKS[task]
     root = Path(tempfile.mkdtemp(prefix="learn-from-clients-"))
     (root / "models").mkdir()
     proc, url = serve(root)
@@ -105,14 +120,18 @@ def one_seed(seed: int, frames: int, clients: int) -> dict:
                 total_frames=frames,
                 seed=seed,
                 device="cpu",
-                hyperparameters=HP,
-                **SPECS,
+                hyperparameters=hp,
+                observation=observation,
+                action={"type": "discrete", "n": 2},
+                recurrent=task == "recurrent",
             )
             stop = threading.Event()
             stats = {"calls": 0, "reported": 0, "staleness": []}
             start = time.perf_counter()
             threads = [
-                threading.Thread(target=client_loop, args=(url, job.job_id, 1000 * seed + i, stop, stats))
+                threading.Thread(
+                    target=client_loop, args=(url, job.job_id, env_id, 1000 * seed + i, stop, stats)
+                )
                 for i in range(clients)
             ]
             for t in threads:
@@ -125,7 +144,7 @@ def one_seed(seed: int, frames: int, clients: int) -> dict:
             if done.status != "succeeded":
                 return {"seed": seed, "status": done.status, "error": done.error}
             points = c.job_metrics(job.job_id)
-            heldout = c.rollout("from-clients", env_id="CartPole-v1", episodes=20, seed=20_000)
+            heldout = c.rollout("from-clients", env_id=env_id, episodes=20, seed=20_000)
             provenance = c.policy("from-clients")["version_details"][0]["provenance"]
     finally:
         proc.terminate()
@@ -133,6 +152,7 @@ def one_seed(seed: int, frames: int, clients: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     staleness = stats["staleness"][len(stats["staleness"]) // 10 :]  # past the start
     return {
+        "task": task,
         "seed": seed,
         "heldout_mean_return": heldout["mean_return"],
         "wall_s": round(wall, 1),
@@ -141,7 +161,8 @@ def one_seed(seed: int, frames: int, clients: int) -> dict:
         "updates_per_s": round(provenance["updates"] / wall, 1),
         "client_steps_per_s": round(stats["calls"] / wall, 1),
         "staleness_frames_median": statistics.median(staleness) if staleness else None,
-        "client_reported_return_last20": done.result["eval_mean_return"],
+        "client_reported_return": done.result["eval_mean_return"],
+        "weights": provenance["weights"],
     }
 
 
@@ -150,15 +171,24 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--frames", type=int, default=50_000)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--recurrent", action="store_true", help="CartPoleNoVel-v1 with an LSTM Q-network")
     args = ap.parse_args()
+    task = "recurrent" if args.recurrent else "mlp"
     results = []
     for seed in args.seeds:
-        results.append(one_seed(seed, args.frames, args.clients))
+        results.append(one_seed(seed, args.frames, args.clients, task))
         print(json.dumps(results[-1]), flush=True)
-    solved = sum(1 for r in results if r.get("heldout_mean_return", 0) >= 475)
+    target = 400 if args.recurrent else 475
+    solved = sum(1 for r in results if r.get("heldout_mean_return", 0) >= target)
     print(
         json.dumps(
-            {"seeds": len(results), "solved_>=475": solved, "frames": args.frames, "clients": args.clients}
+            {
+                "task": task,
+                "seeds": len(results),
+                f"solved_>={target}": solved,
+                "frames": args.frames,
+                "clients": args.clients,
+            }
         )
     )
 
