@@ -149,6 +149,9 @@ def test_jobs_are_submitted_waited_for_and_their_curve_read(client, live):
     points = client.job_metrics(job.job_id)
     assert points and points[-1]["frames"] >= 400
     assert client.act("from-client", [0.0] * 4).version == done.result["version"]
+    with pytest.raises(PolicyServerError) as refused:  # resuming is for source-sessions jobs
+        client.resume_job(job.job_id)
+    assert refused.value.status == 409 and "trains in an env" in str(refused.value)
     # the job's scalars, written through torchrl.record.loggers (CSV: step = frames, value)
     loss_csv = live.root / "var" / "jobs" / job.job_id / "scalars" / "loss.csv"
     rows = [line.split(",") for line in loss_csv.read_text().splitlines()]

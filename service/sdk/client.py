@@ -252,7 +252,8 @@ class PolicyClient:
     # -- jobs -----------------------------------------------------------------------------------
     def submit_job(self, **request: Any) -> Job:
         """``algorithm``, ``env_id``, ``policy_name``, ``total_frames``, ``recurrent``, ``seed``,
-        ``device``, ``hyperparameters``."""
+        ``device``, ``hyperparameters``; or ``source="sessions"`` with ``observation``, ``action``
+        and optionally ``experience_from`` (earlier such jobs' ids) instead of ``env_id``."""
         body = self.request("POST", "/v1/jobs", json=request)
         return self.job(body["job_id"])
 
@@ -264,6 +265,10 @@ class PolicyClient:
 
     def cancel_job(self, job_id: str) -> None:
         self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def resume_job(self, job_id: str) -> Job:
+        """Queue a failed ``source="sessions"`` job again (it continues where it was)."""
+        return Job.of(self.request("POST", f"/v1/jobs/{job_id}/resume"))
 
     def wait_job(
         self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None, progress: bool = True
