@@ -120,6 +120,31 @@ def test_session_stays_pinned_to_its_version(client):
     assert client.post(f"/v1/sessions/{sid}/act", json={"observation": o}).status_code == 404
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_deleting_a_version_closes_exactly_the_sessions_pinned_to_it(settings, store, request):
+    """Closed at once (not at their next step): the version's sessions only; the others go on."""
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    if store == "redis":
+        settings.session_store = request.getfixturevalue("redis_url")
+    with TestClient(create_app(settings)) as c:
+        pinned = [new_session(c, "q-lstm") for _ in range(3)]
+        assert (
+            upload(c, "q-lstm", SPECS["q-lstm"], random_weights(SPECS["q-lstm"], seed=5)).status_code == 201
+        )
+        others = [new_session(c, "q-lstm"), new_session(c, "q")]  # version 2, another policy
+        o = obs_for("q-lstm", 1)[0]
+        step(c, pinned[0], o)
+        assert c.delete(f"/v1/sessions/{pinned[2]}").status_code == 204  # gone before the version
+        assert c.delete("/v1/policies/q-lstm/versions/1").status_code == 204
+        assert [c.get(f"/v1/sessions/{sid}").status_code for sid in pinned] == [404, 404, 404]
+        assert [c.get(f"/v1/sessions/{sid}").status_code for sid in others] == [200, 200]
+        assert step(c, others[0], o)["version"] == 2
+        assert c.get("/v1/sessions").json()["live"] == 2
+
+
 def test_stateless_policies_work_through_sessions(client):
     sid = new_session(client, "actor", num_envs=2)
     rows = obs_for("actor", 2)

@@ -258,15 +258,16 @@ if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {0, {}}
 """
-# KEYS: session, index, lock; ARGV: token ('' = no lock to release), ttl ms, id, expiry,
-# '1' = only if the session still exists (a save: deleted or expired meanwhile stays gone) or
-# '0' (a create), then field, value, ...
+# KEYS: session, index, lock, version index; ARGV: token ('' = no lock to release), ttl ms, id,
+# expiry, '1' = only if the session still exists (a save: deleted or expired meanwhile stays
+# gone) or '0' (a create), then field, value, ...
 _WRITE_AND_RELEASE = """
 if ARGV[5] == '0' or redis.call('exists', KEYS[1]) == 1 then
   redis.call('del', KEYS[1])
   redis.call('hset', KEYS[1], unpack(ARGV, 6))
   redis.call('pexpire', KEYS[1], ARGV[2])
   redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('zadd', KEYS[4], ARGV[4], ARGV[3])
 end
 if ARGV[1] ~= '' and redis.call('get', KEYS[3]) == ARGV[1] then
   redis.call('del', KEYS[3])
@@ -296,13 +297,16 @@ class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every API process: a hash per session with a TTL.
 
     ``ps:sessions`` (sorted set, score = expiry) counts live sessions for the limit;
-    ``ps:lock:<id>`` serialises calls on one session across processes. While Redis is down
-    every call raises ``Unavailable`` and changes nothing.
+    ``ps:version:<policy>:<version>`` (the same, per pinned version) lists the sessions
+    ``close_version`` closes without reading every session; ``ps:lock:<id>`` serialises calls
+    on one session across processes. While Redis is down every call raises ``Unavailable`` and
+    changes nothing.
     """
 
     PREFIX = "ps:session:"
     LOCK_PREFIX = "ps:lock:"
     INDEX = "ps:sessions"
+    VERSION_PREFIX = "ps:version:"
 
     def __init__(self, url: str) -> None:
         import redis.asyncio as aioredis
@@ -323,7 +327,9 @@ class RedisSessionStore(SessionStore):
         # the state lives in Redis, not in this process: Redis's own maxmemory bounds it
         r = self._redis
         with redis_available(STORE):
-            await r.zremrangebyscore(self.INDEX, "-inf", time.time())
+            now = time.time()
+            await r.zremrangebyscore(self._version_key(session.policy, session.version), "-inf", now)
+            await r.zremrangebyscore(self.INDEX, "-inf", now)
             if await r.zcard(self.INDEX) >= max_sessions:
                 first = await r.zrange(self.INDEX, 0, 0, withscores=True)
                 raise _limit_error(max_sessions, first[0][1] if first else None, time.time())
@@ -334,7 +340,13 @@ class RedisSessionStore(SessionStore):
         sid = session.session_id
         fields = [x for kv in session.to_fields().items() for x in kv]
         args = [token, int(session.ttl_s * 1000), sid, session.expires_at, "1" if only_if_exists else "0"]
-        await self._write_script(keys=[self._key(sid), self.INDEX, self._lock_key(sid)], args=args + fields)
+        keys = [
+            self._key(sid),
+            self.INDEX,
+            self._lock_key(sid),
+            self._version_key(session.policy, session.version),
+        ]
+        await self._write_script(keys=keys, args=args + fields)
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
@@ -372,17 +384,22 @@ class RedisSessionStore(SessionStore):
             return int(await self._redis.zcard(self.INDEX))
 
     async def close_version(self, policy: str, version: int) -> int:
-        closed = 0
+        """Delete the sessions pinned to ``policy`` ``version``: those its index lists (it may
+        also list sessions deleted or expired since; they are gone already)."""
+        key = self._version_key(policy, version)
         with redis_available(STORE):
-            ids = await self._redis.zrange(self.INDEX, 0, -1)
+            ids = await self._redis.zrange(key, 0, -1)
+            await self._redis.delete(key)
+        closed = 0
         for sid in ids:
-            s = await self.get(sid.decode())
-            if s is not None and (s.policy, s.version) == (policy, version):
-                closed += await self.delete(s.session_id)
+            closed += await self.delete(sid.decode())
         return closed
 
     def _lock_key(self, sid: str) -> str:
         return self.LOCK_PREFIX + sid
+
+    def _version_key(self, policy: str, version: int) -> str:
+        return f"{self.VERSION_PREFIX}{policy}:{version}"
 
     @asynccontextmanager
     async def lock(self, session_id: str) -> AsyncIterator[None]:
