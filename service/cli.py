@@ -12,6 +12,19 @@ import sys
 
 from service.training.algorithms import ALGORITHMS
 
+# ``serve --workers N``: each worker process imports ``worker_app`` afresh; this tells it the level
+WORKERS_LOG_LEVEL = "_POLICY_SERVER_WORKERS_LOG_LEVEL"  # internal: not a setting
+
+
+def worker_app():
+    """The app of one process of ``serve --workers N``, logging as a single-process ``serve``
+    does (JSON lines, the access log at ``--log-level info``)."""
+    from service.main import create_app
+    from service.observability import configure_json_logging
+
+    configure_json_logging(os.environ.get(WORKERS_LOG_LEVEL, "info"))
+    return create_app()
+
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -40,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "several workers: set POLICY_SERVER_SESSION_STORE=redis://… (sessions are per "
                 "process otherwise) and POLICY_SERVER_EMBEDDED_WORKER=false with a Redis queue"
             )
-        uvicorn.run("service.main:create_app", factory=True, workers=args.workers, **common)
+        os.environ[WORKERS_LOG_LEVEL] = args.log_level
+        uvicorn.run("service.cli:worker_app", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
     return 0

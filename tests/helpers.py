@@ -84,7 +84,7 @@ def free_port() -> int:
 class LiveServer:
     """``policy-server serve`` in a subprocess on a free port (a real uvicorn)."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -99,6 +99,7 @@ class LiveServer:
                 str(self.port),
                 "--log-level",
                 "warning",
+                *args,
             ],
             env=full_env,
             cwd=cwd,
@@ -119,16 +120,16 @@ class LiveServer:
         raise RuntimeError("server did not become ready")
 
     @classmethod
-    def serving(cls, model_dir: Path, root: Path, **settings: str) -> LiveServer:
-        """A server of ``model_dir`` with its data under ``root/var``, no embedded worker, and
-        ``settings`` as ``POLICY_SERVER_<NAME>`` variables."""
+    def serving(cls, model_dir: Path, root: Path, args: tuple[str, ...] = (), **settings: str) -> LiveServer:
+        """A server of ``model_dir`` with its data under ``root/var``, no embedded worker,
+        ``settings`` as ``POLICY_SERVER_<NAME>`` variables and ``args`` added to ``serve``'s."""
         env = {
             "POLICY_SERVER_MODEL_DIR": str(model_dir),
             "POLICY_SERVER_DATA_DIR": str(root / "var"),
             "POLICY_SERVER_EMBEDDED_WORKER": "false",
             **{f"POLICY_SERVER_{k.upper()}": v for k, v in settings.items()},
         }
-        return cls(env, root)
+        return cls(env, root, args)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -296,3 +296,29 @@ def test_the_access_log_samples_successes_keeps_errors_and_writes_whole_lines_in
     caplog.set_level(logging.WARNING, logger="service.access")
     quiet = AccessLog(stream=io.StringIO())
     assert quiet.record("r", "GET", "/", 500, 0.0) is False
+
+
+def test_every_process_of_serve_workers_writes_the_json_access_log(tmp_path, redis_url):
+    """``serve --workers 2`` (sessions in Redis): the worker processes log as ``serve`` does."""
+    import json
+
+    write_policy(tmp_path / "models", "cp", CARTPOLE_Q)
+    server = LiveServer.serving(
+        tmp_path / "models", tmp_path, args=("--workers", "2", "--log-level", "info"), session_store=redis_url
+    )
+    try:
+        ids = set()
+        with httpx.Client(base_url=server.url) as c:
+            for _ in range(20):
+                r = c.post("/v1/policies/cp/act", json={"observation": [0.0, 0.1, 0.0, -0.1]})
+                assert r.status_code == 200, r.text
+                ids.add(r.headers["x-request-id"])
+    finally:
+        server.stop()  # flushes the buffered lines
+    lines = [
+        json.loads(x)
+        for x in (tmp_path / f"server-{server.port}.log").read_text().splitlines()
+        if x[:1] == "{"
+    ]
+    logged = {x["request_id"] for x in lines if x.get("logger") == "service.access" and x["status"] == 200}
+    assert ids <= logged
