@@ -18,7 +18,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictSequential
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.modules import QValueModule
+from torchrl.modules import LSTMModule, QValueModule
 
 from service.errors import InvalidInput
 from service.registry.build import ACTION_MASK, BuiltPolicy, build_policy
@@ -78,8 +78,8 @@ class ActResult:
         if with_info and self.info is not None:
             info = {k: v[start:stop] for k, v in self.info.items()}
         state = None
-        if self.state is not None:
-            state = tuple(t[start:stop] for t in self.state)
+        if self.state is not None:  # copies: a view would keep the whole batch's state alive
+            state = tuple(t[start:stop].clone() for t in self.state)
         return ActResult(self.action[start:stop], info, self.exploration, state)
 
     def payload(self, single: bool) -> dict:
@@ -144,16 +144,23 @@ class PolicyRuntime:
         self.stateful = self.recurrent or self.frames is not None
         state = self.zero_state(1)
         self.state_bytes_per_env = sum(t.nbytes for t in state) if state is not None else 0
-        # Fast path: a stateless Q-value or actor policy acting deterministically is its plain
-        # network (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for
-        # small MLPs). Tests check it against the TorchRL module called directly.
-        self._plain = None
+        # Fast path: a Q-value or actor policy acting deterministically is its plain networks
+        # (+ argmax); the same weights without the TensorDict plumbing (~4x cheaper for small
+        # MLPs, and for an LSTM step). The LSTM is stepped as LSTMModule steps it outside
+        # recurrent mode: state zeroed at is_init, one time step. Tests check both against the
+        # TorchRL module.
+        self._plain = self._encoder = self._lstm = None
         dict_obs = isinstance(spec.observation, DictObservationSpec)
-        if not self.recurrent and not dict_obs and spec.kind in ("qvalue", "actor"):
-            # every TensorDictModule's network in order (a one-hot encoder, the MLP), without
-            # the QValueModule, whose argmax _act_plain does
-            nets = [m.module for m in self.core.module if not isinstance(m, QValueModule)]
-            self._plain = nets[0] if len(nets) == 1 else torch.nn.Sequential(*nets)
+        if not dict_obs and spec.kind in ("qvalue", "actor"):
+            # every TensorDictModule's network in order (a one-hot encoder, a ConvNet, the MLP),
+            # split at the LSTM, without the QValueModule, whose argmax _act_plain does
+            mods = [m for m in self.core.module if not isinstance(m, QValueModule)]
+            cut = next((i for i, m in enumerate(mods) if isinstance(m, LSTMModule)), None)
+            if cut is not None:
+                self._lstm = mods[cut].lstm
+                self._encoder = _sequence([m.module for m in mods[:cut]])
+                mods = mods[cut + 1 :]
+            self._plain = _sequence([m.module for m in mods])
 
     def resolve(self, requested: Exploration) -> Exploration:
         """The exploration actually used for ``requested``.
@@ -275,8 +282,12 @@ class PolicyRuntime:
             with torch.inference_mode():
                 observation, history = self._preprocessed(observation, state, is_init)
         if used is Exploration.deterministic and self._plain is not None:
+            parts: tuple[torch.Tensor, ...] = ()
+            if self._lstm is not None:
+                observation, parts = self._lstm_step(observation, state, is_init)
             result = self._act_plain(observation, return_info, mask)
-            result.state = None if history is None else (history,)
+            parts += () if history is None else (history,)
+            result.state = parts or None
             return result
         if isinstance(observation, TensorDict):  # a dict observation: its entries
             td = observation.to(self.device).copy()
@@ -324,6 +335,21 @@ class PolicyRuntime:
             x = self.post_frames(x)
         return x, history
 
+    def _lstm_step(
+        self, observation: torch.Tensor, state: State, is_init: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One LSTM step as ``LSTMModule`` takes it outside recurrent mode: the encoders, then
+        ``(h, c)`` (``[B, layers, hidden]``) zeroed where ``is_init``; the features and the next
+        ``(h, c)``."""
+        with torch.inference_mode():
+            x = observation.to(self.device)
+            if self._encoder is not None:
+                x = self._encoder(x)
+            keep = (~is_init.to(self.device)).reshape(-1, 1, 1)
+            h, c = (torch.where(keep, t.to(self.device), 0.0).transpose(0, 1).contiguous() for t in state[:2])
+            y, (h, c) = self._lstm(x.unsqueeze(1), (h, c))
+            return y.squeeze(1), (h.transpose(0, 1), c.transpose(0, 1))
+
     def _act_plain(
         self, observation: torch.Tensor, return_info: bool, mask: torch.Tensor | None
     ) -> ActResult:
@@ -350,6 +376,12 @@ class PolicyRuntime:
                 info["scale"] = out.get("scale")
             return info
         return {}
+
+
+def _sequence(nets: list[torch.nn.Module]) -> torch.nn.Module | None:
+    if not nets:
+        return None
+    return nets[0] if len(nets) == 1 else torch.nn.Sequential(*nets)
 
 
 def _leaf_batch(
