@@ -9,6 +9,10 @@ rounds.
     python -m benchmarks.act_path_cpu                                  # this checkout
     git worktree add /tmp/before HEAD~1
     python -m benchmarks.act_path_cpu --against /tmp/before --runs 3   # after / before
+    python -m benchmarks.act_path_cpu --session --against /tmp/before  # LSTM session steps
+
+``--session``: steps of one session of ``cartpole-lstm-dqn`` (``POST /v1/sessions/{id}/act``,
+the server carrying the LSTM state) instead of stateless act calls.
 """
 
 from __future__ import annotations
@@ -25,17 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OBS = [0.01, -0.02, 0.03, 0.04]
 
 
-async def measure(requests: int, rounds: int, policy: str) -> list[float]:
-    from service.config import Settings
-    from service.main import create_app
-
-    settings = Settings(
-        model_dir=Path("models"), data_dir=Path(tempfile.mkdtemp()), registry_poll_s=0, embedded_worker=False
-    )
-    app = create_app(settings)
-    body = json.dumps({"observation": OBS}).encode()
-    path = f"/v1/policies/{policy}/act"
-    scope = {
+def http_scope(path: str, body: bytes) -> dict:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -54,16 +49,34 @@ async def measure(requests: int, rounds: int, policy: str) -> list[float]:
         "server": ("127.0.0.1", 80),
     }
 
+
+async def measure(requests: int, rounds: int, policy: str, session: bool) -> list[float]:
+    from service.config import Settings
+    from service.main import create_app
+
+    settings = Settings(
+        model_dir=Path("models"), data_dir=Path(tempfile.mkdtemp()), registry_poll_s=0, embedded_worker=False
+    )
+    app = create_app(settings)
+    last: list[bytes] = []
+    body = b""
+
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
-
-    last: list[bytes] = []
 
     async def send(message: dict) -> None:
         if message["type"] == "http.response.body":
             last[:] = [message["body"]]
 
     async with app.router.lifespan_context(app):
+        if session:
+            body = json.dumps({"policy": policy}).encode()
+            await app(http_scope("/v1/sessions", body), receive, send)
+            path = f"/v1/sessions/{json.loads(last[0])['session_id']}/act"
+            body = json.dumps({"observation": OBS[:2]}).encode()  # cartpole-lstm-dqn: CartPoleNoVel
+        else:
+            path, body = f"/v1/policies/{policy}/act", json.dumps({"observation": OBS}).encode()
+        scope = http_scope(path, body)
         for _ in range(2000):  # warm-up
             await app(dict(scope), receive, send)
         assert b'"action"' in last[0], last[0]
@@ -88,6 +101,7 @@ def run_in(checkout: Path, args: argparse.Namespace) -> float:
         str(args.rounds),
         "--policy",
         args.policy,
+        *(["--session"] if args.session else []),
     ]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True).stdout
     return min(json.loads(out.strip().splitlines()[-1])["us_per_request"])
@@ -98,10 +112,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per checkout")
-    ap.add_argument("--policy", default="cartpole-dqn")
+    ap.add_argument("--policy", help="default: cartpole-dqn, or cartpole-lstm-dqn with --session")
+    ap.add_argument("--session", action="store_true", help="LSTM session steps instead of act calls")
     ap.add_argument("--against", type=Path, help="another checkout to measure in alternation")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.policy = args.policy or ("cartpole-lstm-dqn" if args.session else "cartpole-dqn")
     if args.child:
         sys.path.insert(0, str(Path.cwd()))  # the checkout under test, ahead of the installed one
         import uvloop
@@ -110,7 +126,7 @@ def main() -> None:
             from service.process import configure_process
 
             configure_process(torch_threads=1)
-        rounds = uvloop.run(measure(args.requests, args.rounds, args.policy))
+        rounds = uvloop.run(measure(args.requests, args.rounds, args.policy, args.session))
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
         return
     checkouts = {"this": ROOT} | ({"against": args.against.resolve()} if args.against else {})
