@@ -119,6 +119,7 @@ def train_from_sessions(
             algo.target.init_()
         consumed, updates = int(resumed["consumed"]), int(resumed["updates"])
         algo.after_batch(consumed)  # epsilon where the schedule was
+    start_frames = consumed
 
     def publish() -> None:
         channel.publish(
@@ -132,7 +133,7 @@ def train_from_sessions(
         )
 
     with flushed_denormals():
-        publish()  # sessions act with the initial (random) policy at epsilon eps_start
+        publish()  # sessions act with the initial (or restored) policy and epsilon
         while consumed < config.total_frames:
             if should_stop and should_stop():
                 cancelled = True
@@ -171,7 +172,7 @@ def train_from_sessions(
                             "episodes": episodes,
                             "mean_return": sum(recent) / len(recent) if recent else None,
                             "loss": None if last_loss is None else float(last_loss),
-                            "fps": consumed / now,
+                            "fps": (consumed - start_frames) / now,
                             "time_s": now,
                             **extra,
                         }
