@@ -11,6 +11,9 @@ rounds.
     python -m benchmarks.act_path_cpu --against /tmp/before --runs 3   # after / before
     python -m benchmarks.act_path_cpu --session --against /tmp/before  # LSTM session steps
 
+``--concurrency C``: C requests in flight at a time (the micro-batcher forms batches of up to C),
+as under a load generator with C connections.
+
 ``--session``: steps of one session of ``cartpole-lstm-dqn`` (``POST /v1/sessions/{id}/act``,
 the server carrying the LSTM state) instead of stateless act calls.
 """
@@ -18,6 +21,7 @@ the server carrying the LSTM state) instead of stateless act calls.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -50,7 +54,9 @@ def http_scope(path: str, body: bytes) -> dict:
     }
 
 
-async def measure(requests: int, rounds: int, policy: str, session: bool) -> list[float]:
+async def measure(
+    requests: int, rounds: int, policy: str, session: bool, concurrency: int = 1
+) -> list[float]:
     from service.config import Settings
     from service.main import create_app
 
@@ -81,11 +87,16 @@ async def measure(requests: int, rounds: int, policy: str, session: bool) -> lis
             await app(dict(scope), receive, send)
         assert b'"action"' in last[0], last[0]
         out = []
+        per_task = requests // concurrency
+
+        async def client() -> None:
+            for _ in range(per_task):
+                await app(dict(scope), receive, send)
+
         for _ in range(rounds):
             t = time.perf_counter()
-            for _ in range(requests):
-                await app(dict(scope), receive, send)
-            out.append((time.perf_counter() - t) / requests * 1e6)
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            out.append((time.perf_counter() - t) / (per_task * concurrency) * 1e6)
     return out
 
 
@@ -101,6 +112,8 @@ def run_in(checkout: Path, args: argparse.Namespace) -> float:
         str(args.rounds),
         "--policy",
         args.policy,
+        "--concurrency",
+        str(args.concurrency),
         *(["--session"] if args.session else []),
     ]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True).stdout
@@ -114,6 +127,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per checkout")
     ap.add_argument("--policy", help="default: cartpole-dqn, or cartpole-lstm-dqn with --session")
     ap.add_argument("--session", action="store_true", help="LSTM session steps instead of act calls")
+    ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (batches form from 2)")
     ap.add_argument("--against", type=Path, help="another checkout to measure in alternation")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,7 +140,7 @@ def main() -> None:
             from service.process import configure_process
 
             configure_process(torch_threads=1)
-        rounds = uvloop.run(measure(args.requests, args.rounds, args.policy, args.session))
+        rounds = uvloop.run(measure(args.requests, args.rounds, args.policy, args.session, args.concurrency))
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
         return
     checkouts = {"this": ROOT} | ({"against": args.against.resolve()} if args.against else {})

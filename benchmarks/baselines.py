@@ -3,9 +3,12 @@
 ``naive``: the FastAPI endpoint people write themselves (``async def``, a TensorDict and the
 same TorchRL policy per request). ``empty``: the same stack doing no work at all. ``bare``: the
 limit, a raw ASGI app on the same uvicorn answering a constant ``{"action": 0}`` to every request
-(it reads the body, parses nothing); on a WebSocket it echoes a constant per message.
+(it reads the body, parses nothing); on a WebSocket it echoes a constant per message. ``floor``:
+the least a server running this policy does, on the same uvicorn: a raw ASGI app that parses the
+JSON body, gathers the observations that arrive together into one forward pass of the policy's
+network (no checks, no metrics, no log, no TensorDict) and answers the argmax.
 
-    python -m benchmarks.baselines naive|empty|bare MODEL_DIR NAME PORT
+    python -m benchmarks.baselines naive|empty|bare|floor MODEL_DIR NAME PORT
 """
 
 import sys
@@ -46,6 +49,44 @@ elif kind == "empty":
     @app.post("/v1/policies/{name}/act")
     async def act(name: str, body: dict) -> dict:
         return {"action": 0}
+elif kind == "floor":
+    import asyncio
+
+    import orjson
+
+    registry = Registry(ModelStore(model_dir), prepare=PolicyRuntime)
+    registry.load_all()
+    net = registry.resolve(name).runtime._plain  # the policy's MLP, without the argmax module
+    pending: list[tuple[list, asyncio.Future]] = []
+    _JSON = [(b"content-type", b"application/json")]
+
+    def forward() -> None:
+        batch = pending[:]
+        pending.clear()
+        with torch.inference_mode():
+            actions = net(torch.tensor([obs for obs, _ in batch])).argmax(-1).tolist()
+        for (_, fut), a in zip(batch, actions, strict=True):
+            fut.set_result(a)
+
+    async def app(scope, receive, send) -> None:  # noqa: F811 - the least a policy server does
+        if scope["type"] == "http":
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            fut = asyncio.get_running_loop().create_future()
+            if not pending:
+                asyncio.get_running_loop().call_soon(forward)
+            pending.append((orjson.loads(b"".join(chunks))["observation"], fut))
+            body = orjson.dumps({"action": await fut})
+            headers = [*_JSON, (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
 else:
     _ANSWER = b'{"action":0}'
     _HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ANSWER))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import lru_cache
 from typing import NamedTuple
 
 import orjson
@@ -33,6 +34,7 @@ _OTHER = Route(RouteKind.other)
 _TAILS = {"act": RouteKind.act, "rollout": RouteKind.rollout, "versions": RouteKind.upload}
 
 
+@lru_cache(maxsize=4096)  # bounded: paths are client-made; a hit costs ~0.2 µs, a miss ~2.5 µs
 def classify(method: str, path: str) -> Route:
     """The one route classifier of the edge: limits, timeouts and the hot routes."""
     if method != "POST":

@@ -22,7 +22,14 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from service.runtime.policy import ActResult, Exploration, PolicyRuntime, State
+from service.runtime.policy import (
+    ActResult,
+    Exploration,
+    Observations,
+    PolicyRuntime,
+    State,
+    stack_observations,
+)
 
 T = TypeVar("T")
 
@@ -58,7 +65,7 @@ class BatchKey(NamedTuple):
 
 @dataclass
 class _Item:
-    obs: torch.Tensor
+    obs: Observations
     state: State | None
     is_init: torch.Tensor | None
     return_info: bool
@@ -100,7 +107,7 @@ class MicroBatcher:
     async def act(
         self,
         runtime: PolicyRuntime,
-        obs: torch.Tensor,
+        obs: Observations,
         *,
         exploration: Exploration,
         epsilon: float | None = None,
@@ -122,8 +129,8 @@ class MicroBatcher:
             next(self._tickets) if seed is not None else 0,
         )
         if runtime.stateful and state is None:
-            state = runtime.zero_state(obs.shape[0])
-            is_init = torch.ones(obs.shape[0], dtype=torch.bool)
+            state = runtime.zero_state(len(obs))
+            is_init = torch.ones(len(obs), dtype=torch.bool)
         self._groups.setdefault(key, []).append(_Item(obs, state, is_init, return_info, mask, future))
         self._schedule()
         return await future
@@ -141,10 +148,10 @@ class MicroBatcher:
         self._busy = True
         key, items = next(iter(self._groups.items()))
         taken, rows = [], 0
-        while items and (not taken or rows + items[0].obs.shape[0] <= self.max_batch):
+        while items and (not taken or rows + len(items[0].obs) <= self.max_batch):
             item = items.pop(0)
             taken.append(item)
-            rows += item.obs.shape[0]
+            rows += len(item.obs)
         if not items:
             del self._groups[key]
         if rows <= self.inline_rows and key.runtime.light:
@@ -163,13 +170,13 @@ class MicroBatcher:
     @staticmethod
     def _forward(key: BatchKey, items: list[_Item]) -> list[ActResult]:
         runtime = key.runtime
-        obs = items[0].obs if len(items) == 1 else torch.cat([i.obs for i in items])
+        obs = stack_observations([i.obs for i in items])
         state = is_init = None
         if runtime.stateful:
             state = tuple(torch.cat(parts) for parts in zip(*(i.state for i in items), strict=True))
             is_init = torch.cat(
                 [
-                    i.is_init if i.is_init is not None else torch.zeros(i.obs.shape[0], dtype=torch.bool)
+                    i.is_init if i.is_init is not None else torch.zeros(len(i.obs), dtype=torch.bool)
                     for i in items
                 ]
             )
@@ -179,7 +186,7 @@ class MicroBatcher:
                 [
                     i.mask
                     if i.mask is not None
-                    else torch.ones(i.obs.shape[0], runtime.n_actions, dtype=torch.bool)
+                    else torch.ones(len(i.obs), runtime.n_actions, dtype=torch.bool)
                     for i in items
                 ]
             )
@@ -198,7 +205,7 @@ class MicroBatcher:
             return [result]
         out, start = [], 0
         for item in items:
-            stop = start + item.obs.shape[0]
+            stop = start + len(item.obs)
             out.append(result.rows(start, stop, item.return_info))
             start = stop
         return out
@@ -207,7 +214,7 @@ class MicroBatcher:
         exc = fut.exception()
         results: list[Any] = [exc] * len(items) if exc else fut.result()
         if self.on_batch is not None and not exc:
-            self.on_batch(sum(i.obs.shape[0] for i in items))
+            self.on_batch(sum(len(i.obs) for i in items))
         for item, res in zip(items, results, strict=True):
             if item.future.done():
                 continue  # the caller went away

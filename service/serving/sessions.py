@@ -10,7 +10,7 @@ from service.config import Settings
 from service.errors import InvalidInput, NotFound, check_limit
 from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
-from service.runtime.policy import Exploration
+from service.runtime.policy import Exploration, as_tensor
 from service.runtime.sessions import Session, SessionStore
 from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
@@ -180,7 +180,7 @@ class SessionService:
                 session.state = result.state
             if feed is not None:
                 lstm = (state[0], state[1]) if runtime.recurrent else None
-                transitions = report.record(session, obs, result.action, lstm, is_init)
+                transitions = report.record(session, as_tensor(obs), result.action, lstm, is_init)
                 if feed.learning:
                     feed.add(transitions)
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
