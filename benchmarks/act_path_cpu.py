@@ -14,8 +14,10 @@ rounds.
 ``--concurrency C``: C requests in flight at a time (the micro-batcher forms batches of up to C),
 as under a load generator with C connections.
 
-``--session``: steps of one session of ``cartpole-lstm-dqn`` (``POST /v1/sessions/{id}/act``,
-the server carrying the LSTM state) instead of stateless act calls.
+``--store redis://…``: sessions in Redis (a running redis-server).
+
+``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``
+(``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of act calls.
 """
 
 from __future__ import annotations
@@ -55,13 +57,17 @@ def http_scope(path: str, body: bytes) -> dict:
 
 
 async def measure(
-    requests: int, rounds: int, policy: str, session: bool, concurrency: int = 1
+    requests: int, rounds: int, policy: str, session: bool, concurrency: int = 1, store: str = "memory"
 ) -> list[float]:
     from service.config import Settings
     from service.main import create_app
 
     settings = Settings(
-        model_dir=Path("models"), data_dir=Path(tempfile.mkdtemp()), registry_poll_s=0, embedded_worker=False
+        model_dir=Path("models"),
+        data_dir=Path(tempfile.mkdtemp()),
+        registry_poll_s=0,
+        embedded_worker=False,
+        session_store=store,
     )
     app = create_app(settings)
     last: list[bytes] = []
@@ -75,27 +81,30 @@ async def measure(
             last[:] = [message["body"]]
 
     async with app.router.lifespan_context(app):
-        if session:
-            body = json.dumps({"policy": policy}).encode()
-            await app(http_scope("/v1/sessions", body), receive, send)
-            path = f"/v1/sessions/{json.loads(last[0])['session_id']}/act"
+        if session:  # one session per client
+            paths = []
+            for _ in range(concurrency):
+                body = json.dumps({"policy": policy}).encode()
+                await app(http_scope("/v1/sessions", body), receive, send)
+                paths.append(f"/v1/sessions/{json.loads(last[0])['session_id']}/act")
             body = json.dumps({"observation": OBS[:2]}).encode()  # cartpole-lstm-dqn: CartPoleNoVel
         else:
-            path, body = f"/v1/policies/{policy}/act", json.dumps({"observation": OBS}).encode()
-        scope = http_scope(path, body)
+            paths = [f"/v1/policies/{policy}/act"] * concurrency
+            body = json.dumps({"observation": OBS}).encode()
+        scopes = [http_scope(path, body) for path in paths]
         for _ in range(2000):  # warm-up
-            await app(dict(scope), receive, send)
+            await app(dict(scopes[0]), receive, send)
         assert b'"action"' in last[0], last[0]
         out = []
         per_task = requests // concurrency
 
-        async def client() -> None:
+        async def client(scope: dict) -> None:
             for _ in range(per_task):
                 await app(dict(scope), receive, send)
 
         for _ in range(rounds):
             t = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+            await asyncio.gather(*(client(scope) for scope in scopes))
             out.append((time.perf_counter() - t) / (per_task * concurrency) * 1e6)
     return out
 
@@ -114,6 +123,8 @@ def run_in(checkout: Path, args: argparse.Namespace) -> float:
         args.policy,
         "--concurrency",
         str(args.concurrency),
+        "--store",
+        args.store,
         *(["--session"] if args.session else []),
     ]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True).stdout
@@ -128,6 +139,7 @@ def main() -> None:
     ap.add_argument("--policy", help="default: cartpole-dqn, or cartpole-lstm-dqn with --session")
     ap.add_argument("--session", action="store_true", help="LSTM session steps instead of act calls")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (batches form from 2)")
+    ap.add_argument("--store", default="memory", help="the session store: memory or redis://…")
     ap.add_argument("--against", type=Path, help="another checkout to measure in alternation")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,7 +152,9 @@ def main() -> None:
             from service.process import configure_process
 
             configure_process(torch_threads=1)
-        rounds = uvloop.run(measure(args.requests, args.rounds, args.policy, args.session, args.concurrency))
+        rounds = uvloop.run(
+            measure(args.requests, args.rounds, args.policy, args.session, args.concurrency, args.store)
+        )
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
         return
     checkouts = {"this": ROOT} | ({"against": args.against.resolve()} if args.against else {})

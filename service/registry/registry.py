@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -66,7 +67,7 @@ class PolicyEntry:
     errors: dict[int, str] = field(default_factory=dict)
     default_file: int | None = None
 
-    @property
+    @cached_property  # entries are replaced, never changed: computed once, not per act call
     def default_version(self) -> int | None:
         if self.default_file in self.versions:
             return self.default_file

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -18,11 +17,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import torch
 
 from service.errors import Busy
 from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_available
 from service.runtime.policy import Exploration
+from service.runtime.redis_calls import ScriptCalls
 
 STORE = "the session store"
 STATE_DTYPES = {"float32": np.float32, "uint8": np.uint8, "int64": np.int64, "bool": np.bool_}
@@ -77,8 +78,8 @@ class Session:
         }
 
     # -- raw serialisation (Redis) ----------------------------------------------------------
-    def meta_json(self) -> str:
-        return json.dumps(
+    def meta_json(self) -> bytes:
+        return orjson.dumps(
             {
                 "policy": self.policy,
                 "version": self.version,
@@ -97,27 +98,22 @@ class Session:
             }
         )
 
-    def to_fields(self) -> dict[str, bytes | str]:
-        fields: dict[str, bytes | str] = {
-            "meta": self.meta_json(),
-            "needs_init": self.needs_init.numpy().astype(np.uint8).tobytes(),
-        }
+    def to_fields(self) -> dict[str, bytes]:
+        fields: dict[str, bytes] = {"meta": self.meta_json(), "needs_init": _raw(self.needs_init)}
         for i, t in enumerate(self.state or ()):
-            fields[f"state{i}"] = t.detach().cpu().contiguous().numpy().tobytes()
+            fields[f"state{i}"] = _raw(t)
         for i, t in enumerate(self.pending or ()):
-            fields[f"pending{i}"] = t.detach().cpu().contiguous().numpy().tobytes()
+            fields[f"pending{i}"] = _raw(t)
         return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Session:
-        meta = json.loads(fields[b"meta"])
+        meta = orjson.loads(fields[b"meta"])
         layout = meta.pop("state")
         pending = meta.pop("pending", None)
         expl = meta.pop("exploration")
-        s = cls(**meta, exploration=Exploration(expl) if expl else None)
-        s.needs_init = torch.from_numpy(
-            np.frombuffer(fields[b"needs_init"], dtype=np.uint8).astype(bool).copy()
-        )
+        needs_init = _tensor(fields[b"needs_init"], np.bool_, [meta["num_envs"]])
+        s = cls(**meta, exploration=Exploration(expl) if expl else None, needs_init=needs_init)
         if layout is not None:
             s.state = _tensors(fields, "state", layout)
         if pending is not None:
@@ -125,11 +121,21 @@ class Session:
         return s
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes (C order, this machine's byte order; bool: one byte each)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.detach().contiguous().numpy().tobytes()
+
+
+def _tensor(raw: bytes, dtype: type, shape: list[int]) -> torch.Tensor:
+    """A tensor of its own (writable) from ``_raw``'s bytes (shaped by numpy: cheaper)."""
+    return torch.from_numpy(np.frombuffer(raw, dtype).reshape(shape).copy())
+
+
 def _tensors(fields: dict[bytes, bytes], prefix: str, layout: list[dict]) -> tuple[torch.Tensor, ...]:
     return tuple(
-        torch.from_numpy(
-            np.frombuffer(fields[f"{prefix}{i}".encode()], STATE_DTYPES[t["dtype"]]).copy()
-        ).reshape(t["shape"])
+        _tensor(fields[f"{prefix}{i}".encode()], STATE_DTYPES[t["dtype"]], t["shape"])
         for i, t in enumerate(layout)
     )
 
@@ -317,6 +323,7 @@ class RedisSessionStore(SessionStore):
         self._acquire_script = self._redis.register_script(_ACQUIRE_AND_READ)
         self._write_script = self._redis.register_script(_WRITE_AND_RELEASE)
         self._release_script = self._redis.register_script(_RELEASE)
+        self._calls = ScriptCalls(self._redis)  # the scripts of concurrent steps, pipelined
         # sessions this process holds the lock of: their token, the fields read with it
         self._held: dict[str, _Held] = {}
 
@@ -346,7 +353,7 @@ class RedisSessionStore(SessionStore):
             self._lock_key(sid),
             self._version_key(session.policy, session.version),
         ]
-        await self._write_script(keys=keys, args=args + fields)
+        await self._calls.run(self._write_script, keys, args + fields)
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
@@ -413,7 +420,9 @@ class RedisSessionStore(SessionStore):
         wait, deadline = 0.001, time.monotonic() + LOCK_WAIT_S
         while True:
             with redis_available(STORE):
-                got, fields = await self._acquire_script(keys=[lock_key, key], args=[token, LOCK_TTL_MS])
+                got, fields = await self._calls.run(
+                    self._acquire_script, [lock_key, key], [token, LOCK_TTL_MS]
+                )
             if got:
                 break
             if time.monotonic() >= deadline:
@@ -429,7 +438,7 @@ class RedisSessionStore(SessionStore):
                 del self._held[session_id]
             if not held.released:
                 with contextlib.suppress(Exception):  # expired or Redis gone: the TTL frees it
-                    await self._release_script(keys=[lock_key], args=[token])
+                    await self._calls.run(self._release_script, [lock_key], [token])
 
     async def close(self) -> None:
         await self._redis.aclose()
