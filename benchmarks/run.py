@@ -1,7 +1,9 @@
 """``make bench``: the act path against baselines, in one run, on this machine.
 
-Starts four servers on loopback (ours as ``make serve`` runs it, the naive FastAPI endpoint, an
-empty FastAPI endpoint, and the bare ASGI app on the same uvicorn: the limit), drives each with
+Starts five servers on loopback (ours as ``make serve`` runs it, the naive FastAPI endpoint, an
+empty FastAPI endpoint, the bare ASGI app on the same uvicorn: the limit, and the floor: a raw
+ASGI app that only parses, batches and runs the same network: what serving this policy costs at
+the least), drives each with
 the same load (wrk when installed, else a Python load generator), and prints req/s, p50 and p99
 side by side with the ratios. Then session steps over HTTP and over the WebSocket stream (vs a
 bare WebSocket echo), and a batch of 1024 observations vs the policy called in-process.
@@ -238,6 +240,7 @@ def main() -> None:
         "naive": [py, "-m", "benchmarks.baselines", "naive", str(ROOT / "models"), POLICY],
         "empty": [py, "-m", "benchmarks.baselines", "empty", str(ROOT / "models"), POLICY],
         "bare": [py, "-m", "benchmarks.baselines", "bare", str(ROOT / "models"), POLICY],
+        "floor": [py, "-m", "benchmarks.baselines", "floor", str(ROOT / "models"), POLICY],
     }
     if args.workers > 1:
         env["POLICY_SERVER_SESSION_STORE"] = os.environ.get(
@@ -273,7 +276,7 @@ def main() -> None:
     for name in servers:
         r = results[name]
         print(f"{name:8} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:8d}")
-    o, n, e, z = results["ours"], results["naive"], results["empty"], results["bare"]
+    o, n, e, z, f = (results[k] for k in ("ours", "naive", "empty", "bare", "floor"))
     s, b = results["sessions"], results["batch_1024"]
     ratios = {
         "ours/naive req/s (target >= 2.0)": o["rps"] / n["rps"],
@@ -281,6 +284,8 @@ def main() -> None:
         "ours/empty p99 (target <= 2.0)": o["p99_ms"] / e["p99_ms"],
         "ours/bare ASGI req/s (target >= 0.5)": o["rps"] / z["rps"],
         "ours/bare ASGI p99 (target <= 2.0)": o["p99_ms"] / z["p99_ms"],
+        "floor/bare ASGI req/s (what the policy itself allows)": f["rps"] / z["rps"],
+        "ours/floor req/s": o["rps"] / f["rps"],
         "ws session steps/bare ws echo (target >= 0.5)": s["ws_steps_per_s"] / results["ws_echo"],
         "ws/http session steps (target >= 3.0)": s["ws_steps_per_s"] / s["http_steps_per_s"],
         "batch 1024 http/in-process obs/s (target >= 0.25)": b["ratio"],

@@ -139,3 +139,22 @@ def test_observation_batch_refuses_rows_that_do_not_fit(runtimes):
     rt = runtimes["q"]
     with pytest.raises(InvalidInput, match=r"observations\[1\] has shape \[3\], policy q expects \[4\]"):
         rt.observation_batch([[0.0] * 4, [0.0] * 3], "observations", "q")
+
+
+def test_small_vector_batches_become_one_tensor_with_their_micro_batch(runtimes):
+    """A few rows stay Python lists until the batcher stacks them with the rest of the batch,
+    in order, next to calls that came as tensors (larger batches)."""
+    from service.runtime.policy import VectorRows, as_tensor, stack_observations
+
+    rt = runtimes["q"]
+    small = rt.observation_batch([[0.1, 0.2, 0.3, 0.4]], "observation", "q")
+    big_rows = [[float(i), 0.5, -0.5, 1e-3] for i in range(100)]  # 400 numbers: a tensor
+    big = rt.observation_batch(big_rows, "observations", "q")
+    assert type(small) is VectorRows and isinstance(big, torch.Tensor)
+    assert as_tensor(small).dtype == torch.float32
+    mixed = stack_observations([small, big, small])
+    expected = torch.tensor([[0.1, 0.2, 0.3, 0.4], *big_rows, [0.1, 0.2, 0.3, 0.4]])
+    assert torch.equal(mixed, expected)
+    assert torch.equal(stack_observations([small, small]), expected[[0, -1]])
+    with pytest.raises(InvalidInput, match="not finite as float32"):
+        rt.observation_batch([[1e39, 0.0, 0.0, 0.0]], "observation", "q")

@@ -322,3 +322,33 @@ def test_every_process_of_serve_workers_writes_the_json_access_log(tmp_path, red
     ]
     logged = {x["request_id"] for x in lines if x.get("logger") == "service.access" and x["status"] == 200}
     assert ids <= logged
+
+
+def test_request_latency_buckets_are_inclusive_and_cumulative():
+    """The edge's request metrics, rendered at scrape: Prometheus's ``le`` semantics."""
+    from service.observability import LATENCY_BUCKETS, Metrics
+
+    m = Metrics()
+    act = "/v1/policies/{name}/act"
+    for seconds in (0.0005, 0.0007, 0.003, 7.0):  # on a bound, between bounds, past the last
+        m.observe_request(act, "POST", 200, "q", seconds)
+    m.observe_request(act, "POST", 422, "q", 0.0001)
+    lines = m.render().decode().splitlines()
+
+    def sample(name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        (line,) = [x for x in lines if x.startswith(f"{name}{{{want}}}")]
+        return float(line.rsplit(" ", 1)[1])
+
+    bucket = "policy_server_request_seconds_bucket"
+    assert len(LATENCY_BUCKETS) == 11
+    assert sample(bucket, le="0.0005", policy="q", route=act) == 2  # 0.0001 and 0.0005
+    assert sample(bucket, le="0.001", policy="q", route=act) == 3
+    assert sample(bucket, le="0.005", policy="q", route=act) == 4
+    assert sample(bucket, le="5.0", policy="q", route=act) == 4
+    assert sample(bucket, le="+Inf", policy="q", route=act) == 5
+    assert sample("policy_server_request_seconds_count", policy="q", route=act) == 5
+    assert sample("policy_server_request_seconds_sum", policy="q", route=act) == pytest.approx(7.0043)
+    requests = "policy_server_requests_total"
+    assert sample(requests, method="POST", policy="q", route=act, status="200") == 4
+    assert sample(requests, method="POST", policy="q", route=act, status="422") == 1

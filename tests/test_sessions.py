@@ -381,3 +381,72 @@ def test_the_plain_lstm_step_equals_the_torchrl_module(spec):
     if runtime.discrete:
         assert torch.allclose(got.info["action_value"], out["action_value"], atol=1e-5)
         assert got.action[4] == 0 and got.action[1] != 0  # the masks hold
+
+
+def test_a_session_round_trips_through_its_bytes():
+    """What the Redis store writes: metadata, needs_init, state and pending, in one value;
+    read back into tensors of their own."""
+    from service.runtime.policy import Exploration
+    from service.runtime.sessions import Session
+
+    s = Session(policy="p", version=3, num_envs=3, ttl_s=60, exploration=Exploration.random, epsilon=0.2)
+    s.needs_init = torch.tensor([True, False, True])
+    s.state = (
+        torch.randn(3, 2, 8),
+        torch.randn(3, 2, 8),
+        torch.randint(0, 255, (3, 2, 5), dtype=torch.uint8),
+    )
+    s.pending = (torch.randn(3, 4), torch.tensor([1, 0, 2]), torch.tensor([True, False, False]))
+    s.steps, s.job = 7, "abc"
+    back = Session.from_bytes(s.to_bytes())
+    assert back.meta_json() == s.meta_json()
+    ours, theirs = (back.needs_init, *back.state, *back.pending), (s.needs_init, *s.state, *s.pending)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    back.state[0].add_(1)  # writable, and not a view of anything shared
+    assert not torch.equal(back.state[0], s.state[0])
+    fresh = Session.from_bytes(Session(policy="p", version=1, num_envs=2, ttl_s=5).to_bytes())
+    assert fresh.state is None and fresh.pending is None and fresh.needs_init.tolist() == [True, True]
+
+
+def test_redis_script_calls_made_together_go_as_one_pipeline_and_answer_each_caller(redis_url):
+    """ScriptCalls: concurrent script calls share one round trip; each caller gets its own
+    answer or its own error; a server that forgot the scripts (SCRIPT FLUSH) still runs them."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from redis.exceptions import ResponseError
+
+    from service.runtime.redis_calls import ScriptCalls
+
+    class Counted(ScriptCalls):  # the real thing, with its pipelines counted
+        sizes: list[int] = []
+
+        async def _execute(self, batch):
+            self.sizes.append(len(batch))
+            await super()._execute(batch)
+
+    async def main():
+        r = aioredis.from_url(redis_url)
+        echo = r.register_script("return {KEYS[1], ARGV[1]}")
+        fail = r.register_script("return redis.error_reply('refused ' .. ARGV[1])")
+        calls = Counted(r)
+        try:
+            for flush in (False, True):
+                if flush:
+                    await r.script_flush()
+                Counted.sizes.clear()
+                jobs = [calls.run(echo, [f"k{i}"], [i]) for i in range(20)]
+                jobs.insert(7, calls.run(fail, [], ["x"]))
+                out = await asyncio.gather(*jobs, return_exceptions=True)
+                assert isinstance(out[7], ResponseError) and "refused x" in str(out[7])
+                del out[7]
+                assert out == [[f"k{i}".encode(), str(i).encode()] for i in range(20)]
+                assert Counted.sizes == [21]
+                # one call alone, after the batch: a pipeline of one
+                assert await calls.run(echo, ["a"], ["b"]) == [b"a", b"b"]
+                assert Counted.sizes == [21, 1]
+        finally:
+            await r.aclose()
+
+    asyncio.run(main())

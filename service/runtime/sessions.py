@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import struct
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -98,27 +100,39 @@ class Session:
             }
         )
 
-    def to_fields(self) -> dict[str, bytes]:
-        fields: dict[str, bytes] = {"meta": self.meta_json(), "needs_init": _raw(self.needs_init)}
-        for i, t in enumerate(self.state or ()):
-            fields[f"state{i}"] = _raw(t)
-        for i, t in enumerate(self.pending or ()):
-            fields[f"pending{i}"] = _raw(t)
-        return fields
+    def to_bytes(self) -> bytes:
+        """The whole session as one value: the metadata's length (4 bytes, little-endian), the
+        metadata as JSON, then the raw bytes of ``needs_init``, the state and ``pending`` in
+        the layout the metadata lists."""
+        meta = self.meta_json()
+        tensors = (self.needs_init, *(self.state or ()), *(self.pending or ()))
+        return b"".join([_HEADER.pack(len(meta)), meta, *(_raw(t) for t in tensors)])
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> Session:
-        meta = orjson.loads(fields[b"meta"])
-        layout = meta.pop("state")
-        pending = meta.pop("pending", None)
+    def from_bytes(cls, blob: bytes) -> Session:
+        (size,) = _HEADER.unpack_from(blob)
+        meta = orjson.loads(memoryview(blob)[_HEADER.size : _HEADER.size + size])
+        offset = _HEADER.size + size
+
+        def take(dtype: type, shape: list[int]) -> torch.Tensor:
+            nonlocal offset
+            count = math.prod(shape)
+            array = np.frombuffer(blob, dtype, count=count, offset=offset)
+            offset += array.nbytes
+            return torch.from_numpy(array.reshape(shape).copy())  # writable, its own memory
+
+        layout, pending = meta.pop("state"), meta.pop("pending", None)
         expl = meta.pop("exploration")
-        needs_init = _tensor(fields[b"needs_init"], np.bool_, [meta["num_envs"]])
+        needs_init = take(np.bool_, [meta["num_envs"]])
         s = cls(**meta, exploration=Exploration(expl) if expl else None, needs_init=needs_init)
         if layout is not None:
-            s.state = _tensors(fields, "state", layout)
+            s.state = tuple(take(STATE_DTYPES[t["dtype"]], t["shape"]) for t in layout)
         if pending is not None:
-            s.pending = _tensors(fields, "pending", pending)
+            s.pending = tuple(take(STATE_DTYPES[t["dtype"]], t["shape"]) for t in pending)
         return s
+
+
+_HEADER = struct.Struct("<I")
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -126,18 +140,6 @@ def _raw(t: torch.Tensor) -> bytes:
     if t.device.type != "cpu":
         t = t.cpu()
     return t.detach().contiguous().numpy().tobytes()
-
-
-def _tensor(raw: bytes, dtype: type, shape: list[int]) -> torch.Tensor:
-    """A tensor of its own (writable) from ``_raw``'s bytes (shaped by numpy: cheaper)."""
-    return torch.from_numpy(np.frombuffer(raw, dtype).reshape(shape).copy())
-
-
-def _tensors(fields: dict[bytes, bytes], prefix: str, layout: list[dict]) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        _tensor(fields[f"{prefix}{i}".encode()], STATE_DTYPES[t["dtype"]], t["shape"])
-        for i, t in enumerate(layout)
-    )
 
 
 def _layout(t: torch.Tensor) -> dict:
@@ -257,17 +259,27 @@ class MemorySessionStore(SessionStore):
 LOCK_TTL_MS = 30_000  # a crashed holder frees the session after this
 LOCK_WAIT_S = 30.0  # then 429
 
-# KEYS: lock, session; ARGV: token, ttl ms -> {1, fields} when taken, {0, {}} when held elsewhere
+# KEYS: lock, session; ARGV: token, ttl ms -> {1, session or false} when taken, {0} when held
 _ACQUIRE_AND_READ = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('hgetall', KEYS[2])}
+  return {1, redis.call('get', KEYS[2])}
 end
-return {0, {}}
+return {0}
 """
 # KEYS: session, index, lock, version index; ARGV: token ('' = no lock to release), ttl ms, id,
-# expiry, '1' = only if the session still exists (a save: deleted or expired meanwhile stays
-# gone) or '0' (a create), then field, value, ...
+# expiry, 'XX' = only if the session still exists (a save: deleted or expired meanwhile stays
+# gone) or 'NX' (a create), the session (Session.to_bytes)
 _WRITE_AND_RELEASE = """
+if redis.call('set', KEYS[1], ARGV[6], ARGV[5], 'PX', ARGV[2]) then
+  redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('zadd', KEYS[4], ARGV[4], ARGV[3])
+end
+if ARGV[1] ~= '' and redis.call('get', KEYS[3]) == ARGV[1] then
+  redis.call('del', KEYS[3])
+end
+return 1
+"""
+_RELEASE = """
 if ARGV[5] == '0' or redis.call('exists', KEYS[1]) == 1 then
   redis.call('del', KEYS[1])
   redis.call('hset', KEYS[1], unpack(ARGV, 6))
@@ -291,16 +303,14 @@ return 0
 @dataclass
 class _Held:
     token: str
-    fields: dict[bytes, bytes] | None  # the session as read with the lock, until get takes it
+    blob: bytes | None  # the session as read with the lock (None: there is none)
+    taken: bool = False  # get took it: later reads go to Redis
     released: bool = False
 
 
-def _pairs(flat: list) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 class RedisSessionStore(SessionStore):
-    """Sessions in Redis, shared by every API process: a hash per session with a TTL.
+    """Sessions in Redis, shared by every API process: one value per session
+    (``Session.to_bytes``) with a TTL.
 
     ``ps:sessions`` (sorted set, score = expiry) counts live sessions for the limit;
     ``ps:version:<policy>:<version>`` (the same, per pinned version) lists the sessions
@@ -309,7 +319,7 @@ class RedisSessionStore(SessionStore):
     changes nothing.
     """
 
-    PREFIX = "ps:session:"
+    PREFIX = "ps:s:"  # (ps:session: held hashes, before one value per session)
     LOCK_PREFIX = "ps:lock:"
     INDEX = "ps:sessions"
     VERSION_PREFIX = "ps:version:"
@@ -324,7 +334,7 @@ class RedisSessionStore(SessionStore):
         self._write_script = self._redis.register_script(_WRITE_AND_RELEASE)
         self._release_script = self._redis.register_script(_RELEASE)
         self._calls = ScriptCalls(self._redis)  # the scripts of concurrent steps, pipelined
-        # sessions this process holds the lock of: their token, the fields read with it
+        # sessions this process holds the lock of: their token, the session read with it
         self._held: dict[str, _Held] = {}
 
     def _key(self, sid: str) -> str:
@@ -343,30 +353,36 @@ class RedisSessionStore(SessionStore):
             await self._write(session)
 
     async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> None:
-        """One round trip: the session's fields, TTL and index entry (and its lock released)."""
+        """One round trip: the session, its TTL and index entries (and its lock released)."""
         sid = session.session_id
-        fields = [x for kv in session.to_fields().items() for x in kv]
-        args = [token, int(session.ttl_s * 1000), sid, session.expires_at, "1" if only_if_exists else "0"]
+        args = [
+            token,
+            int(session.ttl_s * 1000),
+            sid,
+            session.expires_at,
+            "XX" if only_if_exists else "NX",
+            session.to_bytes(),
+        ]
         keys = [
             self._key(sid),
             self.INDEX,
             self._lock_key(sid),
             self._version_key(session.policy, session.version),
         ]
-        await self._calls.run(self._write_script, keys, args + fields)
+        await self._calls.run(self._write_script, keys, args)
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
-        if held is not None and held.fields is not None:  # read with the lock: no round trip
-            fields, held.fields = held.fields, None
+        if held is not None and not held.taken:  # read with the lock: no round trip
+            blob, held.taken = held.blob, True
         else:
             with redis_available(STORE):
-                fields = await self._redis.hgetall(self._key(session_id))
-        if not fields:
+                blob = await self._redis.get(self._key(session_id))
+        if blob is None:
             with redis_available(STORE):
                 await self._redis.zrem(self.INDEX, session_id)
             return None
-        return Session.from_fields(fields)
+        return Session.from_bytes(blob)
 
     async def save(self, session: Session) -> None:
         """Write the session if it still exists; under ``lock``, also release it: one round trip."""
@@ -420,16 +436,14 @@ class RedisSessionStore(SessionStore):
         wait, deadline = 0.001, time.monotonic() + LOCK_WAIT_S
         while True:
             with redis_available(STORE):
-                got, fields = await self._calls.run(
-                    self._acquire_script, [lock_key, key], [token, LOCK_TTL_MS]
-                )
-            if got:
+                reply = await self._calls.run(self._acquire_script, [lock_key, key], [token, LOCK_TTL_MS])
+            if reply[0]:
                 break
             if time.monotonic() >= deadline:
                 raise Busy(f"session {session_id[:64]!r} is held by another call; retry", retry_after_s=1)
             await asyncio.sleep(wait)
             wait = min(wait * 2, 0.05)
-        held = _Held(token, _pairs(fields))
+        held = _Held(token, reply[1])
         self._held[session_id] = held
         try:
             yield
