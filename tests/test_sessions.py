@@ -450,3 +450,50 @@ def test_redis_script_calls_made_together_go_as_one_pipeline_and_answer_each_cal
             await r.aclose()
 
     asyncio.run(main())
+
+
+def test_the_stream_on_a_real_server_refuses_without_the_key_and_answers_bad_messages(tmp_path):
+    """The WebSocket stream under uvicorn: the handshake is denied (401) without the key; each
+    message, text or bytes, gets its reply; a bad one a 4xx reply, and the connection goes on."""
+    import asyncio
+    import json
+
+    import httpx
+    import websockets
+
+    from tests.helpers import LiveServer, write_policy
+
+    write_policy(tmp_path / "models", "q-lstm", SPECS["q-lstm"])
+    server = LiveServer.serving(
+        tmp_path / "models", tmp_path, api_key="k", protect_inference="true", registry_poll_s="0"
+    )
+    try:
+        auth = {"Authorization": "Bearer k"}
+        sid = httpx.post(f"{server.url}/v1/sessions", json={"policy": "q-lstm"}, headers=auth).json()[
+            "session_id"
+        ]
+        url = f"ws://127.0.0.1:{server.port}/v1/sessions/{sid}/stream"
+        obs = obs_for("q-lstm")[0]
+
+        async def main():
+            with pytest.raises(websockets.InvalidStatus) as denied:
+                async with websockets.connect(url):
+                    pass
+            assert denied.value.response.status_code == 401
+            async with websockets.connect(url, additional_headers=auth) as ws:
+                await ws.send(json.dumps({"observation": obs}))
+                first = json.loads(await ws.recv())
+                await ws.send(b"{not json")
+                bad = json.loads(await ws.recv())
+                await ws.send(json.dumps({"observation": [1.0]}))
+                wrong = json.loads(await ws.recv())
+                await ws.send(json.dumps({"observation": obs}).encode())  # bytes: a step too
+                second = json.loads(await ws.recv())
+            return first, bad, wrong, second
+
+        first, bad, wrong, second = asyncio.run(main())
+        assert first["step"] == 1 and "action" in first
+        assert bad["status"] == 422 and wrong["status"] == 422 and "expects" in wrong["detail"]
+        assert second["step"] == 2  # the bad messages changed nothing
+    finally:
+        server.stop()

@@ -53,6 +53,14 @@ def classify(method: str, path: str) -> Route:
     return Route(kind, name)
 
 
+def stream_session_id(path: str) -> str | None:
+    """The session of ``/v1/sessions/{session_id}/stream`` (a WebSocket), else None."""
+    if not path.startswith(_SESSIONS):
+        return None
+    session_id, _, tail = path[len(_SESSIONS) :].partition("/")
+    return session_id if tail == "stream" and session_id else None
+
+
 def header(scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:

@@ -1,13 +1,15 @@
-"""The HTTP edge: what every request goes through, in one ASGI layer, and the two hot routes.
+"""The HTTP edge: what every request goes through, in one ASGI layer, and the hot routes.
 
 ``ServiceApp`` is the FastAPI application with one change: its ``__call__`` first does the
 service's per-request work (request id, body limits, timeout, metrics, access log) here, once,
 and answers ``POST /v1/policies/{name}/act`` and ``POST /v1/sessions/{session_id}/act`` itself,
-with the same schemas, auth check, services and JSON as the declared routes. Everything else
-goes on to FastAPI. Why: on these routes, which simulators call thousands of times a second,
-Starlette's middleware chain (server errors, body size, telemetry, exceptions), routing and
-dependency solving cost several times the forward pass of a small policy; subclassing is the
-one place this works around the framework. The declared routes stay for the OpenAPI schema.
+with the same schemas, auth check, services and JSON as the declared routes, and the session
+WebSocket ``/v1/sessions/{session_id}/stream`` (one message per step; FastAPI's WebSocket
+wrapper and middleware senders cost ~15% of a step). Everything else goes on to FastAPI. Why:
+on these routes, which simulators call thousands of times a second, Starlette's middleware
+chain (server errors, body size, telemetry, exceptions), routing and dependency solving cost
+several times the forward pass of a small policy; subclassing is the one place this works around
+the framework. The declared HTTP routes stay for the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from service.api.asgi import (
     Route,
     RouteKind,
     classify,
+    dumps,
     header,
     is_json,
     send_json,
+    stream_session_id,
 )
 from service.api.auth import check_bearer
 from service.api.errors import error_answer, invalid_body
@@ -124,7 +128,11 @@ class ServiceApp(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
+            session_id = stream_session_id(scope["path"]) if scope["type"] == "websocket" else None
+            if session_id is not None:
+                await self._stream(scope, receive, send, session_id)
+            else:
+                await super().__call__(scope, receive, send)
             return
         start = time.perf_counter()
         raw_id = header(scope, b"x-request-id")
@@ -218,6 +226,40 @@ class ServiceApp(FastAPI):
             status, payload, headers = error_answer(exc)
         await exchange.json(status, payload, headers)
 
+    async def _stream(self, scope, receive, send, session_id: str) -> None:
+        """``/v1/sessions/{session_id}/stream``: each message (text or bytes) an act body, each
+        reply (text) an act response or ``{"status", "detail"}``; the connection stays open."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        settings = self.settings
+        if settings.api_key and settings.protect_inference:
+            auth = header(scope, b"authorization")
+            try:
+                check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
+            except ServiceError as exc:
+                status, payload, headers = error_answer(exc)
+                if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
+                    await send_json(_Denial(send), status, payload, headers)
+                else:
+                    await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"]})
+                return
+        await send({"type": "websocket.accept"})
+        sessions = self.state.session_service
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect
+            text = message.get("text")
+            body = text if text is not None else message.get("bytes") or b""
+            try:
+                reply = await sessions.step(SessionActRequest.model_validate_json(body).params(session_id))
+            except ValidationError as exc:
+                reply = {"status": 422, **invalid_body(exc)}
+            except ServiceError as exc:
+                status, payload, _ = error_answer(exc)
+                reply = {"status": status, **payload}
+            await send({"type": "websocket.send", "text": dumps(reply).decode()})
+
     def _record(self, scope, route: Route, exchange: _Exchange, request_id: str, seconds: float) -> None:
         if route.kind is RouteKind.act:
             template, name = ACT_ROUTE, route.policy
@@ -240,6 +282,18 @@ class ServiceApp(FastAPI):
     def _flush_access_log(self) -> None:
         self._flush_scheduled = False
         self.access_log.flush()
+
+
+class _Denial:
+    """``send_json``'s HTTP messages as a WebSocket denial response (the ASGI extension)."""
+
+    __slots__ = ("send",)
+
+    def __init__(self, send) -> None:
+        self.send = send
+
+    async def __call__(self, message) -> None:
+        await self.send({**message, "type": "websocket." + message["type"]})
 
 
 async def _read_body(receive, limit: int) -> bytes:

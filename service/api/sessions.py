@@ -1,15 +1,16 @@
-"""Sessions: recurrent state kept by the server, over HTTP and a WebSocket stream."""
+"""Sessions: recurrent state kept by the server, over HTTP and a WebSocket stream.
+
+The hot two, ``POST /{session_id}/act`` and the WebSocket ``/{session_id}/stream`` (each message
+an act body, each reply an act response or ``{"status", "detail"}``), are answered by
+``service.api.edge`` ahead of the router; the act route stays declared here for OpenAPI.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
+from fastapi import APIRouter, Response
 
-from service.api.asgi import dumps
 from service.api.deps import Inference, SessionsDep
-from service.api.errors import error_answer, invalid_body
 from service.api.responses import FastJSONResponse
-from service.errors import ServiceError
 from service.schemas import (
     SessionActRequest,
     SessionActResponse,
@@ -51,23 +52,3 @@ async def reset_session(session_id: str, sessions: SessionsDep) -> dict:
 async def act_session(session_id: str, body: SessionActRequest, sessions: SessionsDep) -> Response:
     """Documented here; answered by ``service.api.edge`` ahead of the router (same schema and service)."""
     return FastJSONResponse(await sessions.step(body.params(session_id)))
-
-
-@router.websocket("/{session_id}/stream")
-async def stream_session(websocket: WebSocket, session_id: str, sessions: SessionsDep) -> None:
-    """Each text message an act body, each reply an act response (or ``{"status", "detail"}``)."""
-    await websocket.accept()
-    try:
-        while True:
-            text = await websocket.receive_text()
-            try:
-                body = SessionActRequest.model_validate_json(text)
-                reply = await sessions.step(body.params(session_id))
-            except ValidationError as exc:
-                reply = {"status": 422, **invalid_body(exc)}
-            except ServiceError as exc:
-                status, payload, _ = error_answer(exc)
-                reply = {"status": status, **payload}
-            await websocket.send_text(dumps(reply).decode())
-    except WebSocketDisconnect:
-        return
