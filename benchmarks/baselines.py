@@ -109,6 +109,13 @@ else:
             await send({"type": "lifespan.shutdown.complete"})
 
 
-uvicorn.run(
-    app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False
+uvicorn.run(  # as service.cli serve runs uvicorn (no per-message deflate on WebSockets)
+    app,
+    host="127.0.0.1",
+    port=port,
+    loop="uvloop",
+    http="httptools",
+    ws_per_message_deflate=False,
+    log_level="warning",
+    access_log=False,
 )

@@ -53,6 +53,7 @@ class Session:
     # (job sessions) per env: the previous observation and action, whether there is one, and
     # the running episode return; a reported reward turns them into a transition
     pending: tuple[torch.Tensor, ...] | None = None
+    indexed_until: float = 0.0  # (Redis) the expiry its index entries hold
 
     def __post_init__(self) -> None:
         if self.needs_init is None:
@@ -97,6 +98,7 @@ class Session:
                 "state": None if self.state is None else [_layout(t) for t in self.state],
                 "pending": None if self.pending is None else [_layout(t) for t in self.pending],
                 "job": self.job,
+                "indexed_until": self.indexed_until,
             }
         )
 
@@ -267,10 +269,10 @@ end
 return {0}
 """
 # KEYS: session, index, lock, version index; ARGV: token ('' = no lock to release), ttl ms, id,
-# expiry, 'XX' = only if the session still exists (a save: deleted or expired meanwhile stays
-# gone) or 'NX' (a create), the session (Session.to_bytes)
+# index expiry ('' = leave the index entries as they are), 'XX' = only if the session still
+# exists (a save: deleted or expired meanwhile stays gone) or 'NX' (a create), the session
 _WRITE_AND_RELEASE = """
-if redis.call('set', KEYS[1], ARGV[6], ARGV[5], 'PX', ARGV[2]) then
+if redis.call('set', KEYS[1], ARGV[6], ARGV[5], 'PX', ARGV[2]) and ARGV[4] ~= '' then
   redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
   redis.call('zadd', KEYS[4], ARGV[4], ARGV[3])
 end
@@ -353,13 +355,25 @@ class RedisSessionStore(SessionStore):
             await self._write(session)
 
     async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> None:
-        """One round trip: the session, its TTL and index entries (and its lock released)."""
+        """One round trip: the session, its TTL and index entries (and its lock released).
+
+        The index entries (score: an expiry) are rewritten only when the session would outlive
+        them, and then set ``ttl_s / 16`` past its expiry: a session stepped without pause
+        rewrites them once per sixteenth of its TTL, not at every step (two ``ZADD`` of the
+        five commands a step costs Redis). So they may outlast it by that much: it counts
+        towards ``MAX_SESSIONS`` up to ``ttl_s / 16`` after it expired (``close_version``
+        then finds it gone).
+        """
         sid = session.session_id
+        index = ""
+        if session.expires_at > session.indexed_until:
+            session.indexed_until = session.expires_at + session.ttl_s / 16
+            index = session.indexed_until
         args = [
             token,
             int(session.ttl_s * 1000),
             sid,
-            session.expires_at,
+            index,
             "XX" if only_if_exists else "NX",
             session.to_bytes(),
         ]
