@@ -241,7 +241,7 @@ class ServiceApp(FastAPI):
                 if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
                     await send_json(_Denial(send), status, payload, headers)
                 else:
-                    await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"]})
+                    await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"][:120]})
                 return
         await send({"type": "websocket.accept"})
         sessions = self.state.session_service

@@ -20,15 +20,16 @@ class ScriptCalls:
     """``await calls.run(script, keys, args)``: ``script(keys=keys, args=args)``, pipelined.
 
     Args:
-        redis: a ``redis.asyncio`` client.
-        scripts: the Lua sources that ``run`` will be given (as registered scripts); loaded on
-            first use and again if the server forgot them (a restart, ``SCRIPT FLUSH``).
+        redis: a ``redis.asyncio`` client; ``run`` takes scripts registered on it
+            (``redis.register_script``). A script the server does not know (first use, a
+            restart, ``SCRIPT FLUSH``) is loaded and run alone, then found in later pipelines.
     """
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
         self._queue: list[tuple[Any, list, list, asyncio.Future]] = []
         self._busy = False
+        self._task: asyncio.Task | None = None  # the pipeline in flight (held: the loop keeps weak refs)
 
     async def run(self, script: Any, keys: list, args: list) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -41,14 +42,16 @@ class ScriptCalls:
 
     def _send(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._execute(batch))
-        task.add_done_callback(self._sent)
+        self._task = asyncio.ensure_future(self._execute(batch))
+        self._task.add_done_callback(self._sent)
 
     def _sent(self, _task: asyncio.Task) -> None:
+        self._task = None
         if self._queue:
             self._send()  # what queued meanwhile: the next pipeline
         else:
             self._busy = False
+        self._task: asyncio.Task | None = None  # the pipeline in flight (held: the loop keeps weak refs)
 
     async def _execute(self, batch: list[tuple[Any, list, list, asyncio.Future]]) -> None:
         try:

@@ -282,19 +282,6 @@ end
 return 1
 """
 _RELEASE = """
-if ARGV[5] == '0' or redis.call('exists', KEYS[1]) == 1 then
-  redis.call('del', KEYS[1])
-  redis.call('hset', KEYS[1], unpack(ARGV, 6))
-  redis.call('pexpire', KEYS[1], ARGV[2])
-  redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
-  redis.call('zadd', KEYS[4], ARGV[4], ARGV[3])
-end
-if ARGV[1] ~= '' and redis.call('get', KEYS[3]) == ARGV[1] then
-  redis.call('del', KEYS[3])
-end
-return 1
-"""
-_RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
