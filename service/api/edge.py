@@ -205,10 +205,7 @@ class ServiceApp(FastAPI):
         state = self.state
         status, headers = 200, None
         try:
-            settings = self.settings
-            if settings.api_key and settings.protect_inference:
-                auth = header(scope, b"authorization")
-                check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
+            self._check_inference_key(scope)
             body = await _read_body(receive, limit)
             try:
                 if route.kind is RouteKind.act:
@@ -226,23 +223,27 @@ class ServiceApp(FastAPI):
             status, payload, headers = error_answer(exc)
         await exchange.json(status, payload, headers)
 
+    def _check_inference_key(self, scope) -> None:
+        """The bearer key of the hot routes, when inference is protected (else 401/403)."""
+        settings = self.settings
+        if settings.api_key and settings.protect_inference:
+            auth = header(scope, b"authorization")
+            check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
+
     async def _stream(self, scope, receive, send, session_id: str) -> None:
         """``/v1/sessions/{session_id}/stream``: each message (text or bytes) an act body, each
         reply (text) an act response or ``{"status", "detail"}``; the connection stays open."""
         if (await receive())["type"] != "websocket.connect":
             return
-        settings = self.settings
-        if settings.api_key and settings.protect_inference:
-            auth = header(scope, b"authorization")
-            try:
-                check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
-            except ServiceError as exc:
-                status, payload, headers = error_answer(exc)
-                if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
-                    await send_json(_Denial(send), status, payload, headers)
-                else:
-                    await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"][:120]})
-                return
+        try:
+            self._check_inference_key(scope)
+        except ServiceError as exc:
+            status, payload, headers = error_answer(exc)
+            if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
+                await send_json(_Denial(send), status, payload, headers)
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"][:120]})
+            return
         await send({"type": "websocket.accept"})
         sessions = self.state.session_service
         while True:

@@ -154,6 +154,7 @@ class SessionService:
             report = None
             if feed is not None:
                 report = Report.check(p, session, resets)
+                obs = as_tensor(obs)  # kept for the transitions: one tensor, made here
                 await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
                 runtime = feed.runtime
             state = None
@@ -180,7 +181,7 @@ class SessionService:
                 session.state = result.state
             if feed is not None:
                 lstm = (state[0], state[1]) if runtime.recurrent else None
-                transitions = report.record(session, as_tensor(obs), result.action, lstm, is_init)
+                transitions = report.record(session, obs, result.action, lstm, is_init)
                 if feed.learning:
                     feed.add(transitions)
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
