@@ -225,11 +225,11 @@ def test_redis_store_shares_sessions_between_app_instances(settings, redis_url):
     seq = obs_for("q-lstm", 6, seed=8)
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         sid = new_session(a, "q-lstm", num_envs=1)
-        first = [step(a, sid, o) for o in seq[:3]]
-        rest = [step(b, sid, o) for o in seq[3:]]
+        # a, b, then a again: a's own copy of the session is stale and must not be used
+        steps = [step(x, sid, o) for x, o in zip([a, a, b, b, a, a], seq, strict=True)]
         assert b.get(f"/v1/sessions/{sid}").json()["steps"] == 6
         alone = replay_alone(a, "q-lstm", seq)
-        assert [s["info"] for s in first + rest] == [s["info"] for s in alone]
+        assert [s["info"] for s in steps] == [s["info"] for s in alone]
         assert b.delete(f"/v1/sessions/{sid}").status_code == 204
         assert a.get(f"/v1/sessions/{sid}").status_code == 404
         settings.max_sessions = 2
@@ -409,44 +409,116 @@ def test_a_session_round_trips_through_its_bytes():
     assert fresh.state is None and fresh.pending is None and fresh.needs_init.tolist() == [True, True]
 
 
-def test_redis_script_calls_made_together_go_as_one_pipeline_and_answer_each_caller(redis_url):
-    """ScriptCalls: concurrent script calls share one round trip; each caller gets its own
-    answer or its own error; a server that forgot the scripts (SCRIPT FLUSH) still runs them."""
+def test_redis_sessions_are_parsed_again_unless_this_process_wrote_them_last(redis_url):
+    """A store keeps the sessions it wrote last, parsed, and uses one only when Redis still holds
+    the bytes it wrote: a step that failed (changed, not saved) or another process's write make
+    it read Redis's; the copies are bounded in bytes, least recently written dropped first."""
+    import asyncio
+
+    from service.runtime.sessions import RedisSessionStore, Session, WrittenCache
+
+    async def step(store, sid, steps_before, saved=True):
+        async with store.lock(sid):
+            s = await store.get(sid)
+            assert s.steps == steps_before
+            s.steps += 1
+            s.state = (torch.full((1, 1, 4), float(s.steps)),)
+            if saved:
+                await store.save(s)
+            return s
+
+    async def main():
+        a, b = RedisSessionStore(redis_url), RedisSessionStore(redis_url)
+        try:
+            s = Session(policy="p", version=1, num_envs=1, ttl_s=60)
+            await a.create(s, max_sessions=10)
+            sid = s.session_id
+            await step(a, sid, 0, saved=False)  # failed: its change is not seen
+            await step(a, sid, 0)
+            await step(b, sid, 1)  # another process wrote it
+            again = await step(a, sid, 2)
+            assert again.state[0].flatten().tolist() == [3.0] * 4
+            async with a.lock(sid):
+                assert await a.get(sid) is again  # what a wrote last: not parsed again
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+    cache = WrittenCache(max_bytes=3 * 2 * 100)
+    for i in range(5):
+        cache.put(f"s{i}", bytes([i]) * 100, Session(policy="p", version=1, num_envs=1, ttl_s=60))
+    assert cache.nbytes == 600
+    assert cache.take("s0", bytes([0]) * 100) is None  # dropped: least recently written
+    assert cache.take("s4", bytes([0]) * 100) is None  # other bytes than written: not used
+    assert cache.take("s3", bytes([3]) * 100) is not None
+    assert cache.nbytes == 200  # s4 and s3 taken out
+    cache.put("big", b"x" * 400, Session(policy="p", version=1, num_envs=1, ttl_s=60))
+    assert cache.take("big", b"x" * 400) is None and cache.nbytes == 200  # larger than the bound
+
+
+def test_redis_pipe_answers_each_caller_in_one_write_and_recovers_from_a_lost_connection(redis_url):
+    """RedisPipe: concurrent calls go out in one write and each caller gets its own answer or its
+    own error; a server that forgot the scripts (SCRIPT FLUSH) still runs them; a connection
+    killed under it fails the calls in flight with ConnectionError and the next call reconnects;
+    a call with no reply fails with TimeoutError."""
     import asyncio
 
     import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from service.runtime.redis_calls import ScriptCalls
-
-    class Counted(ScriptCalls):  # the real thing, with its pipelines counted
-        sizes: list[int] = []
-
-        async def _execute(self, batch):
-            self.sizes.append(len(batch))
-            await super()._execute(batch)
+    from service.runtime.redis_calls import RedisPipe
 
     async def main():
         r = aioredis.from_url(redis_url)
         echo = r.register_script("return {KEYS[1], ARGV[1]}")
         fail = r.register_script("return redis.error_reply('refused ' .. ARGV[1])")
-        calls = Counted(r)
+        pipe = RedisPipe(r, timeout_s=10)
         try:
+            assert await pipe.call("PING") == b"PONG"  # connected
+            await r.script_load(echo.script)
+            await r.script_load(fail.script)
             for flush in (False, True):
                 if flush:
                     await r.script_flush()
-                Counted.sizes.clear()
-                jobs = [calls.run(echo, [f"k{i}"], [i]) for i in range(20)]
-                jobs.insert(7, calls.run(fail, [], ["x"]))
+                writes = pipe.writes
+                jobs = [pipe.script(echo, [f"k{i}"], [i]) for i in range(20)]
+                jobs.insert(7, pipe.script(fail, [], ["x"]))
                 out = await asyncio.gather(*jobs, return_exceptions=True)
                 assert isinstance(out[7], ResponseError) and "refused x" in str(out[7])
                 del out[7]
                 assert out == [[f"k{i}".encode(), str(i).encode()] for i in range(20)]
-                assert Counted.sizes == [21]
-                # one call alone, after the batch: a pipeline of one
-                assert await calls.run(echo, ["a"], ["b"]) == [b"a", b"b"]
-                assert Counted.sizes == [21, 1]
+                # one write for the 21 (and, after the flush, one more for their EVALs)
+                assert pipe.writes - writes == (2 if flush else 1)
+            assert await pipe.call("GET", "missing") is None
+
+            # the connection killed by the server while a call waits on it
+            pending = asyncio.ensure_future(pipe.call("BLPOP", "never", 0))
+            await asyncio.sleep(0)
+            while not [c for c in (await r.client_list()) if "blpop" in c.get("cmd", "")]:
+                await asyncio.sleep(0.01)
+            assert await r.client_kill_filter(_type="normal", skipme=True) >= 1
+            try:
+                await pending
+                raise AssertionError("a killed connection answered")
+            except RedisConnectionError:
+                pass
+            assert await pipe.script(echo, ["again"], [1]) == [b"again", b"1"]  # reconnected
+
+            # no reply within the timeout
+            short = RedisPipe(r, timeout_s=0.05)
+            try:
+                await short.call("BLPOP", "never", 0)
+                raise AssertionError("BLPOP with no list answered")
+            except RedisTimeoutError:
+                pass
+            assert await short.call("PING") == b"PONG"  # a fresh connection
+            await short.close()
         finally:
+            await pipe.close()
             await r.aclose()
 
     asyncio.run(main())

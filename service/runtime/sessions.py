@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import struct
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import torch
 from service.errors import Busy
 from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_available
 from service.runtime.policy import Exploration
-from service.runtime.redis_calls import ScriptCalls
+from service.runtime.redis_calls import RedisPipe
 
 STORE = "the session store"
 STATE_DTYPES = {"float32": np.float32, "uint8": np.uint8, "int64": np.int64, "bool": np.bool_}
@@ -260,6 +262,7 @@ class MemorySessionStore(SessionStore):
 
 LOCK_TTL_MS = 30_000  # a crashed holder frees the session after this
 LOCK_WAIT_S = 30.0  # then 429
+CACHE_BYTES = 64 << 20  # (Redis) sessions this process wrote last, kept parsed: at most this much
 
 # KEYS: lock, session; ARGV: token, ttl ms -> {1, session or false} when taken, {0} when held
 _ACQUIRE_AND_READ = """
@@ -289,6 +292,44 @@ return 0
 """
 
 
+class WrittenCache:
+    """(Redis) The sessions this process wrote last, parsed, with the bytes it wrote: LRU,
+    bounded by ``max_bytes`` (counted twice per entry: the bytes and the parsed tensors).
+
+    A step reads the session's bytes with its lock; when they are the bytes this process wrote,
+    no one wrote since, and the session is taken from here instead of parsed again (with sticky
+    routing, every step after the first). An entry is taken out for the step and put back by its
+    save: a step that fails midway leaves none behind.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, tuple[bytes, Session]] = OrderedDict()
+
+    def take(self, session_id: str, blob: bytes) -> Session | None:
+        entry = self._entries.pop(session_id, None)
+        if entry is None:
+            return None
+        self.nbytes -= 2 * len(entry[0])
+        return entry[1] if entry[0] == blob else None
+
+    def put(self, session_id: str, blob: bytes, session: Session) -> None:
+        self.drop(session_id)
+        if 2 * len(blob) > self.max_bytes:
+            return
+        self._entries[session_id] = (blob, session)
+        self.nbytes += 2 * len(blob)
+        while self.nbytes > self.max_bytes:
+            _, (old, _) = self._entries.popitem(last=False)
+            self.nbytes -= 2 * len(old)
+
+    def drop(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self.nbytes -= 2 * len(entry[0])
+
+
 @dataclass
 class _Held:
     token: str
@@ -313,7 +354,7 @@ class RedisSessionStore(SessionStore):
     INDEX = "ps:sessions"
     VERSION_PREFIX = "ps:version:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cache_bytes: int = CACHE_BYTES) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.from_url(
@@ -322,9 +363,12 @@ class RedisSessionStore(SessionStore):
         self._acquire_script = self._redis.register_script(_ACQUIRE_AND_READ)
         self._write_script = self._redis.register_script(_WRITE_AND_RELEASE)
         self._release_script = self._redis.register_script(_RELEASE)
-        self._calls = ScriptCalls(self._redis)  # the scripts of concurrent steps, pipelined
+        self._pipe = RedisPipe(self._redis, COMMAND_TIMEOUT_S)  # the scripts of steps, pipelined
         # sessions this process holds the lock of: their token, the session read with it
         self._held: dict[str, _Held] = {}
+        # lock tokens: unique across processes (a random prefix), cheap within one (a counter)
+        self._token_prefix, self._tokens = uuid.uuid4().hex[:16], itertools.count()
+        self._cache = WrittenCache(cache_bytes)
 
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
@@ -339,9 +383,9 @@ class RedisSessionStore(SessionStore):
             if await r.zcard(self.INDEX) >= max_sessions:
                 first = await r.zrange(self.INDEX, 0, 0, withscores=True)
                 raise _limit_error(max_sessions, first[0][1] if first else None, time.time())
-            await self._write(session)
+            self._cache.put(session.session_id, await self._write(session), session)
 
-    async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> None:
+    async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> bytes:
         """One round trip: the session, its TTL and index entries (and its lock released).
 
         The index entries (score: an expiry) are rewritten only when the session would outlive
@@ -356,30 +400,28 @@ class RedisSessionStore(SessionStore):
         if session.expires_at > session.indexed_until:
             session.indexed_until = session.expires_at + session.ttl_s / 16
             index = session.indexed_until
-        args = [
-            token,
-            int(session.ttl_s * 1000),
-            sid,
-            index,
-            "XX" if only_if_exists else "NX",
-            session.to_bytes(),
-        ]
+        blob = session.to_bytes()
+        args = [token, int(session.ttl_s * 1000), sid, index, "XX" if only_if_exists else "NX", blob]
         keys = [
             self._key(sid),
             self.INDEX,
             self._lock_key(sid),
             self._version_key(session.policy, session.version),
         ]
-        await self._calls.run(self._write_script, keys, args)
+        await self._pipe.script(self._write_script, keys, args)
+        return blob
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
         if held is not None and not held.taken:  # read with the lock: no round trip
             blob, held.taken = held.blob, True
+            if blob is not None and (written := self._cache.take(session_id, blob)) is not None:
+                return written  # the bytes this process wrote last: parsed already
         else:
             with redis_available(STORE):
                 blob = await self._redis.get(self._key(session_id))
         if blob is None:
+            self._cache.drop(session_id)
             with redis_available(STORE):
                 await self._redis.zrem(self.INDEX, session_id)
             return None
@@ -390,11 +432,13 @@ class RedisSessionStore(SessionStore):
         session.touch()
         held = self._held.get(session.session_id)
         with redis_available(STORE):
-            await self._write(session, held.token if held else "", only_if_exists=True)
+            blob = await self._write(session, held.token if held else "", only_if_exists=True)
         if held is not None:
             held.released = True
+        self._cache.put(session.session_id, blob, session)
 
     async def delete(self, session_id: str) -> bool:
+        self._cache.drop(session_id)
         with redis_available(STORE):
             async with self._redis.pipeline(transaction=True) as p:
                 p.delete(self._key(session_id))
@@ -432,12 +476,12 @@ class RedisSessionStore(SessionStore):
         Acquiring also reads the session (``get`` then costs nothing) and ``save`` releases
         it: a step is two round trips. Waits up to 30 s for another holder, then 429.
         """
-        token = uuid.uuid4().hex
+        token = f"{self._token_prefix}{next(self._tokens)}"
         key, lock_key = self._key(session_id), self._lock_key(session_id)
         wait, deadline = 0.001, time.monotonic() + LOCK_WAIT_S
         while True:
             with redis_available(STORE):
-                reply = await self._calls.run(self._acquire_script, [lock_key, key], [token, LOCK_TTL_MS])
+                reply = await self._pipe.script(self._acquire_script, [lock_key, key], [token, LOCK_TTL_MS])
             if reply[0]:
                 break
             if time.monotonic() >= deadline:
@@ -453,9 +497,10 @@ class RedisSessionStore(SessionStore):
                 del self._held[session_id]
             if not held.released:
                 with contextlib.suppress(Exception):  # expired or Redis gone: the TTL frees it
-                    await self._calls.run(self._release_script, [lock_key], [token])
+                    await self._pipe.script(self._release_script, [lock_key], [token])
 
     async def close(self) -> None:
+        await self._pipe.close()
         await self._redis.aclose()
 
 

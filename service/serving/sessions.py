@@ -179,14 +179,15 @@ class SessionService:
             )
             if result.state is not None:
                 session.state = result.state
+            transitions = None
             if feed is not None:
                 lstm = (state[0], state[1]) if runtime.recurrent else None
                 transitions = report.record(session, obs, result.action, lstm, is_init)
-                if feed.learning:
-                    feed.add(transitions)
             session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
             session.steps += 1
             await self.store.save(session)
+            if transitions is not None and feed.learning:  # a step that fails to store records none
+                feed.add(transitions)
         payload = result.payload(p.single)
         payload.update(step=session.steps, policy=session.policy, version=session.version)
         if feed is not None:
