@@ -22,10 +22,11 @@ def _not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id[:64]!r} not found (never created, deleted or expired)")
 
 
-def reset_mask(reset: bool | list[bool] | None, num_envs: int) -> torch.Tensor:
-    """``reset`` of a step as ``[num_envs]`` bools (one value for all envs, or one per env)."""
+def reset_mask(reset: bool | list[bool] | None, num_envs: int) -> torch.Tensor | None:
+    """``reset`` of a step as ``[num_envs]`` bools (one value for all envs, or one per env);
+    ``None`` when it resets none."""
     if reset is None or reset is False:
-        return torch.zeros(num_envs, dtype=torch.bool)
+        return None
     if reset is True:
         return torch.ones(num_envs, dtype=torch.bool)
     if len(reset) != num_envs:
@@ -150,14 +151,17 @@ class SessionService:
                 p.masks, len(p.rows), "action_mask" if p.single else "action_masks", session.policy
             )
             resets = reset_mask(p.reset, session.num_envs)
-            is_init = session.needs_init | resets
             report = None
             if feed is not None:
+                if resets is None:
+                    resets = torch.zeros(session.num_envs, dtype=torch.bool)
                 report = Report.check(p, session, resets)
                 obs = as_tensor(obs)  # kept for the transitions: one tensor, made here
                 await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
                 runtime = feed.runtime
-            state = None
+            state = is_init = None  # (a stateless policy's steps need neither)
+            if runtime.stateful or feed is not None:
+                is_init = session.needs_init if resets is None else session.needs_init | resets
             if runtime.stateful:
                 state = session.state if session.state is not None else runtime.zero_state(session.num_envs)
             e = p.explore
@@ -183,7 +187,8 @@ class SessionService:
             if feed is not None:
                 lstm = (state[0], state[1]) if runtime.recurrent else None
                 transitions = report.record(session, obs, result.action, lstm, is_init)
-            session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
+            if is_init is not None:
+                session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
             session.steps += 1
             await self.store.save(session)
             if transitions is not None and feed.learning:  # a step that fails to store records none
