@@ -204,9 +204,10 @@ class MicroBatcher:
         if len(items) == 1:
             return [result]
         out, start = [], 0
+        actions = result.action.tolist()  # once for the batch: each caller's payload slices it
         for item in items:
             stop = start + len(item.obs)
-            out.append(result.rows(start, stop, item.return_info))
+            out.append(result.rows(start, stop, item.return_info, actions))
             start = stop
         return out
 

@@ -71,20 +71,23 @@ class ActResult:
     info: dict[str, torch.Tensor] | None
     exploration: Exploration
     state: State | None
+    actions: list | None = None  # ``action`` as Python numbers, when made already
 
-    def rows(self, start: int, stop: int, with_info: bool) -> ActResult:
-        """The slice of a batched result that belongs to one caller."""
+    def rows(self, start: int, stop: int, with_info: bool, actions: list | None = None) -> ActResult:
+        """The slice of a batched result that belongs to one caller (``actions``: the batch's
+        ``action.tolist()``, made once for all its callers)."""
         info = None
         if with_info and self.info is not None:
             info = {k: v[start:stop] for k, v in self.info.items()}
         state = None
         if self.state is not None:  # copies: a view would keep the whole batch's state alive
             state = tuple(t[start:stop].clone() for t in self.state)
-        return ActResult(self.action[start:stop], info, self.exploration, state)
+        part = None if actions is None else actions[start:stop]
+        return ActResult(self.action[start:stop], info, self.exploration, state, part)
 
     def payload(self, single: bool) -> dict:
         """The JSON-ready body: ``action`` (single) or ``actions``, ``exploration``, ``info``."""
-        actions = self.action.tolist()
+        actions = self.actions if self.actions is not None else self.action.tolist()
         out: dict = {"exploration": self.exploration.value}
         if single:
             out["action"] = actions[0]
