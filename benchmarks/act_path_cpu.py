@@ -16,8 +16,9 @@ as under a load generator with C connections.
 
 ``--store redis://…``: sessions in Redis (a running redis-server).
 
-``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``
-(``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of act calls.
+``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``, or
+of ``--policy`` (``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of
+act calls.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ async def measure(
                 body = json.dumps({"policy": policy}).encode()
                 await app(http_scope("/v1/sessions", body), receive, send)
                 paths.append(f"/v1/sessions/{json.loads(last[0])['session_id']}/act")
-            body = json.dumps({"observation": OBS[:2]}).encode()  # cartpole-lstm-dqn: CartPoleNoVel
+            dim = app.state.registry.resolve(policy).runtime.spec.observation.shape[0]
+            body = json.dumps({"observation": OBS[:dim]}).encode()  # CartPoleNoVel: 2 numbers
         else:
             paths = [f"/v1/policies/{policy}/act"] * concurrency
             body = json.dumps({"observation": OBS}).encode()
