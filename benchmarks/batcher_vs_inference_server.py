@@ -21,7 +21,8 @@ from service.process import configure_process
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.policy import Exploration, PolicyRuntime
+from service.runtime.call import ActCall
+from service.runtime.policy import PolicyRuntime
 
 CALLERS, PER_CALLER = 32, 300
 
@@ -38,7 +39,7 @@ async def ours(runtime) -> float:
 
     async def caller():
         for _ in range(PER_CALLER):
-            await batcher.act(runtime, obs, exploration=Exploration.deterministic)
+            await batcher.submit(runtime, ActCall(obs))
 
     t = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(CALLERS)))

@@ -167,7 +167,7 @@ def decode_cost(spec: dict, frame: np.ndarray, repeats: int = 20) -> dict:
         for _ in range(repeats):
             t = time.perf_counter()
             request = ActRequest.model_validate_json(body)
-            runtime.observation_batch(request.params(POLICY).rows, "observation", POLICY)
+            runtime.codec.observation_batch(request.params(POLICY).rows, "observation", POLICY)
             times.append(time.perf_counter() - t)
         out[f"{name}_ms"] = statistics.median(times) * 1000
         out[f"{name}_body_bytes"] = len(body)

@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             if settings.embedded_worker:
                 await asyncio.to_thread(worker.stop)
             state.executor.shutdown()
-            state.job_feeds.flush_all()  # reported transitions not yet written
+            state.job_feeds.close()  # reported transitions not yet written
             app.access_log.flush()
             await state.session_store.close()
 

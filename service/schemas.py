@@ -7,12 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, Tag, model_validator
 
+from service.exploration import Exploration, ExplorationParams
 from service.registry.spec import NAME_PATTERN
 from service.runtime.arrays import EncodedArray
-from service.runtime.policy import Exploration
 from service.serving.params import (
     ActParams,
-    ExplorationParams,
     RolloutParams,
     SessionCreateParams,
     SessionStepParams,

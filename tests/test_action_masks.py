@@ -12,8 +12,9 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MaskedCategorical, QValueModule
 
+from service.exploration import Exploration
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.policy import Exploration
+from service.runtime.call import ActCall
 from tests.helpers import SPECS, direct_module, new_session, obs_for, random_weights, upload
 
 N = SPECS["q"]["action"]["n"]  # every discrete test policy has 3 actions
@@ -126,7 +127,8 @@ def test_masked_and_unmasked_callers_share_a_pass_and_keep_their_own_masks(app):
         batcher.on_batch = passes.append
         kw = {"exploration": Exploration.deterministic}
         results = await asyncio.gather(
-            batcher.act(runtime, obs[:2], mask=mask, **kw), batcher.act(runtime, obs[2:], **kw)
+            batcher.submit(runtime, ActCall(obs[:2], mask=mask, **kw)),
+            batcher.submit(runtime, ActCall(obs[2:], **kw)),
         )
         return results, passes
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from service.errors import InvalidInput
+from service.exploration import Exploration
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.policy import Exploration, PolicyRuntime
+from service.runtime.call import ActCall
+from service.runtime.policy import PolicyRuntime
 from tests.helpers import SPECS, write_policy
 
 
@@ -42,12 +44,16 @@ def run(coro_fn, **batcher_kw):
 DET = {"exploration": Exploration.deterministic}
 
 
+def submit(batcher: MicroBatcher, runtime: PolicyRuntime, obs, **fields):
+    return batcher.submit(runtime, ActCall(obs, **fields))
+
+
 def test_calls_arriving_together_share_one_pass_and_get_their_own_rows(runtimes):
     rt = runtimes["q"]
     obs = [torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) for n in (1, 3, 2)]
 
     async def calls(b):
-        return await asyncio.gather(*(b.act(rt, o, **DET) for o in obs))
+        return await asyncio.gather(*(submit(b, rt, o, **DET) for o in obs))
 
     results, passes = run(calls)
     assert passes == [6]  # one forward pass for the three callers
@@ -60,8 +66,8 @@ def test_max_batch_splits_and_different_exploration_never_mixes(runtimes):
 
     async def calls(b):
         return await asyncio.gather(
-            *(b.act(rt, torch.zeros(2, 4), **DET) for _ in range(3)),
-            b.act(rt, torch.zeros(1, 4), exploration=Exploration.random, epsilon=1.0),
+            *(submit(b, rt, torch.zeros(2, 4), **DET) for _ in range(3)),
+            submit(b, rt, torch.zeros(1, 4), exploration=Exploration.random, epsilon=1.0),
         )
 
     results, passes = run(calls, max_batch=4)
@@ -76,7 +82,7 @@ def test_seeded_calls_go_alone_and_reproduce(runtimes):
 
     async def calls(b):
         return await asyncio.gather(
-            b.act(rt, obs, seed=3, **kw), b.act(rt, obs, seed=3, **kw), b.act(rt, obs, **kw)
+            submit(b, rt, obs, seed=3, **kw), submit(b, rt, obs, seed=3, **kw), submit(b, rt, obs, **kw)
         )
 
     (a, b, _), passes = run(calls)
@@ -93,7 +99,7 @@ def test_recurrent_state_is_split_back_per_caller(runtimes):
 
     async def calls(b):
         return await asyncio.gather(
-            *(b.act(rt, o, state=s, is_init=i, **DET) for o, s, i in zip(obs, states, inits, strict=True))
+            *(submit(b, rt, o, state=s, is_init=i, **DET) for o, s, i in zip(obs, states, inits, strict=True))
         )
 
     results, passes = run(calls)
@@ -109,10 +115,10 @@ def test_a_failing_pass_fails_its_callers_and_the_batcher_goes_on(runtimes):
     rt = runtimes["q"]
 
     async def calls(b):
-        bad = b.act(rt, torch.zeros(1, 5), **DET)  # wrong width: the forward pass raises
+        bad = submit(b, rt, torch.zeros(1, 5), **DET)  # wrong width: the forward pass raises
         with pytest.raises(RuntimeError):
             await bad
-        return await b.act(rt, torch.zeros(1, 4), **DET)
+        return await submit(b, rt, torch.zeros(1, 4), **DET)
 
     result, passes = run(calls)
     assert result.action.shape == (1,) and passes == [1]
@@ -121,14 +127,14 @@ def test_a_failing_pass_fails_its_callers_and_the_batcher_goes_on(runtimes):
 def test_small_passes_run_on_the_loop_and_large_ones_on_the_inference_thread(runtimes, monkeypatch):
     rt = runtimes["q"]
     threads: list[str] = []
-    original = rt.act
+    original = rt.forward
     monkeypatch.setattr(
-        rt, "act", lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k)
+        rt, "forward", lambda *a, **k: threads.append(threading.current_thread().name) or original(*a, **k)
     )
 
     async def calls(b):
-        await b.act(rt, torch.zeros(64, 4), **DET)
-        return await b.act(rt, torch.zeros(65, 4), **DET)
+        await submit(b, rt, torch.zeros(64, 4), **DET)
+        return await submit(b, rt, torch.zeros(65, 4), **DET)
 
     result, passes = run(calls, inline_rows=64)
     assert result.action.shape == (65,) and passes == [64, 65]
@@ -138,18 +144,18 @@ def test_small_passes_run_on_the_loop_and_large_ones_on_the_inference_thread(run
 def test_observation_batch_refuses_rows_that_do_not_fit(runtimes):
     rt = runtimes["q"]
     with pytest.raises(InvalidInput, match=r"observations\[1\] has shape \[3\], policy q expects \[4\]"):
-        rt.observation_batch([[0.0] * 4, [0.0] * 3], "observations", "q")
+        rt.codec.observation_batch([[0.0] * 4, [0.0] * 3], "observations", "q")
 
 
 def test_small_vector_batches_become_one_tensor_with_their_micro_batch(runtimes):
     """A few rows stay Python lists until the batcher stacks them with the rest of the batch,
     in order, next to calls that came as tensors (larger batches)."""
-    from service.runtime.policy import VectorRows, as_tensor, stack_observations
+    from service.runtime.call import VectorRows, as_tensor, stack_observations
 
     rt = runtimes["q"]
-    small = rt.observation_batch([[0.1, 0.2, 0.3, 0.4]], "observation", "q")
+    small = rt.codec.observation_batch([[0.1, 0.2, 0.3, 0.4]], "observation", "q")
     big_rows = [[float(i), 0.5, -0.5, 1e-3] for i in range(100)]  # 400 numbers: a tensor
-    big = rt.observation_batch(big_rows, "observations", "q")
+    big = rt.codec.observation_batch(big_rows, "observations", "q")
     assert type(small) is VectorRows and isinstance(big, torch.Tensor)
     assert as_tensor(small).dtype == torch.float32
     mixed = stack_observations([small, big, small])
@@ -157,4 +163,4 @@ def test_small_vector_batches_become_one_tensor_with_their_micro_batch(runtimes)
     assert torch.equal(mixed, expected)
     assert torch.equal(stack_observations([small, small]), expected[[0, -1]])
     with pytest.raises(InvalidInput, match="not finite as float32"):
-        rt.observation_batch([[1e39, 0.0, 0.0, 0.0]], "observation", "q")
+        rt.codec.observation_batch([[1e39, 0.0, 0.0, 0.0]], "observation", "q")

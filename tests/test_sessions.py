@@ -333,60 +333,10 @@ def _settings_for(tmp_path):
 LSTM_SPEC = {"type": "lstm", "hidden_size": 16, "num_layers": 1}
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        {**SPECS["q-lstm"], "recurrent": {"type": "lstm", "hidden_size": 16, "num_layers": 2}},
-        SPECS["actor-lstm"],
-        {
-            "kind": "qvalue",
-            "observation": {"type": "discrete", "n": 5},
-            "action": {"type": "discrete", "n": 3},
-            "recurrent": LSTM_SPEC,
-        },
-    ],
-    ids=["q-lstm-2-layers", "actor-lstm", "one-hot-lstm"],
-)
-def test_the_plain_lstm_step_equals_the_torchrl_module(spec):
-    """The deterministic fast path of a recurrent policy (nn.LSTM called directly) answers what
-    the TorchRL module answers: actions, Q-values and next state, with is_init and masks."""
-    from service.registry.build import ACTION_MASK, build_policy
-    from service.registry.spec import PolicySpec
-    from service.runtime.policy import PolicyRuntime
-
-    torch.manual_seed(0)
-    spec = PolicySpec.model_validate(spec)
-    runtime = PolicyRuntime(spec, build_policy(spec), torch.device("cpu"))
-    assert runtime._lstm is not None
-    B, L, H = 6, spec.recurrent.num_layers, spec.recurrent.hidden_size
-    obs = (
-        torch.randint(0, 5, (B,)) if spec.observation.discrete else torch.randn(B, spec.observation.shape[0])
-    )
-    h, c = torch.randn(B, L, H), torch.randn(B, L, H)
-    is_init = torch.tensor([True, False, True, False, False, False])
-    td = TensorDict(
-        {"observation": obs, "recurrent_state_h": h, "recurrent_state_c": c, "is_init": is_init[:, None]}, [B]
-    )
-    mask = None
-    if runtime.discrete:
-        mask = torch.ones(B, 3, dtype=torch.bool)
-        mask[1, 0] = mask[4, 1] = mask[4, 2] = False
-        td[ACTION_MASK] = mask
-    got = runtime.act(obs, state=(h, c), is_init=is_init, mask=mask, return_info=True)
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        out = runtime.core(td)
-    assert torch.allclose(got.action.float(), out["action"].float(), atol=1e-5)
-    assert torch.allclose(got.state[0], out["next", "recurrent_state_h"], atol=1e-6)
-    assert torch.allclose(got.state[1], out["next", "recurrent_state_c"], atol=1e-6)
-    if runtime.discrete:
-        assert torch.allclose(got.info["action_value"], out["action_value"], atol=1e-5)
-        assert got.action[4] == 0 and got.action[1] != 0  # the masks hold
-
-
 def test_a_session_round_trips_through_its_bytes():
     """What the Redis store writes: metadata, needs_init, state and pending, in one value;
     read back into tensors of their own."""
-    from service.runtime.policy import Exploration
+    from service.exploration import Exploration
     from service.runtime.sessions import Session
 
     s = Session(policy="p", version=3, num_envs=3, ttl_s=60, exploration=Exploration.random, epsilon=0.2)

@@ -17,8 +17,8 @@ SESSION_ACT_ROUTE = "/v1/sessions/{session_id}/act"
 
 
 class RouteKind(str, Enum):
-    act = "act"  # POST /v1/policies/{name}/act: answered by the edge (service.api.edge)
-    session_act = "session_act"  # POST /v1/sessions/{session_id}/act: answered by the edge
+    act = "act"  # POST /v1/policies/{name}/act: answered by service.api.hot
+    session_act = "session_act"  # POST /v1/sessions/{session_id}/act: answered by service.api.hot
     rollout = "rollout"  # its own ROLLOUT_TIMEOUT_S, not the request timeout
     upload = "upload"  # MAX_UPLOAD_BYTES, not MAX_BODY_BYTES; no request timeout
     other = "other"
@@ -66,12 +66,6 @@ def header(scope, name: bytes) -> bytes | None:
         if k == name:
             return v
     return None
-
-
-def is_json(scope) -> bool:
-    """No content-type, or ``application/json`` (with any parameters)."""
-    v = header(scope, b"content-type")
-    return v is None or v.split(b";")[0].strip().lower() == b"application/json"
 
 
 def dumps(payload: object) -> bytes:

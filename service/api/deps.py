@@ -7,11 +7,10 @@ from typing import Annotated
 from fastapi import Depends, Path
 from starlette.requests import HTTPConnection
 
-from service.api.auth import check_bearer
+from service.api.auth import check_admin, check_inference
 from service.config import Settings
 from service.registry.registry import PolicyEntry, Registry
 from service.registry.spec import NAME_PATTERN
-from service.serving.acting import ActService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
 from service.serving.rollouts import RolloutService
@@ -28,7 +27,6 @@ def _state(attr: str):
 
 SettingsDep = Annotated[Settings, _state("settings")]
 RegistryDep = Annotated[Registry, _state("registry")]
-ActDep = Annotated[ActService, _state("act_service")]
 SessionsDep = Annotated[SessionService, _state("session_service")]
 RolloutsDep = Annotated[RolloutService, _state("rollout_service")]
 PoliciesDep = Annotated[PolicyService, _state("policy_service")]
@@ -44,13 +42,11 @@ PolicyDep = Annotated[PolicyEntry, Depends(get_policy_entry)]
 
 
 async def require_admin(conn: HTTPConnection, settings: SettingsDep) -> None:
-    if settings.api_key:
-        check_bearer(conn.headers.get("authorization"), settings.api_key)
+    check_admin(settings, conn.headers.get("authorization"))
 
 
 async def require_inference(conn: HTTPConnection, settings: SettingsDep) -> None:
-    if settings.api_key and settings.protect_inference:
-        check_bearer(conn.headers.get("authorization"), settings.api_key)
+    check_inference(settings, conn.headers.get("authorization"))
 
 
 Admin = Depends(require_admin)

@@ -1,15 +1,11 @@
-"""The HTTP edge: what every request goes through, in one ASGI layer, and the hot routes.
+"""The HTTP edge: what every request goes through, in one ASGI layer.
 
 ``ServiceApp`` is the FastAPI application with one change: its ``__call__`` first does the
 service's per-request work (request id, body limits, timeout, metrics, access log) here, once,
-and answers ``POST /v1/policies/{name}/act`` and ``POST /v1/sessions/{session_id}/act`` itself,
-with the same schemas, auth check, services and JSON as the declared routes, and the session
-WebSocket ``/v1/sessions/{session_id}/stream`` (one message per step; FastAPI's WebSocket
-wrapper and middleware senders cost ~15% of a step). Everything else goes on to FastAPI. Why:
-on these routes, which simulators call thousands of times a second, Starlette's middleware
-chain (server errors, body size, telemetry, exceptions), routing and dependency solving cost
-several times the forward pass of a small policy; subclassing is the one place this works around
-the framework. The declared HTTP routes stay for the OpenAPI schema.
+and hands the hot routes (``api/hot``: the two act routes and the session WebSocket, whose
+FastAPI WebSocket wrapper and middleware senders cost ~15% of a step) to their one
+implementation. Everything else goes on to FastAPI. Subclassing is the one place this works
+around the framework; ``openapi`` adds the hot routes' declarations to the schema.
 """
 
 from __future__ import annotations
@@ -21,8 +17,9 @@ import os
 import time
 
 from fastapi import FastAPI
-from pydantic import ValidationError
+from fastapi.openapi.utils import get_openapi
 
+from service.api import hot
 from service.api.asgi import (
     ACT_ROUTE,
     SESSION_ACT_ROUTE,
@@ -31,16 +28,14 @@ from service.api.asgi import (
     classify,
     dumps,
     header,
-    is_json,
     send_json,
     stream_session_id,
 )
-from service.api.auth import check_bearer
-from service.api.errors import error_answer, invalid_body
+from service.api.auth import check_inference
+from service.api.errors import INTERNAL_ERROR, error_answer
 from service.config import Settings
 from service.errors import ServiceError, too_large
 from service.observability import AccessLog, Metrics
-from service.schemas import ActRequest, SessionActRequest
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +172,21 @@ class ServiceApp(FastAPI):
             deadlines.expired.discard(task)
 
     async def _route(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
-        if route.kind in _HOT and is_json(scope):
+        if route.kind in _HOT:
             try:
-                await self._hot(scope, receive, exchange, route, limit)
+                check_inference(self.settings, header(scope, b"authorization"))
+                body = await _read_body(receive, limit)
+                status, payload, headers = await hot.answer(self.state, route, body)
             except (BodyTooLarge, TimeoutError):
                 raise
-            except Exception:  # as FastAPI's handler of unexpected errors answers them
+            except ServiceError as exc:  # the key
+                status, payload, headers = error_answer(exc)
+            except Exception:  # as the FastAPI routes' handler of unexpected errors answers them
                 log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-                if not exchange.started:
-                    await exchange.json(500, {"detail": "internal error"})
+                status, payload, headers = INTERNAL_ERROR
+                if exchange.started:
+                    return
+            await exchange.json(status, payload, headers)
             return
         # The body is read here, within the limit, before FastAPI runs: a BodyTooLarge raised
         # from inside its stack would be answered 500 by Starlette's error middleware.
@@ -201,34 +202,16 @@ class ServiceApp(FastAPI):
 
         await super().__call__(scope, replay, exchange)
 
-    async def _hot(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
-        state = self.state
-        status, headers = 200, None
-        try:
-            self._check_inference_key(scope)
-            body = await _read_body(receive, limit)
-            try:
-                if route.kind is RouteKind.act:
-                    params = ActRequest.model_validate_json(body).params(route.policy)
-                else:
-                    params = SessionActRequest.model_validate_json(body).params(route.session_id)
-            except ValidationError as exc:
-                status, payload = 422, invalid_body(exc)
-            else:
-                if route.kind is RouteKind.act:
-                    payload = await state.act_service.act(params)
-                else:
-                    payload = await state.session_service.step(params)
-        except ServiceError as exc:
-            status, payload, headers = error_answer(exc)
-        await exchange.json(status, payload, headers)
-
-    def _check_inference_key(self, scope) -> None:
-        """The bearer key of the hot routes, when inference is protected (else 401/403)."""
-        settings = self.settings
-        if settings.api_key and settings.protect_inference:
-            auth = header(scope, b"authorization")
-            check_bearer(auth.decode("latin-1") if auth is not None else None, settings.api_key)
+    def openapi(self) -> dict:
+        """FastAPI's schema of the mounted routes, plus the hot routes' declarations."""
+        if self.openapi_schema is None:
+            self.openapi_schema = get_openapi(
+                title=self.title,
+                version=self.version,
+                description=self.description,
+                routes=[*self.routes, *hot.DOCUMENTED.routes],
+            )
+        return self.openapi_schema
 
     async def _stream(self, scope, receive, send, session_id: str) -> None:
         """``/v1/sessions/{session_id}/stream``: each message (text or bytes) an act body, each
@@ -236,7 +219,7 @@ class ServiceApp(FastAPI):
         if (await receive())["type"] != "websocket.connect":
             return
         try:
-            self._check_inference_key(scope)
+            check_inference(self.settings, header(scope, b"authorization"))
         except ServiceError as exc:
             status, payload, headers = error_answer(exc)
             if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
@@ -245,20 +228,14 @@ class ServiceApp(FastAPI):
                 await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"][:120]})
             return
         await send({"type": "websocket.accept"})
-        sessions = self.state.session_service
+        state = self.state
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
                 return  # websocket.disconnect
             text = message.get("text")
             body = text if text is not None else message.get("bytes") or b""
-            try:
-                reply = await sessions.step(SessionActRequest.model_validate_json(body).params(session_id))
-            except ValidationError as exc:
-                reply = {"status": 422, **invalid_body(exc)}
-            except ServiceError as exc:
-                status, payload, _ = error_answer(exc)
-                reply = {"status": status, **payload}
+            reply = await hot.stream_reply(state, session_id, body)
             await send({"type": "websocket.send", "text": dumps(reply).decode()})
 
     def _record(self, scope, route: Route, exchange: _Exchange, request_id: str, seconds: float) -> None:

@@ -56,6 +56,10 @@ def error_headers(exc: ServiceError) -> dict[str, str]:
     return headers
 
 
+# the one 500 answer, of the FastAPI routes and the edge alike (the cause is logged, not sent)
+INTERNAL_ERROR: tuple[int, dict, dict[str, str] | None] = (500, {"detail": "internal error"}, None)
+
+
 def error_answer(exc: ServiceError) -> tuple[int, dict, dict[str, str]]:
     """``(status, body, headers)`` of a domain error."""
     return status_of(exc), {"detail": exc.detail}, error_headers(exc)
@@ -91,4 +95,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> FastJSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return FastJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
+        status, body, _ = INTERNAL_ERROR
+        return FastJSONResponse(body, status)

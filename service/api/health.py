@@ -33,8 +33,9 @@ async def metrics(request: Request, sessions: SessionsDep, jobs: JobsDep) -> Res
     they were while a store is unreachable)."""
     m = request.app.state.metrics
     try:
-        m.live_sessions.set(await sessions.store.count())
-        m.session_state_bytes.set(getattr(sessions.store, "state_bytes", 0))
+        usage = await sessions.usage()
+        m.live_sessions.set(usage["live"])
+        m.session_state_bytes.set(usage["state_bytes"])
         counts, fps = await jobs.counts()
         m.training_fps.set(fps)
         for status, n in counts.items():

@@ -1,16 +1,13 @@
-"""Policies: list, inspect, upload versions, choose the default, delete, and act."""
+"""Policies: list, inspect, upload versions, choose the default, delete (act: ``api/hot``)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Response, UploadFile
 
-from service.api.deps import ActDep, Admin, Inference, PoliciesDep, PolicyDep, PolicyName, SettingsDep
-from service.api.responses import FastJSONResponse
+from service.api.deps import Admin, PoliciesDep, PolicyDep, PolicyName, SettingsDep
 from service.errors import InvalidInput, too_large
 from service.registry.store import MAX_SPEC_BYTES
 from service.schemas import (
-    ActRequest,
-    ActResponse,
     DefaultVersionIn,
     PolicyDetail,
     PolicyList,
@@ -59,9 +56,3 @@ async def set_default(entry: PolicyDep, body: DefaultVersionIn, policies: Polici
 async def delete_version(entry: PolicyDep, version: int, policies: PoliciesDep) -> Response:
     await policies.delete_version(entry.name, version)
     return Response(status_code=204)
-
-
-@router.post("/{name}/act", response_model=ActResponse, dependencies=[Inference])
-async def act(name: PolicyName, body: ActRequest, acting: ActDep) -> Response:
-    """Documented here; answered by ``service.api.edge`` ahead of the router (same schema and service)."""
-    return FastJSONResponse(await acting.act(body.params(name)))

@@ -1,8 +1,7 @@
 """Sessions: recurrent state kept by the server, over HTTP and a WebSocket stream.
 
 The hot two, ``POST /{session_id}/act`` and the WebSocket ``/{session_id}/stream`` (each message
-an act body, each reply an act response or ``{"status", "detail"}``), are answered by
-``service.api.edge`` ahead of the router; the act route stays declared here for OpenAPI.
+an act body, each reply an act response or ``{"status", "detail"}``), are ``service.api.hot``'s.
 """
 
 from __future__ import annotations
@@ -10,10 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.api.deps import Inference, SessionsDep
-from service.api.responses import FastJSONResponse
 from service.schemas import (
-    SessionActRequest,
-    SessionActResponse,
     SessionCreate,
     SessionPublic,
     SessionSummary,
@@ -46,9 +42,3 @@ async def delete_session(session_id: str, sessions: SessionsDep) -> Response:
 @router.post("/{session_id}/reset", response_model=SessionPublic)
 async def reset_session(session_id: str, sessions: SessionsDep) -> dict:
     return await sessions.reset(session_id)
-
-
-@router.post("/{session_id}/act", response_model=SessionActResponse)
-async def act_session(session_id: str, body: SessionActRequest, sessions: SessionsDep) -> Response:
-    """Documented here; answered by ``service.api.edge`` ahead of the router (same schema and service)."""
-    return FastJSONResponse(await sessions.step(body.params(session_id)))

@@ -1,7 +1,8 @@
 """Run a policy version in an allow-listed environment and return the episodes.
 
-Runs on a worker thread; every policy step goes through the micro-batcher (``call``), the same
-path as ``/act`` and sessions, so a rollout equals stepping the episode by hand.
+Runs on a worker thread; every policy step is an ``ActCall`` through the micro-batcher
+(``submit``), the same path as ``/act`` and sessions, so a rollout equals stepping the episode by
+hand.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torchrl.envs.utils import step_mdp
 
 from service.envs import make_env
 from service.errors import Busy, TimedOut
-from service.runtime.policy import ActResult, Exploration, PolicyRuntime
+from service.exploration import ExplorationParams
+from service.runtime.call import ActCall, ActResult
+from service.runtime.policy import PolicyRuntime
 
 
 class RolloutSlots:
@@ -45,18 +48,17 @@ def run_rollout(
     runtime: PolicyRuntime,
     env_id: str,
     *,
-    call: Callable[..., ActResult],
+    submit: Callable[[PolicyRuntime, ActCall], ActResult],
     episodes: int,
     max_steps: int,
-    exploration: Exploration,
-    epsilon: float | None,
-    noise_std: float | None,
+    explore: ExplorationParams,
     seed: int | None,
     return_trajectory: bool,
     timeout_s: float,
 ) -> dict[str, Any]:
     """Episode ``i`` resets with seed ``seed + i``; episodes end on termination or truncation."""
     deadline = time.monotonic() + timeout_s
+    exploration = runtime.effective(explore.type)
     env = make_env(env_id, max_steps=max_steps)
     out = []
     try:
@@ -75,19 +77,18 @@ def run_rollout(
                         f"rollout ran past its time limit of {timeout_s:g} s; "
                         "ask for fewer episodes or a smaller max_steps"
                     )
-                obs = runtime.observation_of(td)
-                mask = td["action_mask"].unsqueeze(0) if "action_mask" in td.keys() else None
-                res = call(
-                    runtime,
+                obs, mask = runtime.codec.from_env(td)  # the env's own mask, when it gives one
+                call = ActCall(
                     obs,
-                    exploration=exploration,
-                    epsilon=epsilon,
-                    noise_std=noise_std,
-                    seed=step_seed(ep_seed, length),
+                    exploration,
+                    explore.epsilon,
+                    explore.noise_std,
+                    step_seed(ep_seed, length),
                     state=state,
                     is_init=is_init,
-                    mask=mask,  # the environment's own mask, when it gives one
+                    mask=mask,
                 )
+                res = submit(runtime, call)
                 td["action"] = res.action[0]
                 td = env.step(td)
                 reward = float(td["next", "reward"].item())

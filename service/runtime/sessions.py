@@ -25,8 +25,8 @@ import orjson
 import torch
 
 from service.errors import Busy
+from service.exploration import Exploration, ExplorationParams
 from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_available
-from service.runtime.policy import Exploration
 from service.runtime.redis_calls import RedisPipe
 
 STORE = "the session store"
@@ -62,6 +62,11 @@ class Session:
             self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
         if not self.expires_at:
             self.touch()
+
+    @property
+    def explore(self) -> ExplorationParams:
+        """The exploration the session was created with: its steps' defaults."""
+        return ExplorationParams(self.exploration, self.epsilon, self.noise_std)
 
     def touch(self, now: float | None = None) -> None:
         self.expires_at = (time.time() if now is None else now) + self.ttl_s
@@ -185,8 +190,45 @@ class SessionStore(ABC):
     def lock(self, session_id: str) -> AbstractAsyncContextManager[object]:
         """Held around every call on one session: calls apply one at a time, in order."""
 
+    def reserved_state_bytes(self) -> int:
+        """Per-env state the live sessions of this process reserve (``MAX_SESSION_STATE_BYTES``);
+        0 where the store's own memory bounds it (Redis: ``maxmemory``)."""
+        return 0
+
     async def close(self) -> None:
         return None
+
+
+class _KeyedLock:
+    """``async with`` one session's lock in a ``MemorySessionStore``: the lock exists only while
+    a call holds or waits for it, so calls on ids that name no session leave nothing behind."""
+
+    __slots__ = ("locks", "key", "entry")
+
+    def __init__(self, locks: dict[str, list], key: str) -> None:
+        self.locks, self.key = locks, key
+
+    async def __aenter__(self) -> None:
+        entry = self.locks.get(self.key)
+        if entry is None:
+            entry = self.locks[self.key] = [asyncio.Lock(), 0]  # the lock, its holders + waiters
+        entry[1] += 1
+        self.entry = entry
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        entry = self.entry
+        entry[1] -= 1
+        if entry[1] == 0 and self.locks.get(self.key) is entry:
+            del self.locks[self.key]
 
 
 class MemorySessionStore(SessionStore):
@@ -199,7 +241,7 @@ class MemorySessionStore(SessionStore):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # only the sessions a call holds or waits for
         self.state_bytes = 0  # reserved by the live sessions (Session.state_bytes summed)
 
     def _purge(self) -> None:
@@ -208,7 +250,6 @@ class MemorySessionStore(SessionStore):
             self._drop(sid)
 
     def _drop(self, session_id: str) -> bool:
-        self._locks.pop(session_id, None)
         gone = self._sessions.pop(session_id, None)
         if gone is not None:
             self.state_bytes -= gone.state_bytes
@@ -256,8 +297,11 @@ class MemorySessionStore(SessionStore):
             await self.delete(sid)
         return len(gone)
 
-    def lock(self, session_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(session_id, asyncio.Lock())
+    def lock(self, session_id: str) -> _KeyedLock:
+        return _KeyedLock(self._locks, session_id)
+
+    def reserved_state_bytes(self) -> int:
+        return self.state_bytes
 
 
 LOCK_TTL_MS = 30_000  # a crashed holder frees the session after this

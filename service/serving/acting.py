@@ -1,4 +1,4 @@
-"""Acting on a policy: resolve the version, check the batch, one forward pass, the answer."""
+"""Acting on a policy: resolve the version, check the batch, decode, one forward pass, encode."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from service.config import Settings
 from service.errors import check_limit
 from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
-from service.runtime.policy import Exploration
+from service.runtime.call import ActCall
 from service.serving.params import ActParams
 
 
 class ActService:
-    """``act(ActParams) -> dict``: the stateless act call of the HTTP route, the edge and the SDK."""
+    """``act(ActParams) -> dict``: the stateless act call of the HTTP edge and the SDK."""
 
     def __init__(self, registry: Registry, batcher: MicroBatcher, settings: Settings) -> None:
         self.registry = registry
@@ -24,21 +24,13 @@ class ActService:
         loaded = self.registry.resolve(p.policy, p.version)
         check_limit("batch size", len(p.rows), self.settings.max_batch_size)
         runtime = loaded.runtime
-        obs = runtime.observation_batch(p.rows, "observation" if p.single else "observations", p.policy)
-        mask = runtime.mask_batch(
-            p.masks, len(p.rows), "action_mask" if p.single else "action_masks", p.policy
+        codec = runtime.codec
+        obs, mask = codec.decode(p.rows, p.masks, p.single, p.policy)
+        e = p.explore
+        call = ActCall(
+            obs, runtime.effective(e.type), e.epsilon, e.noise_std, p.seed, p.return_info, mask=mask
         )
-        result = await self.batcher.act(
-            runtime,
-            obs,
-            exploration=p.explore.exploration or Exploration.deterministic,
-            epsilon=p.explore.epsilon,
-            noise_std=p.explore.noise_std,
-            seed=p.seed,
-            return_info=p.return_info,
-            mask=mask,
-        )
-        payload = result.payload(p.single)
+        payload = codec.encode(await self.batcher.submit(runtime, call), p.single)
         payload["policy"] = p.policy
         payload["version"] = loaded.version
         return payload

@@ -12,7 +12,9 @@ hyperparameters', however fast the clients step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +28,13 @@ from service.training.experience import ExperienceDir
 from service.training.job import JobStatus
 from service.training.job_store import JobStore
 
+log = logging.getLogger(__name__)
+
 CHUNK = 64  # transitions per chunk file
 FLUSH_S = 0.25  # ... or this old, whichever comes first
 PACE_WAIT_S = 2.0
 PACE_POLL_S = 0.02
+FOLLOW_S = 0.02  # how often a feed looks for the learner's new weights
 
 
 @dataclass
@@ -49,20 +54,50 @@ class Feed:
     pending_n: int = 0
     oldest: float = 0.0
 
-    def refresh(self) -> None:
-        """Take the learner's latest weights and position if it published since."""
+    io: ThreadPoolExecutor | None = field(default=None, repr=False)  # JobFeeds' file thread
+    checked: float = 0.0  # when ``follow`` last looked for new weights (monotonic)
+    loading: asyncio.Future | None = field(default=None, repr=False)
+
+    def follow(self) -> None:
+        """Look for the learner's latest weights on the file thread when due (at most every
+        ``FOLLOW_S``); when it published since, a new runtime is swapped in whole on the loop.
+        The step that calls this goes on with the current weights: nothing waits for the files."""
+        now = time.monotonic()
+        if self.loading is not None or now - self.checked < FOLLOW_S:
+            return
+        self.checked = now
+        self.loading = asyncio.wrap_future(self.io.submit(self.newer))
+        self.loading.add_done_callback(self._take)
+
+    def newer(self) -> tuple[PolicyRuntime, int, dict | None] | None:
+        """(File thread.) A runtime with the learner's latest weights, its stamp and position,
+        or None when it has not published since."""
         stamp = self.channel.policy_stamp()
         if stamp is None or stamp == self.stamp:
-            return
+            return None
         state = self.channel.learner_state()
         try:
             weights = self.channel.load_policy()
         except (OSError, ValueError):
-            return  # mid-replace on a filesystem without atomic rename: next call
+            return None  # mid-replace on a filesystem without atomic rename: next time
         # a new runtime, swapped in whole: a forward pass running meanwhile keeps the old one
         runtime = PolicyRuntime(self.runtime.spec, build_policy(self.runtime.spec, self.device), self.device)
         runtime.core.load_state_dict(weights)
-        self.runtime, self.stamp = runtime, stamp
+        return runtime, stamp, state
+
+    def _take(self, done: asyncio.Future) -> None:
+        self.loading = None
+        if done.cancelled():
+            return
+        if done.exception() is not None:
+            log.error("job %s: reading the learner's weights failed: %r", self.job_id, done.exception())
+            return
+        self.swap(done.result())
+
+    def swap(self, newer: tuple[PolicyRuntime, int, dict | None] | None) -> None:
+        if newer is None:
+            return
+        self.runtime, self.stamp, state = newer
         if state:
             self.epsilon, self.consumed = float(state["epsilon"]), int(state["consumed"])
 
@@ -81,7 +116,7 @@ class Feed:
                 )
             await asyncio.sleep(PACE_POLL_S)
             self.flush()
-            self.refresh()
+            self.follow()
 
     def add(self, transitions: dict[str, torch.Tensor]) -> None:
         n = transitions["action"].shape[0] if transitions else 0
@@ -96,11 +131,18 @@ class Feed:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the pending transitions to the file thread as one chunk (written in order)."""
         if not self.pending:
             return
         chunk = {k: torch.cat([t[k] for t in self.pending]) for k in self.pending[0]}
         self.pending, self.pending_n = [], 0
-        self.channel.write_chunk(chunk)
+        self.io.submit(self._write, chunk)
+
+    def _write(self, chunk: dict[str, torch.Tensor]) -> None:
+        try:
+            self.channel.write_chunk(chunk)
+        except OSError as exc:  # the disk: logged, the session goes on
+            log.error("job %s: writing %d reported transitions failed: %r", self.job_id, len(chunk), exc)
 
 
 class JobFeeds:
@@ -111,6 +153,8 @@ class JobFeeds:
         self.store = store
         self.device = device
         self._feeds: dict[str, Feed] = {}
+        # every file read and write of the feeds, in order (one thread: chunks stay in sequence)
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-feeds")
 
     async def open(self, job_id: str) -> Feed:
         feed = self._feeds.get(job_id)
@@ -126,24 +170,36 @@ class JobFeeds:
             )
         if job.status not in (JobStatus.queued, JobStatus.running):
             raise Conflict(f"job {job_id} is {job.status.value}: sessions bind to queued or running jobs")
+        feed = await asyncio.wrap_future(self.io.submit(self._make, job))
+        return self._feeds.setdefault(job_id, feed)
+
+    def _make(self, job) -> Feed:
+        """(File thread.) The feed of ``job``: its acting runtime, with the learner's latest
+        weights when it has published."""
         config = build_config(job.request)
         spec = client_policy_spec(config)
         runtime = PolicyRuntime(spec, build_policy(spec, self.device), self.device)
         hp = config.hyperparameters
         feed = Feed(
-            job_id=job_id,
+            job_id=job.job_id,
             policy_name=job.request["policy_name"],
             runtime=runtime,
-            channel=ExperienceDir(self.root / job_id),
+            channel=ExperienceDir(self.root / job.job_id),
             total_frames=config.total_frames,
             lag_frames=max(4 * hp.frames_per_batch, 2 * CHUNK),
             device=self.device,
             epsilon=hp.eps_start,
+            io=self.io,
         )
-        feed.refresh()
-        self._feeds[job_id] = feed
+        feed.swap(feed.newer())
         return feed
 
     def flush_all(self) -> None:
+        """Write every feed's pending transitions, and wait until all writes are done."""
         for feed in self._feeds.values():
             feed.flush()
+        self.io.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self.flush_all()
+        self.io.shutdown(wait=True)

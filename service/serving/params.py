@@ -8,20 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.runtime.policy import Exploration
+from service.exploration import ExplorationParams
 
 # a float vector, an integer (a discrete observation), or named entries (a dict observation)
 # (and for images: nested lists, or runtime.arrays.EncodedArray, the raw bytes)
 Row = Any
-
-
-@dataclass(slots=True)
-class ExplorationParams:
-    """Exploration asked for by a call; ``None`` fields fall back to the session's or spec's."""
-
-    exploration: Exploration | None = None
-    epsilon: float | None = None
-    noise_std: float | None = None
 
 
 @dataclass(slots=True)

@@ -10,7 +10,6 @@ from service.envs import ALLOWED, check_compatible, check_env_id
 from service.errors import InvalidInput, check_limit
 from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
-from service.runtime.policy import Exploration
 from service.runtime.rollout import RolloutSlots, run_rollout
 from service.serving.params import RolloutParams
 
@@ -39,12 +38,10 @@ class RolloutService:
                 run_rollout,
                 loaded.runtime,
                 env_id,
-                call=self.batcher.act_blocking,
+                submit=self.batcher.submit_blocking,
                 episodes=p.episodes,
                 max_steps=p.max_steps,
-                exploration=p.explore.exploration or Exploration.deterministic,
-                epsilon=p.explore.epsilon,
-                noise_std=p.explore.noise_std,
+                explore=p.explore,
                 seed=p.seed,
                 return_trajectory=p.return_trajectory,
                 timeout_s=s.rollout_timeout_s,

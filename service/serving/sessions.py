@@ -8,9 +8,11 @@ import torch
 
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, check_limit
+from service.exploration import Exploration, ExplorationParams
 from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
-from service.runtime.policy import Exploration, as_tensor
+from service.runtime.call import ActCall, ActResult, Observations, as_tensor
+from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import Session, SessionStore
 from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
@@ -55,6 +57,10 @@ class SessionService:
     async def summary(self) -> dict[str, Any]:
         """How many sessions are live, and the limit (the dashboard shows both)."""
         return {"live": await self.store.count(), "limit": self.settings.max_sessions}
+
+    async def usage(self) -> dict[str, int]:
+        """Live sessions and the state bytes they reserve (``/metrics``)."""
+        return {"live": await self.store.count(), "state_bytes": self.store.reserved_state_bytes()}
 
     async def create(self, p: SessionCreateParams) -> dict[str, Any]:
         s = self.settings
@@ -118,83 +124,114 @@ class SessionService:
         """One step of a session: in order with other calls on it; state unchanged on any error."""
         async with self.store.lock(p.session_id):
             session = await self._load(p.session_id)
-            feed = None
             if session.job is not None:
-                feed = await self._feeds().open(session.job)
-                feed.refresh()
-                runtime = feed.runtime
-            else:
-                try:
-                    runtime = self.registry.resolve(session.policy, session.version).runtime
-                except NotFound:
-                    await self.store.delete(p.session_id)
-                    raise NotFound(
-                        f"session {p.session_id!r} was closed: policy {session.policy} "
-                        f"version {session.version} is no longer served"
-                    ) from None
-                if p.reward is not None or p.terminated is not None or p.truncated is not None:
-                    raise InvalidInput(
-                        "reward, terminated and truncated go to sessions bound to a job "
-                        '(POST /v1/sessions {"job": ...}); this session serves a policy'
-                    )
-            check_limit("batch size", len(p.rows), self.settings.max_batch_size)
-            if len(p.rows) != session.num_envs:
-                raise InvalidInput(
-                    f"the session has num_envs={session.num_envs}: send {session.num_envs} "
-                    f"observation(s) in 'observations' (or one 'observation' when num_envs=1), "
-                    f"got {len(p.rows)}"
-                )
-            obs = runtime.observation_batch(
-                p.rows, "observation" if p.single else "observations", session.policy
+                return await self._job_step(p, session)
+            return await self._policy_step(p, session)
+
+    async def _policy_step(self, p: SessionStepParams, session: Session) -> dict[str, Any]:
+        """A step of a session pinned to a served policy version: decode, act, keep the state."""
+        try:
+            runtime = self.registry.resolve(session.policy, session.version).runtime
+        except NotFound:
+            await self.store.delete(p.session_id)
+            raise NotFound(
+                f"session {p.session_id!r} was closed: policy {session.policy} "
+                f"version {session.version} is no longer served"
+            ) from None
+        if p.reward is not None or p.terminated is not None or p.truncated is not None:
+            raise InvalidInput(
+                "reward, terminated and truncated go to sessions bound to a job "
+                '(POST /v1/sessions {"job": ...}); this session serves a policy'
             )
-            mask = runtime.mask_batch(
-                p.masks, len(p.rows), "action_mask" if p.single else "action_masks", session.policy
-            )
-            resets = reset_mask(p.reset, session.num_envs)
-            report = None
-            if feed is not None:
-                if resets is None:
-                    resets = torch.zeros(session.num_envs, dtype=torch.bool)
-                report = Report.check(p, session, resets)
-                obs = as_tensor(obs)  # kept for the transitions: one tensor, made here
-                await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
-                runtime = feed.runtime
-            state = is_init = None  # (a stateless policy's steps need neither)
-            if runtime.stateful or feed is not None:
-                is_init = session.needs_init if resets is None else session.needs_init | resets
-            if runtime.stateful:
-                state = session.state if session.state is not None else runtime.zero_state(session.num_envs)
-            e = p.explore
-            exploration = e.exploration or session.exploration or Exploration.deterministic
-            epsilon = e.epsilon if e.epsilon is not None else session.epsilon
-            if feed is not None and e.exploration is None and session.exploration is None:
-                exploration = Exploration.random  # the learner's exploring policy
-                epsilon = feed.epsilon if epsilon is None else epsilon
-            result = await self.batcher.act(
-                runtime,
-                obs,
-                exploration=exploration,
-                epsilon=epsilon,
-                noise_std=e.noise_std if e.noise_std is not None else session.noise_std,
-                return_info=p.return_info,
-                state=state,
-                is_init=is_init,
-                mask=mask,
-            )
-            if result.state is not None:
-                session.state = result.state
-            transitions = None
-            if feed is not None:
-                lstm = (state[0], state[1]) if runtime.recurrent else None
-                transitions = report.record(session, obs, result.action, lstm, is_init)
-            if is_init is not None:
-                session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
-            session.steps += 1
-            await self.store.save(session)
-            if transitions is not None and feed.learning:  # a step that fails to store records none
-                feed.add(transitions)
-        payload = result.payload(p.single)
-        payload.update(step=session.steps, policy=session.policy, version=session.version)
-        if feed is not None:
-            payload["policy_frames"] = feed.consumed
+        obs, mask = self._decode(runtime, p, session)
+        resets = reset_mask(p.reset, session.num_envs)
+        call = _step_call(runtime, session, obs, mask, resets, p.explore.over(session.explore), p.return_info)
+        result = await self.batcher.submit(runtime, call)
+        _advance(session, call, result)
+        await self.store.save(session)
+        return _answer(runtime, p, session, result)
+
+    async def _job_step(self, p: SessionStepParams, session: Session) -> dict[str, Any]:
+        """A step of a session bound to a ``source: sessions`` job: the client's report checked,
+        the learner's exploring policy acts, the completed transitions go to the job's feed."""
+        feed = await self._feeds().open(session.job)
+        feed.follow()  # the learner's newer weights, when they are read, serve the next steps
+        obs, mask = self._decode(feed.runtime, p, session)
+        resets = reset_mask(p.reset, session.num_envs)
+        if resets is None:
+            resets = torch.zeros(session.num_envs, dtype=torch.bool)
+        report = Report.check(p, session, resets)
+        obs = as_tensor(obs)  # kept for the transitions: one tensor, made here
+        await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
+        runtime = feed.runtime
+        explore = p.explore.over(session.explore)
+        if explore.exploration is None:  # the learner's exploring policy, its epsilon schedule
+            explore = ExplorationParams(Exploration.random, explore.epsilon, explore.noise_std)
+            explore = explore.over(ExplorationParams(epsilon=feed.epsilon))
+        call = _step_call(runtime, session, obs, mask, resets, explore, p.return_info, always_init=True)
+        result = await self.batcher.submit(runtime, call)
+        lstm = (call.state[0], call.state[1]) if runtime.recurrent else None
+        transitions = report.record(session, obs, result.action, lstm, call.is_init)
+        _advance(session, call, result)
+        await self.store.save(session)
+        if feed.learning:  # a step that fails to store records none
+            feed.add(transitions)
+        payload = _answer(runtime, p, session, result)
+        payload["policy_frames"] = feed.consumed
         return payload
+
+    def _decode(self, runtime: PolicyRuntime, p: SessionStepParams, session: Session):
+        """The step's observations (one per env) and masks, checked."""
+        check_limit("batch size", len(p.rows), self.settings.max_batch_size)
+        if len(p.rows) != session.num_envs:
+            raise InvalidInput(
+                f"the session has num_envs={session.num_envs}: send {session.num_envs} "
+                f"observation(s) in 'observations' (or one 'observation' when num_envs=1), "
+                f"got {len(p.rows)}"
+            )
+        return runtime.codec.decode(p.rows, p.masks, p.single, session.policy)
+
+
+def _step_call(
+    runtime: PolicyRuntime,
+    session: Session,
+    obs: Observations,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    explore: ExplorationParams,
+    return_info: bool,
+    always_init: bool = False,
+) -> ActCall:
+    """The forward pass of a session step: its state and episode starts (a stateless policy's
+    steps need neither, unless ``always_init``: a job's transitions record them)."""
+    state = is_init = None
+    if runtime.stateful or always_init:
+        is_init = session.needs_init if resets is None else session.needs_init | resets
+    if runtime.stateful:
+        state = session.state if session.state is not None else runtime.zero_state(session.num_envs)
+    return ActCall(
+        obs,
+        runtime.effective(explore.type),
+        explore.epsilon,
+        explore.noise_std,
+        None,
+        return_info,
+        state,
+        is_init,
+        mask,
+    )
+
+
+def _advance(session: Session, call: ActCall, result: ActResult) -> None:
+    """The session after a step: the next state, no pending episode starts, one more step."""
+    if result.state is not None:
+        session.state = result.state
+    if call.is_init is not None:
+        session.needs_init = torch.zeros(session.num_envs, dtype=torch.bool)
+    session.steps += 1
+
+
+def _answer(runtime: PolicyRuntime, p: SessionStepParams, session: Session, result: ActResult) -> dict:
+    payload = runtime.codec.encode(result, p.single)
+    payload.update(step=session.steps, policy=session.policy, version=session.version)
+    return payload
