@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import schemathesis
@@ -352,3 +354,37 @@ def test_request_latency_buckets_are_inclusive_and_cumulative():
     requests = "policy_server_requests_total"
     assert sample(requests, method="POST", policy="q", route=act, status="200") == 4
     assert sample(requests, method="POST", policy="q", route=act, status="422") == 1
+
+
+def test_the_hot_routes_have_one_implementation_whatever_the_content_type(client):
+    """The act routes are answered by ``api/hot`` for any content-type (tritonclient-like
+    clients send none, some send text/plain): the same answers, errors included; they are in
+    the OpenAPI schema and no FastAPI route is mounted for them."""
+    sid = client.post("/v1/sessions", json={"policy": "q"}).json()["session_id"]
+    cases = [
+        ("/v1/policies/q/act", {"observation": [0.1, 0.2, 0.3, 0.4], "return_info": True}),
+        ("/v1/policies/q/act", {"observation": [0.1, 0.2, 0.3]}),  # 422 from the codec
+        ("/v1/policies/q/act", {"observations": []}),  # 422 from the schema
+        ("/v1/policies/nope/act", {"observation": [0.1]}),  # 404
+        (f"/v1/sessions/{sid}/act", {"observation": [0.1, 0.2, 0.3], "reset": True}),
+        ("/v1/sessions/unknown/act", {"observation": [0.1, 0.2, 0.3, 0.4]}),
+    ]
+    for path, body in cases:
+        raw = json.dumps(body).encode()
+        answers = []
+        for content_type in ("application/json", "text/plain", None):
+            headers = {"content-type": content_type} if content_type else {}
+            r = client.post(path, content=raw, headers=headers)
+            answers.append((r.status_code, r.json()))
+        assert answers[0] == answers[1] == answers[2], (path, answers)
+    statuses = [client.post(p, json=b).status_code for p, b in cases]
+    assert statuses == [200, 422, 422, 404, 422, 404]
+    schema = client.get("/openapi.json").json()["paths"]
+    for path, model in (
+        ("/v1/policies/{name}/act", "ActRequest"),
+        ("/v1/sessions/{session_id}/act", "SessionActRequest"),
+    ):
+        ref = schema[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith(model)
+    mounted = {getattr(r, "path", None) for r in client.app.routes}
+    assert not mounted & {"/v1/policies/{name}/act", "/v1/sessions/{session_id}/act"}

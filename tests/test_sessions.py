@@ -519,3 +519,51 @@ def test_the_stream_on_a_real_server_refuses_without_the_key_and_answers_bad_mes
         assert second["step"] == 2  # the bad messages changed nothing
     finally:
         server.stop()
+
+
+def test_steps_to_unknown_session_ids_leave_nothing_behind(settings):
+    """Tens of thousands of steps (and deletes) naming sessions that do not exist: each a 404,
+    and neither the store's locks nor the process's memory grows (the edge's route cache is
+    bounded, so it is filled first)."""
+    import asyncio
+    import gc
+    import json
+    import tracemalloc
+
+    from benchmarks.act_path_cpu import http_scope
+
+    app = create_app(settings)
+    body = json.dumps({"observation": [0.0, 0.0, 0.0, 0.0]}).encode()
+    statuses: dict[int, int] = {}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+
+    async def steps(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            await app(http_scope(f"/v1/sessions/{i:032x}/act", body), receive, send)
+
+    async def main() -> tuple[int, int]:
+        async with app.router.lifespan_context(app):
+            store = app.state.session_store
+            tracemalloc.start()  # before the warm-up: what the bounded caches evict is traced too
+            await steps(0, 6000)  # past the route classifier's 4096 cached paths
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            await steps(10**6, 20_000)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            for i in range(2000):  # deletes take the lock too
+                with pytest.raises(Exception, match="not found"):
+                    await app.state.session_service.delete(f"{i:032x}")
+            assert store._locks == {} and await store.count() == 0
+            return grown
+
+    grown = asyncio.run(main())
+    assert statuses == {404: 26_000}
+    assert grown < 256 * 1024, f"{grown} bytes more after 20,000 steps to unknown sessions"
