@@ -74,9 +74,18 @@ class Settings(BaseSettings):
     queue_url: str | None = Field(None, description="None: SQLite queue; redis://… for RedisHuey.")
     embedded_worker: bool = Field(True, description="serve also consumes training jobs.")
     registry_poll_s: float = Field(2.0, ge=0, description="Rescan of the model repository; 0=off.")
-    job_heartbeat_timeout_s: float = Field(120.0, gt=0, description="Running job silent -> failed.")
+    job_lease_s: float = Field(
+        120.0,
+        gt=0,
+        description="A running job's lease: its worker renews it; one not renewed this long fails.",
+    )
     job_sweep_s: float = Field(
-        30.0, ge=0, description="How often serve fails jobs of dead workers; 0 = never (workers still do)."
+        30.0, ge=0, description="How often serve fails jobs whose lease expired; 0 = never."
+    )
+    job_timeout_s: float = Field(
+        86400.0,
+        ge=0,
+        description="A job running longer is stopped at its next batch and failed; 0 = no limit.",
     )
 
 

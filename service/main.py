@@ -65,16 +65,13 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         state.rollout_service = RolloutService(registry, state.batcher, settings)
         state.policy_service = PolicyService(registry, state.session_service)
         state.job_service = JobService(queue.store, queue, settings)
+        state.job_worker = worker
         if settings.embedded_worker:
-            worker.start()  # its first act is failing the jobs of dead workers
+            worker.start()
         freeze_loaded_objects()
         tasks = []
         if settings.job_sweep_s > 0:
-            tasks.append(
-                asyncio.create_task(
-                    _sweep_jobs(state.job_service, settings.job_heartbeat_timeout_s, settings.job_sweep_s)
-                )
-            )
+            tasks.append(asyncio.create_task(_sweep_jobs(state.job_service, settings.job_sweep_s)))
         if settings.registry_poll_s > 0:
             tasks.append(asyncio.create_task(_poll_registry(registry, settings.registry_poll_s)))
         try:
@@ -114,11 +111,11 @@ async def _poll_registry(registry: Registry, every_s: float) -> None:
             log.exception("registry refresh failed")
 
 
-async def _sweep_jobs(jobs: JobService, heartbeat_timeout_s: float, every_s: float) -> None:
-    """Fail the running jobs whose worker is gone (also when no worker runs in this process)."""
+async def _sweep_jobs(jobs: JobService, every_s: float) -> None:
+    """Fail the running jobs whose lease expired (also when no worker runs in this process)."""
     while True:
         try:
-            await asyncio.to_thread(jobs.store.fail_orphaned, heartbeat_timeout_s)
+            await asyncio.to_thread(jobs.store.expire_leases)
         except Exception:  # a store outage: try again at the next round
             log.warning("sweep of orphaned jobs failed", exc_info=True)
         await asyncio.sleep(every_s)

@@ -273,7 +273,8 @@ def _worker_process(settings) -> subprocess.Popen:
 
 def test_restarting_serve_never_fails_the_job_of_a_live_worker(settings):
     """A standalone worker runs a job over the SQLite queue; ``serve`` (re)starts with its own
-    embedded worker and sweep: the job stays running until its worker is killed."""
+    embedded worker and sweep: the job stays running, its lease renewed, until its worker is
+    killed; then the lease runs out and the sweep fails the job."""
     worker = _worker_process(settings)
     try:
         with TestClient(create_app(settings)) as c:  # no embedded worker: submit only
@@ -282,7 +283,7 @@ def test_restarting_serve_never_fails_the_job_of_a_live_worker(settings):
         settings.embedded_worker = True
         with TestClient(create_app(settings)) as c:
             store = c.app.state.job_service.store
-            assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == []
+            assert store.expire_leases() == []
             first = c.get(f"/v1/jobs/{job_id}").json()
             assert first["status"] == "running"
             deadline = time.monotonic() + 60
@@ -293,16 +294,17 @@ def test_restarting_serve_never_fails_the_job_of_a_live_worker(settings):
                 time.sleep(0.1)
             worker.kill()
             worker.wait(30)
-            assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == [job_id]
+            assert store.expire_leases() == []  # its last renewal still holds
+            assert store.expire_leases(now=time.time() + settings.job_lease_s) == [job_id]
             doc = c.get(f"/v1/jobs/{job_id}").json()
-            assert doc["status"] == "failed" and "exited" in doc["error"]
+            assert doc["status"] == "failed" and "stopped renewing" in doc["error"]
     finally:
         worker.kill()
         worker.wait(30)
 
 
 def test_reading_jobs_changes_nothing(settings):
-    """GETs never sweep: a job whose worker went silent stays as recorded until a sweep runs."""
+    """GETs never sweep: a job whose lease expired stays as recorded until a sweep runs."""
     from service.training.job import Job, JobStatus, now_iso
     from service.training.job_store import SqliteJobStore
 
@@ -314,7 +316,7 @@ def test_reading_jobs_changes_nothing(settings):
         created_at=now_iso(),
         request=job_body(),
         worker="another-host:1",
-        heartbeat=1.0,  # 1970: long past any timeout
+        lease_until=1.0,  # 1970: long expired
     )
     store.create(silent)
     with TestClient(create_app(settings)) as c:
@@ -323,36 +325,52 @@ def test_reading_jobs_changes_nothing(settings):
             assert c.get("/v1/jobs").json()["jobs"][0]["status"] == "running"
             assert c.get("/v1/jobs/silent/metrics").status_code == 200
         assert store.get("silent") == silent
-        assert store.fail_orphaned(settings.job_heartbeat_timeout_s) == ["silent"]
+        assert store.expire_leases() == ["silent"]
         doc = c.get("/v1/jobs/silent").json()
-        assert doc["status"] == "failed" and "stopped reporting" in doc["error"]
+        assert doc["status"] == "failed" and "stopped renewing" in doc["error"]
 
 
-def test_fail_orphaned_spares_live_and_recent_workers(tmp_path):
-    from service.training.job import Job, JobStatus, now_iso, this_worker
-    from service.training.job_store import SqliteJobStore
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_expired_leases_fail_their_jobs_and_only_those(kind, tmp_path, request):
+    """``expire_leases`` at an injected time: leases past it fail, leases ahead of it (and jobs
+    not running) stay; the store counts statuses without reading records."""
+    from service.training.job import Job, JobStatus, now_iso
+    from service.training.job_store import RedisJobStore, SqliteJobStore
 
-    store = SqliteJobStore(tmp_path / "jobs.db")
+    if kind == "redis":
+        store = RedisJobStore(request.getfixturevalue("redis_url"))
+    else:
+        store = SqliteJobStore(tmp_path / "jobs.db")
     now = 1_000_000.0
-    jobs = {
-        "alive-here": (this_worker(), now - 10_000),  # this process: alive, whatever the heartbeat
-        "dead-here": (this_worker().rsplit(":", 1)[0] + f":{2**22 + 7}", now),  # no such pid
-        "remote-recent": ("other:5", now - 50),
-        "remote-silent": ("other:6", now - 500),
-    }
-    for job_id, (worker, beat) in jobs.items():
+    leases = {"expired": now - 1, "just-expired": now, "held": now + 5, "never-leased": None}
+    for job_id, lease in leases.items():
         store.create(
-            Job(
-                job_id=job_id,
-                status=JobStatus.running,
-                created_at=now_iso(),
-                request={},
-                worker=worker,
-                heartbeat=beat,
-            )
+            Job(job_id=job_id, status=JobStatus.running, created_at=now_iso(), request={}, worker="w:1")
         )
-    assert sorted(store.fail_orphaned(120, now=now)) == ["dead-here", "remote-silent"]
-    assert store.get("alive-here").status is JobStatus.running
-    assert (
-        "exited" in store.get("dead-here").error and "stopped reporting" in store.get("remote-silent").error
-    )
+        store.update(job_id, lease_until=lease)
+    store.create(Job(job_id="queued", status=JobStatus.queued, created_at=now_iso(), request={}))
+    assert store.count(JobStatus.running) == 4 and store.count(JobStatus.queued) == 1
+    assert sorted(store.expire_leases(now=now)) == ["expired", "just-expired", "never-leased"]
+    assert store.get("held").status is JobStatus.running and store.get("queued").status is JobStatus.queued
+    assert "stopped renewing" in store.get("expired").error
+    assert store.count(JobStatus.running) == 1 and store.count(JobStatus.failed) == 3
+    assert [j.job_id for j in store.running()] == ["held"]
+    assert store.expire_leases(now=now) == []  # failed once, not again
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_failed(settings):
+    """``JOB_TIMEOUT_S``: the trainer is asked to stop at its next batch once the (injected)
+    clock passes the limit; the job fails saying so, and the worker takes the next job."""
+    settings.embedded_worker = True
+    settings.job_timeout_s = 60.0
+    clock = [0.0]
+    with TestClient(create_app(settings)) as c:
+        c.app.state.job_worker.ctx.clock = lambda: clock[0]
+        job_id = c.post("/v1/jobs", json=job_body(total_frames=1_000_000)).json()["job_id"]
+        wait_for(c, job_id, {"running"})
+        clock[0] = 61.0
+        doc = wait_for(c, job_id, {"failed", "succeeded", "cancelled"})
+        assert doc["status"] == "failed" and "time limit of 60 s" in doc["error"], doc
+        clock[0] = 0.0
+        quick = c.post("/v1/jobs", json=job_body()).json()["job_id"]
+        assert wait_for(c, quick, {"succeeded", "failed"})["status"] == "succeeded"

@@ -127,8 +127,12 @@ class JobService:
         return resumed
 
     async def counts(self) -> tuple[dict[str, int], float]:
-        """Jobs per status, and the summed fps of the running ones (for /metrics)."""
-        jobs = await asyncio.to_thread(self.store.list, 1000)
-        per_status = {s.value: sum(j.status is s for j in jobs) for s in JobStatus}
-        fps = sum((j.progress.fps or 0.0) for j in jobs if j.status is JobStatus.running and j.progress)
-        return per_status, fps
+        """Jobs per status (counted by the store), and the summed fps of the running ones (for
+        /metrics)."""
+
+        def read() -> tuple[dict[str, int], float]:
+            per_status = {s.value: self.store.count(s) for s in JobStatus}
+            fps = sum((j.progress.fps or 0.0) for j in self.store.running() if j.progress)
+            return per_status, fps
+
+        return await asyncio.to_thread(read)

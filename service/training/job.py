@@ -32,7 +32,7 @@ def now_iso() -> str:
 
 
 def this_worker() -> str:
-    """``<host>:<pid>``: who runs a job, so a sweep can tell a dead worker from a live one."""
+    """``<host>:<pid>``: who runs a job (shown in the errors of jobs whose worker went away)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -47,7 +47,9 @@ class JobProgress(BaseModel):
 
 
 class Job(BaseModel):
-    """A training job. ``worker`` and ``heartbeat`` are the store's own (not shown by the API)."""
+    """A training job. ``worker`` and ``lease_until`` are the store's own (not shown by the API):
+    while it runs, its worker renews the lease; a running job whose lease has expired is failed
+    by ``JobStore.expire_leases``."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -62,7 +64,7 @@ class Job(BaseModel):
     error: str | None = None
     device: str | None = None
     worker: str | None = None
-    heartbeat: float | None = None
+    lease_until: float | None = None  # seconds since the epoch
 
     @property
     def finished(self) -> bool:

@@ -1,16 +1,15 @@
 """Where job records live: SQLite next to the SQLite queue, or Redis next to the Redis queue.
 
 Both hold the same ``Job`` record as JSON, the job's metric points, and a cancel flag; the API
-reads them, the worker writes them. Reads never change anything; the one sweep that fails the
-jobs of dead workers (``fail_orphaned``) is called by the lifespan and the worker, not by GETs.
+reads them, the worker writes them. A running job holds a lease (``Job.lease_until``) that its
+worker renews; the one sweep, ``expire_leases``, fails the running jobs whose lease has expired
+(their worker died, hung or lost the store). It runs in ``serve``'s lifespan, never on a GET.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -24,20 +23,6 @@ from service.training.job import Job, JobStatus, now_iso
 
 log = logging.getLogger(__name__)
 STORE = "the job store"
-
-
-def local_pid_alive(worker: str) -> bool | None:
-    """Whether the worker ``<host>:<pid>`` is alive; ``None`` when it runs on another host."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def resumable(job: Job) -> str:
@@ -75,35 +60,31 @@ class JobStore(ABC):
     @abstractmethod
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    @abstractmethod
     def count(self, status: JobStatus) -> int:
-        return sum(j.status is status for j in self.list(limit=100_000))
+        """Jobs with this status, counted by the store (no record is read)."""
 
-    def fail_orphaned(self, heartbeat_timeout_s: float, now: float | None = None) -> list[str]:
-        """Fail the running jobs whose worker is gone; never one whose worker is alive.
+    @abstractmethod
+    def running(self) -> list[Job]:
+        """The running jobs' records (the sweep and /metrics read only these)."""
 
-        Gone means: a process of this host that no longer exists (e.g. ``serve`` restarted
-        after its embedded worker died with it), or, on any host, no heartbeat for
-        ``heartbeat_timeout_s``. Returns the ids failed.
-        """
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        """Fail the running jobs whose lease has expired; returns their ids."""
         now = time.time() if now is None else now
         failed = []
-        for job in self.list(limit=100_000):
-            if job.status is not JobStatus.running:
+        for job in self.running():
+            if (job.lease_until or 0.0) > now:
                 continue
-            alive = local_pid_alive(job.worker) if job.worker else None
-            silent = now - (job.heartbeat or 0.0)
-            if alive is False:
-                reason = f"interrupted: its worker ({job.worker}) exited while the job was running"
-            elif alive is None and silent > heartbeat_timeout_s:
-                reason = f"the worker stopped reporting for {silent:.0f} s (it died or was stopped)"
-            else:
-                continue
+            reason = (
+                f"its worker ({job.worker}) stopped renewing the job's lease "
+                f"{now - (job.lease_until or now):.0f} s ago (it exited, hung or lost the job store)"
+            )
             done = self.update(
                 job.job_id,
                 expect=JobStatus.running,
                 status=JobStatus.failed,
                 finished_at=now_iso(),
-                error=reason + resumable(job),
+                error="interrupted: " + reason + resumable(job),
             )
             if done is not None:
                 log.warning("job %s failed: %s", job.job_id, reason)
@@ -165,6 +146,13 @@ class SqliteJobStore(JobStore):
             ).fetchone()
         return int(row[0])
 
+    def running(self) -> list[Job]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT doc FROM jobs WHERE json_extract(doc, '$.status') = ?", (JobStatus.running.value,)
+            ).fetchall()
+        return [Job.model_validate_json(r[0]) for r in rows]
+
     def update(self, job_id: str, expect: JobStatus | None = None, **fields: Any) -> Job | None:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -215,11 +203,27 @@ class RedisJobStore(JobStore):
             url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S
         )
 
+    @staticmethod
+    def _status_key(status: JobStatus) -> str:
+        return f"ps:jobs:{status.value}"  # a set of job ids per status: counted without reading
+
     def create(self, job: Job) -> None:
         with redis_available(STORE), self._r.pipeline(transaction=True) as p:
             p.set(f"ps:job:{job.job_id}", _dump(job))
             p.zadd("ps:jobs", {job.job_id: time.time()})
+            p.sadd(self._status_key(job.status), job.job_id)
             p.execute()
+
+    def count(self, status: JobStatus) -> int:
+        with redis_available(STORE):
+            return int(self._r.scard(self._status_key(status)))
+
+    def running(self) -> list[Job]:
+        with redis_available(STORE):
+            ids = self._r.smembers(self._status_key(JobStatus.running))
+            raws = self._r.mget([f"ps:job:{i.decode()}" for i in ids]) if ids else []
+        jobs = [Job.model_validate_json(r) for r in raws if r]
+        return [j for j in jobs if j.status is JobStatus.running]
 
     def get(self, job_id: str) -> Job | None:
         with redis_available(STORE):
@@ -244,9 +248,12 @@ class RedisJobStore(JobStore):
                     job = Job.model_validate_json(raw) if raw else None
                     if job is None or (expect is not None and job.status is not expect):
                         return None
+                    before = job.status
                     job = _merged(job, fields)
                     p.multi()
                     p.set(key, _dump(job))
+                    if job.status is not before:
+                        p.smove(self._status_key(before), self._status_key(job.status), job_id)
                     p.execute()
                     return job
                 except WatchError:  # someone else wrote the record meanwhile: read it again

@@ -15,10 +15,11 @@ def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWor
     ctx = JobContext(
         store,
         publish,
-        heartbeat_s=min(10.0, settings.job_heartbeat_timeout_s / 4),
+        lease_s=settings.job_lease_s,
+        timeout_s=settings.job_timeout_s,
         log_dir=settings.data_dir / "jobs",
         experience_root=settings.data_dir / "experience",
     )
     task = register_run_job(huey, ctx)
-    worker = JobWorker(huey, ctx, settings.job_heartbeat_timeout_s, sweep_s=settings.job_sweep_s or 30.0)
+    worker = JobWorker(huey, ctx)
     return JobQueue(store, task), worker

@@ -38,11 +38,18 @@ Publisher = Callable[[str, dict, bytes], int]
 
 @dataclass
 class JobContext:
-    """What a running job needs from the process that runs it."""
+    """What a running job needs from the process that runs it.
+
+    ``lease_s``: how long a claim on a running job lasts unless renewed (every ``lease_s / 4``);
+    ``timeout_s``: a job running longer is stopped at its next batch and failed (0: no limit);
+    ``clock``: seconds, monotonic (tests pass their own to move time).
+    """
 
     store: JobStore
     publish: Publisher
-    heartbeat_s: float = 10.0
+    lease_s: float = 120.0
+    timeout_s: float = 0.0
+    clock: Callable[[], float] = time.monotonic
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown
     log_dir: Path | None = None  # per-job CSV/TensorBoard scalars (tracking.JobLog) go under it
     experience_root: Path | None = None  # source "sessions" jobs: <root>/<job_id> (experience.py)
@@ -60,21 +67,31 @@ def start_job(ctx: JobContext, job_id: str) -> Job | None:
         status=JobStatus.running,
         started_at=now_iso(),
         worker=this_worker(),
-        heartbeat=time.time(),
+        lease_until=time.time() + ctx.lease_s,
     )
 
 
 def record_progress(ctx: JobContext, job_id: str, point: dict[str, Any]) -> None:
     """A trainer's progress point: the record's ``progress`` and one metrics point."""
-    ctx.store.update(job_id, progress={k: point.get(k) for k in PROGRESS_FIELDS}, heartbeat=time.time())
+    ctx.store.update(
+        job_id, progress={k: point.get(k) for k in PROGRESS_FIELDS}, lease_until=time.time() + ctx.lease_s
+    )
     ctx.store.add_point(job_id, {k: point.get(k) for k in POINT_FIELDS})
 
 
-def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy) -> None:
+def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy, timed_out: bool = False) -> None:
     """Publish a trained policy, or record why the job stopped early."""
     store, job_id = ctx.store, job.job_id
     if trained.cancelled:
-        if ctx.stopping.is_set() and not store.cancel_requested(job_id):
+        if timed_out:
+            store.update(
+                job_id,
+                status=JobStatus.failed,
+                finished_at=now_iso(),
+                error=f"the job ran past its time limit of {ctx.timeout_s:g} s (JOB_TIMEOUT_S) and was "
+                "stopped; ask for fewer total_frames or raise the limit" + resumable(job),
+            )
+        elif ctx.stopping.is_set() and not store.cancel_requested(job_id):
             store.update(
                 job_id,
                 status=JobStatus.failed,
@@ -101,18 +118,19 @@ def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy) -> None:
 
 
 @contextmanager
-def heartbeat(ctx: JobContext, job_id: str) -> Iterator[None]:
-    """Beat every ``ctx.heartbeat_s`` while the job runs, also through long evaluations."""
+def leased(ctx: JobContext, job_id: str) -> Iterator[None]:
+    """Renew the job's lease every ``ctx.lease_s / 4`` while it runs, also through long
+    evaluations (a thread of its own); a store outage skips a renewal, the next one retries."""
     done = threading.Event()
 
-    def beat() -> None:
-        while not done.wait(ctx.heartbeat_s):
+    def renew() -> None:
+        while not done.wait(ctx.lease_s / 4):
             try:
-                ctx.store.update(job_id, expect=JobStatus.running, heartbeat=time.time())
-            except Exception:  # a store outage must not kill the job; the next beat retries
-                log.warning("heartbeat of job %s failed", job_id, exc_info=True)
+                ctx.store.update(job_id, expect=JobStatus.running, lease_until=time.time() + ctx.lease_s)
+            except Exception:
+                log.warning("renewing the lease of job %s failed", job_id, exc_info=True)
 
-    t = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    t = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
     t.start()
     try:
         yield
@@ -148,13 +166,17 @@ def run_job(ctx: JobContext, job_id: str) -> None:
             if tracker is not None:
                 tracker.log(point)
 
-        with heartbeat(ctx, job_id):
-            trained = trainer_for(req["algorithm"])(
-                config,
-                on_progress,
-                lambda: ctx.stopping.is_set() or ctx.store.cancel_requested(job_id),
-            )
-        finish_job(ctx, job, trained)
+        deadline = ctx.clock() + ctx.timeout_s if ctx.timeout_s > 0 else None
+        timed_out = False
+
+        def should_stop() -> bool:
+            nonlocal timed_out
+            timed_out = timed_out or (deadline is not None and ctx.clock() > deadline)
+            return timed_out or ctx.stopping.is_set() or ctx.store.cancel_requested(job_id)
+
+        with leased(ctx, job_id):
+            trained = trainer_for(req["algorithm"])(config, on_progress, should_stop)
+        finish_job(ctx, job, trained, timed_out)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, traceback.format_exc())
         ctx.store.update(
@@ -169,37 +191,17 @@ def register_run_job(huey: Huey, ctx: JobContext) -> TaskWrapper:
 
 # -- the consumer loop ------------------------------------------------------------------------
 class JobWorker:
-    """Consumes the queue one job at a time (bounded concurrency: one training per worker).
+    """Consumes the queue one job at a time (bounded concurrency: one training per worker)."""
 
-    While idle it also fails the jobs of dead workers (``JobStore.fail_orphaned``) every
-    ``sweep_s`` seconds.
-    """
-
-    def __init__(
-        self,
-        huey: Huey,
-        ctx: JobContext,
-        heartbeat_timeout_s: float,
-        poll_s: float = 0.2,
-        sweep_s: float = 10.0,
-    ) -> None:
+    def __init__(self, huey: Huey, ctx: JobContext, poll_s: float = 0.2) -> None:
         self.huey = huey
         self.ctx = ctx
-        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.poll_s = poll_s
-        self.sweep_s = sweep_s
         self._thread: threading.Thread | None = None
 
     def run_forever(self) -> None:
         stopping = self.ctx.stopping
-        next_sweep = 0.0
         while not stopping.is_set():
-            if time.monotonic() >= next_sweep:
-                try:
-                    self.ctx.store.fail_orphaned(self.heartbeat_timeout_s)
-                except Exception:
-                    log.warning("sweep of orphaned jobs failed", exc_info=True)
-                next_sweep = time.monotonic() + self.sweep_s
             try:
                 task = self.huey.dequeue()
             except Exception:
