@@ -91,6 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     from service.config import Settings, resolve_device
     from service.process import configure_process
     from service.training.algorithms import build_config, trainer_for
+    from service.training.job import EnvJob
 
     settings = Settings()
     configure_process()
@@ -99,15 +100,17 @@ def _train(args: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         hp[key] = json.loads(value)
     command = "policy-server " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    request = EnvJob(
+        algorithm=args.algorithm,
+        policy_name=args.name,
+        env_id=args.env,
+        recurrent=args.recurrent,
+        total_frames=args.frames,
+        seed=args.seed,
+        hyperparameters=hp,
+    )
     config = build_config(
-        {
-            "algorithm": args.algorithm,
-            "env_id": args.env,
-            "recurrent": args.recurrent,
-            "total_frames": args.frames,
-            "seed": args.seed,
-            "hyperparameters": hp,
-        },
+        request,
         device=resolve_device(args.device),
         command=command,
     )

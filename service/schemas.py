@@ -17,7 +17,7 @@ from service.serving.params import (
     SessionStepParams,
 )
 from service.training.algorithms import Algorithm
-from service.training.job import JobProgress, JobStatus
+from service.training.job import EnvJob, JobProgress, JobRequest, JobStatus, SessionsJob
 
 Number = Annotated[float, Strict()]
 # A float vector, an integer for a discrete observation (one-hot encoded by the policy), or an
@@ -380,6 +380,15 @@ class JobCreate(_In):
                     "source 'sessions' needs the observation and action specs (policy.json form)"
                 )
         return self
+
+    def request(self) -> JobRequest:
+        """The typed request the service, the record and the trainer use."""
+        fields = self.model_dump(exclude_none=True)
+        if self.source == "env":
+            for key in ("observation", "action", "experience_from"):
+                fields.pop(key, None)
+            return EnvJob(**fields)
+        return SessionsJob(**fields)
 
 
 class JobPublic(BaseModel):

@@ -75,6 +75,20 @@ def write_policy(root: Path, name: str, spec_json: dict, seed: int = 0) -> int:
     return ModelStore(root).write_version(name, spec_json, random_weights(spec_json, seed))
 
 
+def poll_until(condition, *, timeout: float, what: str, every: float = 0.05):
+    """Call ``condition`` until it returns something truthy, and return that; after ``timeout``
+    seconds fail saying ``what`` never happened. The suite's one way to wait for an event (never
+    to time anything: the deadline only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} (after {timeout:g} s)")
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,18 +120,20 @@ class LiveServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {(cwd / f'server-{self.port}.log').read_text()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
+                return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become ready")
+                return False
+
+        try:
+            poll_until(ready, timeout=60, what="the server did not become ready", every=0.2)
+        except AssertionError:
+            self.stop()
+            raise
 
     @classmethod
     def serving(cls, model_dir: Path, root: Path, args: tuple[str, ...] = (), **settings: str) -> LiveServer:
@@ -239,13 +255,15 @@ def job_body(**kw):
 
 
 def wait_for(client, job_id, statuses, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The job's record once its status is one of ``statuses``."""
+
+    def reached():
         doc = client.get(f"/v1/jobs/{job_id}").json()
-        if doc["status"] in statuses:
-            return doc
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} stayed {doc['status']}")
+        return doc if doc["status"] in statuses else None
+
+    return poll_until(
+        reached, timeout=timeout, what=f"job {job_id} never reached {sorted(statuses)}", every=0.1
+    )
 
 
 # -- env-bound specs ---------------------------------------------------------------------------
@@ -308,15 +326,15 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
         )
         r = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def answers() -> bool:
             try:
-                r.ping()
-                return
+                return bool(r.ping())
             except redis.ConnectionError:
                 assert self.proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not answer"
-                time.sleep(0.05)
+                return False
+
+        poll_until(answers, timeout=30, what="redis-server did not answer")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,7 +1,9 @@
-"""Layers import downward only: api -> serving -> runtime -> registry; training -> registry.
+"""Layers import downward only: api -> schemas -> serving -> runtime / training -> envs ->
+registry -> leaves.
 
 Read from the source (every ``import``, also inside functions), so a new upward import fails here
-before it tangles the code.
+before it tangles the code; every module of ``service`` must fall under a rule, so a new package
+gets one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,48 @@ ROUTERS = {
     "service.api.jobs",
     "service.api.health",
 }
+UP_FROM_LEAVES = ("service.",)
 FORBIDDEN = {
+    # leaves: what every layer may use
+    "service.errors": UP_FROM_LEAVES,
+    "service.config": UP_FROM_LEAVES,
+    "service.exploration": UP_FROM_LEAVES,  # torch-free: schemas and sessions read it
+    "service.observability": UP_FROM_LEAVES,
+    "service.redis_outage": (
+        "service.registry",
+        "service.runtime",
+        "service.serving",
+        "service.api",
+        "service.training",
+        "service.envs",
+        "service.main",
+        "service.sdk",
+        "service.schemas",
+        "service.process",
+        "service.cli",
+    ),
+    "service.process": (
+        "service.registry",
+        "service.runtime",
+        "service.serving",
+        "service.api",
+        "service.training",
+        "service.main",
+        "service.sdk",
+        "service.schemas",
+        "service.cli",
+    ),
+    # the allow-listed environments sit on the registry's spec
+    "service.envs": (
+        "service.runtime",
+        "service.serving",
+        "service.api",
+        "service.training",
+        "service.main",
+        "service.sdk",
+        "service.schemas",
+        "service.cli",
+    ),
     "service.registry": (
         "service.runtime",
         "service.serving",
@@ -28,10 +71,30 @@ FORBIDDEN = {
         "service.main",
         "service.sdk",
     ),
-    "service.runtime": ("service.serving", "service.api", "service.training", "service.main", "service.sdk"),
-    "service.training": ("service.serving", "service.api", "service.main", "service.runtime", "service.sdk"),
-    "service.serving": ("service.api", "service.main", "service.sdk"),
-    "service.api": ("service.sdk",),
+    "service.runtime": (
+        "service.serving",
+        "service.api",
+        "service.training",
+        "service.main",
+        "service.sdk",
+        "service.schemas",
+        "service.cli",
+    ),
+    "service.training": (
+        "service.serving",
+        "service.api",
+        "service.main",
+        "service.runtime",
+        "service.sdk",
+        "service.schemas",
+        "service.cli",
+    ),
+    "service.serving": ("service.api", "service.main", "service.sdk", "service.schemas", "service.cli"),
+    # request/response models: read by the API, built from the service layer's parameter objects
+    "service.schemas": ("service.api", "service.main", "service.sdk", "service.cli"),
+    "service.api": ("service.sdk", "service.main", "service.cli"),
+    "service.main": ("service.sdk", "service.cli"),  # the composition root
+    "service.cli": (),  # the top: the processes
     # the SDK sits beside the server: export reads the registry's spec and builder, the client
     # nothing of the service at all (it runs where only httpx is installed)
     "service.sdk": ("service.runtime", "service.serving", "service.api", "service.training", "service.main"),
@@ -57,6 +120,16 @@ def _modules() -> dict[str, set[str]]:
 
 
 MODULES = _modules()
+
+
+def _rule(module: str) -> str | None:
+    """The most specific layer of FORBIDDEN that ``module`` belongs to."""
+    layers = [layer for layer in FORBIDDEN if module == layer or module.startswith(layer + ".")]
+    return max(layers, key=len, default=None)
+
+
+def test_every_module_falls_under_a_layer():
+    assert [m for m in MODULES if m != "service" and _rule(m) is None] == []
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))

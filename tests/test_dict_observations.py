@@ -178,12 +178,15 @@ def test_dqn_trains_on_a_dict_env_and_the_result_is_served(client):
     )
     points: list[dict] = []
     trained = train(config, on_progress=points.append)
-    assert trained.spec["observation"]["type"] == "dict" and points[-1]["loss"] is not None
-    r = client.post("/v1/policies/trained-dict/versions", files=upload_files(trained.spec, trained.weights))
+    assert trained.spec.observation.type == "dict" and points[-1]["loss"] is not None
+    r = client.post(
+        "/v1/policies/trained-dict/versions",
+        files=upload_files(trained.spec.model_dump(mode="json"), trained.weights),
+    )
     assert r.status_code == 201, r.text
     obs = {"cart": [0.0, 0.1], "pole": [0.02, -0.1]}
     r = client.post("/v1/policies/trained-dict/act", json={"observation": obs, "return_info": True})
     assert r.status_code == 200 and r.json()["action"] in (0, 1), r.text
-    module = _module(trained.spec, trained.weights)
+    module = _module(trained.spec.model_dump(mode="json"), trained.weights)
     td = module(TensorDict({k: torch.tensor([v]) for k, v in obs.items()}, batch_size=[1]))
     assert r.json()["action"] == int(td["action"][0])

@@ -114,7 +114,7 @@ def test_dqn_trains_on_taxi_with_its_masks():
     )
     points: list[dict] = []
     trained = train(config, on_progress=points.append)
-    assert trained.spec["observation"] == {"type": "discrete", "n": 500}
+    assert trained.spec.model_dump(mode="json")["observation"] == {"type": "discrete", "n": 500}
     assert trained.frames == 500 and points[-1]["loss"] is not None
     # masks keep every collected and evaluated step legal: returns are made of -1s (and +20s)
     assert trained.eval_mean_return >= -200 and all(

@@ -15,7 +15,7 @@ from service.envs import make_env
 from service.main import create_app
 from service.training.common import HELDOUT_SEED, evaluate
 from service.training.dqn import DQNConfig, policy_spec_for, segment_ids, train
-from tests.helpers import FAST, job_body, wait_for
+from tests.helpers import FAST, job_body, poll_until, wait_for
 
 
 def test_job_runs_to_success_and_is_served_at_once(jclient):
@@ -46,10 +46,11 @@ def test_cancel_stops_running_and_queued_jobs_without_publishing(jclient):
     a = jclient.post("/v1/jobs", json=long).json()["job_id"]
     b = jclient.post("/v1/jobs", json=long).json()["job_id"]
     wait_for(jclient, a, {"running"})
-    deadline = time.monotonic() + 30
-    while (jclient.get(f"/v1/jobs/{a}").json()["progress"] or {}).get("frames", 0) < 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_until(
+        lambda: (jclient.get(f"/v1/jobs/{a}").json()["progress"] or {}).get("frames", 0) >= 200,
+        timeout=30,
+        what="the running job never reported 200 frames",
+    )
     rb = jclient.post(f"/v1/jobs/{b}/cancel")
     assert rb.status_code == 202 and rb.json()["status"] == "cancelled"
     assert jclient.post(f"/v1/jobs/{a}/cancel").status_code == 202
@@ -139,10 +140,11 @@ def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):
             job_id = c.post("/v1/jobs", json=job_body(policy_name="remote")).json()["job_id"]
             doc = wait_for(c, job_id, {"succeeded", "failed"})
             assert doc["status"] == "succeeded", doc["error"]
-            deadline = time.monotonic() + 10
-            while c.get("/v1/policies/remote").status_code != 200:
-                assert time.monotonic() < deadline, "API never saw the published version"
-                time.sleep(0.1)
+            poll_until(
+                lambda: c.get("/v1/policies/remote").status_code == 200,
+                timeout=10,
+                what="the API never saw the published version",
+            )
             r = c.post("/v1/policies/remote/act", json={"observation": [0, 0, 0, 0]})
             assert r.status_code == 200
     finally:
@@ -174,8 +176,8 @@ def test_recurrent_training_runs_and_publishes_a_recurrent_spec(num_envs):
     )
     points = []
     trained = train(config, on_progress=points.append)
-    assert trained.spec["recurrent"]["type"] == "lstm"
-    assert trained.spec["observation"]["shape"] == [2]
+    assert trained.spec.recurrent.type == "lstm"
+    assert list(trained.spec.observation.shape) == [2]
     assert trained.frames == 600 and trained.eval_mean_return > 0
     assert points[-1]["loss"] is not None  # sequences were sampled and learned from
     # training flushes denormals in its thread and puts the caller's IEEE behaviour back
@@ -243,10 +245,11 @@ def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tm
     )
     try:
         job_id = httpx.post(server.url + "/v1/jobs", json=job_body(total_frames=1_000_000)).json()["job_id"]
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        poll_until(
+            lambda: httpx.get(f"{server.url}/v1/jobs/{job_id}").json()["status"] == "running",
+            timeout=60,
+            what="the job never started",
+        )
     finally:
         server.stop()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's exit
     settings.embedded_worker = False  # read the record as the shutdown left it
@@ -286,12 +289,14 @@ def test_restarting_serve_never_fails_the_job_of_a_live_worker(settings):
             assert store.expire_leases() == []
             first = c.get(f"/v1/jobs/{job_id}").json()
             assert first["status"] == "running"
-            deadline = time.monotonic() + 60
-            while (c.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("frames", 0) <= (
-                (first["progress"] or {}).get("frames", 0)
-            ):
-                assert time.monotonic() < deadline, "the live worker stopped training"
-                time.sleep(0.1)
+            poll_until(
+                lambda: (
+                    (c.get(f"/v1/jobs/{job_id}").json()["progress"] or {}).get("frames", 0)
+                    > (first["progress"] or {}).get("frames", 0)
+                ),
+                timeout=60,
+                what="the live worker stopped training",
+            )
             worker.kill()
             worker.wait(30)
             assert store.expire_leases() == []  # its last renewal still holds
@@ -345,10 +350,16 @@ def test_expired_leases_fail_their_jobs_and_only_those(kind, tmp_path, request):
     leases = {"expired": now - 1, "just-expired": now, "held": now + 5, "never-leased": None}
     for job_id, lease in leases.items():
         store.create(
-            Job(job_id=job_id, status=JobStatus.running, created_at=now_iso(), request={}, worker="w:1")
+            Job(
+                job_id=job_id,
+                status=JobStatus.running,
+                created_at=now_iso(),
+                request=job_body(),
+                worker="w:1",
+            )
         )
         store.update(job_id, lease_until=lease)
-    store.create(Job(job_id="queued", status=JobStatus.queued, created_at=now_iso(), request={}))
+    store.create(Job(job_id="queued", status=JobStatus.queued, created_at=now_iso(), request=job_body()))
     assert store.count(JobStatus.running) == 4 and store.count(JobStatus.queued) == 1
     assert sorted(store.expire_leases(now=now)) == ["expired", "just-expired", "never-leased"]
     assert store.get("held").status is JobStatus.running and store.get("queued").status is JobStatus.queued

@@ -214,12 +214,15 @@ def test_pixel_dqn_stores_uint8_frames_and_publishes_the_whole_preprocessing(cli
     stored = algo.buffer[:]
     assert stored["observation"].dtype == torch.uint8 and stored["observation"].shape[1:] == (1, 24, 24)
     assert "observation_preprocessed" not in stored.keys()
-    kinds = [p["type"] for p in trained.spec["preprocess"]]
+    kinds = [p.type for p in trained.spec.preprocess]
     assert kinds == ["to_tensor_image", "grayscale", "resize", "observation_norm"]
-    assert trained.spec["recurrent"] is not None and trained.spec["network"]["conv"]["num_cells"] == [4]
+    assert trained.spec.recurrent is not None and trained.spec.network.conv.num_cells == [4]
     # the published version serves raw 400x600x3 frames
     assert (
-        client.post("/v1/policies/px/versions", files=upload_files(trained.spec, trained.weights)).status_code
+        client.post(
+            "/v1/policies/px/versions",
+            files=upload_files(trained.spec.model_dump(mode="json"), trained.weights),
+        ).status_code
         == 201
     )
     frame = np.full((400, 600, 3), 255, dtype=np.uint8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ import torch
 from torchrl.envs.utils import step_mdp
 
 from service.envs import make_env
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, poll_until
 
 
 def test_envs_lists_the_allow_list_with_specs(client):
@@ -149,10 +148,12 @@ def test_act_keeps_answering_during_a_long_rollout(env_models, tmp_path):
                 )
             )
             t.start()
-            deadline = time.monotonic() + 60
-            while _forward_passes(c) < before + 10:  # the rollout is stepping (no act calls yet)
-                assert time.monotonic() < deadline and t.is_alive(), "the rollout never started"
-                time.sleep(0.02)  # polling for the event, not timing anything
+            poll_until(  # the rollout is stepping (no act calls yet)
+                lambda: t.is_alive() and _forward_passes(c) >= before + 10,
+                timeout=60,
+                what="the rollout never started",
+                every=0.02,
+            )
             answered = [c.post("/v1/policies/cp/act", json={"observation": [0, 0, 0, 0]}) for _ in range(50)]
             still_running = t.is_alive()
             t.join()

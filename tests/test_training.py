@@ -52,7 +52,7 @@ def test_packaging_leaves_the_trained_module_and_spec_as_they_are():
     after = state_of(algo.built)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert algo.spec.provenance is None
-    prov = trained.spec["provenance"]
+    prov = trained.spec.provenance
     validation, held_out = prov["validation_seeds"], prov["eval_seeds"]
     assert validation == [VALIDATION_SEED, VALIDATION_SEED + 2] and held_out == [
         HELDOUT_SEED,

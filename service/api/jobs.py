@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=202, response_model=JobAccepted, dependencies=[Admin])
 async def submit_job(body: JobCreate, jobs: JobsDep) -> dict:
-    job = await jobs.submit(body.model_dump())
+    job = await jobs.submit(body.request())
     return {"job_id": job.job_id, "status": job.status}
 
 

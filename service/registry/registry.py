@@ -193,14 +193,16 @@ class Registry:
         self._entries.pop(name, None)
 
     # -- changes ----------------------------------------------------------------------------
-    def publish(self, name: str, spec_json: dict, weights: bytes) -> int:
+    def publish(self, name: str, spec: PolicySpec | dict, weights: bytes) -> int:
         """Validate, build and load a new version, then write it and make it servable.
 
-        Nothing is written or changed unless the whole version loads.
+        ``spec``: a ``PolicySpec`` (a trainer's), or policy.json's content (an upload), parsed
+        here. Nothing is written or changed unless the whole version loads.
         """
         if not is_valid_name(name):
             raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'")
-        spec = parse_spec(spec_json)
+        if not isinstance(spec, PolicySpec):
+            spec = parse_spec(spec)
         runtime = self.prepare(spec, load_version(spec, weights, self.device), self.device)
         with self._write_lock:
             version = self.store.write_version(name, spec.model_dump(mode="json"), weights)

@@ -23,9 +23,9 @@ import torch
 from service.errors import Busy, Conflict, InvalidInput, NotFound
 from service.registry.build import build_policy
 from service.runtime.policy import PolicyRuntime
-from service.training.algorithms import build_config, client_policy_spec
+from service.training.algorithms import client_policy_spec, stored_config
 from service.training.experience import ExperienceDir
-from service.training.job import JobStatus
+from service.training.job import JobStatus, SessionsJob
 from service.training.job_store import JobStore
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,9 @@ class JobFeeds:
         job = await asyncio.to_thread(self.store.get, job_id)
         if job is None:
             raise NotFound(f"job {job_id[:64]!r} not found")
-        if job.request.get("source") != "sessions":
+        if not isinstance(job.request, SessionsJob):
             raise InvalidInput(
-                f"job {job_id} trains on {job.request.get('env_id')}; "
-                "bind sessions to a job with source 'sessions'"
+                f"job {job_id} trains on {job.request.env_id}; bind sessions to a job with source 'sessions'"
             )
         if job.status not in (JobStatus.queued, JobStatus.running):
             raise Conflict(f"job {job_id} is {job.status.value}: sessions bind to queued or running jobs")
@@ -176,13 +175,13 @@ class JobFeeds:
     def _make(self, job) -> Feed:
         """(File thread.) The feed of ``job``: its acting runtime, with the learner's latest
         weights when it has published."""
-        config = build_config(job.request)
+        config = stored_config(job)
         spec = client_policy_spec(config)
         runtime = PolicyRuntime(spec, build_policy(spec, self.device), self.device)
         hp = config.hyperparameters
         feed = Feed(
             job_id=job.job_id,
-            policy_name=job.request["policy_name"],
+            policy_name=job.request.policy_name,
             runtime=runtime,
             channel=ExperienceDir(self.root / job.job_id),
             total_frames=config.total_frames,

@@ -12,7 +12,8 @@ from service.config import Settings
 from service.envs import check_env_id, env_specs
 from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit, validation_sentence
 from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config, client_policy_spec
-from service.training.job import Job, JobStatus
+from service.training.common import TrainConfig
+from service.training.job import Job, JobRequest, JobStatus, SessionsJob
 from service.training.job_store import JobStore
 from service.training.queue import JobQueue
 
@@ -23,12 +24,13 @@ class JobService:
         self.queue = queue
         self.settings = settings
 
-    def check_request(self, request: dict[str, Any]) -> None:
-        """Everything a job request must satisfy, checked before anything is recorded."""
-        algorithm, env_id = request["algorithm"], request.get("env_id")
-        if request.get("source") == "sessions":
-            self._check_sessions_source(request)
-            return
+    def check_request(self, request: JobRequest) -> TrainConfig:
+        """Everything a job request must satisfy, checked before anything is recorded; the
+        trainer's config it makes (stored with the job)."""
+        check_limit("total_frames", request.total_frames, self.settings.max_total_frames)
+        if isinstance(request, SessionsJob):
+            return self._check_sessions_source(request)
+        algorithm, env_id = request.algorithm, request.env_id
         check_env_id(env_id)
         space = env_specs(env_id)["action"]["type"]
         needs = ACTION_SPACE[algorithm]
@@ -36,25 +38,23 @@ class JobService:
             raise InvalidInput(
                 f"algorithm {algorithm!r} needs a {needs} action space; {env_id} has a {space} action space"
             )
-        if request.get("recurrent") and algorithm not in RECURRENT:
+        if request.recurrent and algorithm not in RECURRENT:
             raise InvalidInput(f"recurrent=true is available for {sorted(RECURRENT)} only, not {algorithm!r}")
-        check_limit("total_frames", request["total_frames"], self.settings.max_total_frames)
         try:
-            build_config(request)
+            return build_config(request)
         except ValidationError as exc:
             raise InvalidInput(
                 f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
             ) from None
 
-    def _check_sessions_source(self, request: dict[str, Any]) -> None:
-        if request["algorithm"] != "dqn":
-            raise InvalidInput(f"source 'sessions' trains dqn only, not {request['algorithm']!r}")
-        if (request.get("observation") or {}).get("type") == "dict":
+    def _check_sessions_source(self, request: SessionsJob) -> TrainConfig:
+        if request.algorithm != "dqn":
+            raise InvalidInput(f"source 'sessions' trains dqn only, not {request.algorithm!r}")
+        if request.observation.get("type") == "dict":
             raise InvalidInput(
                 "source 'sessions' takes a tensor or discrete observation; "
                 "dict observations are not supported"
             )
-        check_limit("total_frames", request["total_frames"], self.settings.max_total_frames)
         try:
             config = build_config(request)
             client_policy_spec(config)
@@ -64,33 +64,36 @@ class JobService:
             ) from None
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
+        return config
 
-    def check_experience_from(self, request: dict[str, Any]) -> None:
+    def check_experience_from(self, request: JobRequest) -> None:
         """Each job named in ``experience_from`` exists and recorded what this job learns from."""
+        if not isinstance(request, SessionsJob):
+            return
         same = ("observation", "action", "recurrent")
-        for i, job_id in enumerate(request.get("experience_from") or []):
+        for i, job_id in enumerate(request.experience_from):
             job = self.store.get(job_id)
             if job is None:
                 raise InvalidInput(f"experience_from[{i}]: job {job_id} not found")
-            if job.request.get("source") != "sessions":
+            if not isinstance(job.request, SessionsJob):
                 raise InvalidInput(
                     f"experience_from[{i}]: job {job_id} trained in an env; only source-sessions jobs "
                     "record client experience"
                 )
-            differ = [k for k in same if (job.request.get(k) or None) != (request.get(k) or None)]
+            differ = [k for k in same if getattr(job.request, k) != getattr(request, k)]
             if differ:
                 raise InvalidInput(
                     f"experience_from[{i}]: job {job_id} has another {', '.join(differ)} than this job; "
                     "its transitions do not fit this job's network"
                 )
 
-    async def submit(self, request: dict[str, Any]) -> Job:
-        self.check_request(request)
+    async def submit(self, request: JobRequest) -> Job:
+        config = self.check_request(request)
         await asyncio.to_thread(self.check_experience_from, request)
         limit = self.settings.max_queued_jobs
         if await asyncio.to_thread(self.store.count, JobStatus.queued) >= limit:
             raise Busy(f"{limit} jobs are already queued; retry later", retry_after_s=30)
-        return await asyncio.to_thread(self.queue.submit, request)
+        return await asyncio.to_thread(self.queue.submit, request, config.model_dump(mode="json"))
 
     async def list(self) -> list[Job]:
         return await asyncio.to_thread(self.store.list)
@@ -117,7 +120,7 @@ class JobService:
         """Queue a failed ``source: sessions`` job again: its learner continues from its last
         published weights and position, with the transitions recorded on disk."""
         job = await self.get(job_id)
-        if job.request.get("source") != "sessions":
+        if not isinstance(job.request, SessionsJob):
             raise Conflict(f"job {job_id} trains in an env; only source-sessions jobs can be resumed")
         if job.status is not JobStatus.failed:
             raise Conflict(f"job {job_id} is {job.status.value}; only a failed job can be resumed")

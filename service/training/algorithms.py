@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from service.training.common import TrainConfig, TrainedPolicy
+from service.training.job import EnvJob, Job, JobRequest, SessionsJob
 
 Algorithm = Literal["dqn", "sac", "td3"]
 ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3")
@@ -13,32 +14,38 @@ ACTION_SPACE: dict[str, str] = {"dqn": "discrete", "sac": "box", "td3": "box"}
 RECURRENT: frozenset[str] = frozenset({"dqn"})
 
 
-def build_config(request: dict[str, Any], **extra: Any) -> TrainConfig:
-    """The trainer's config for a job request (raises pydantic's ValidationError on bad input)."""
-    common = {
-        "env_id": request.get("env_id"),
-        "total_frames": request["total_frames"],
-        "seed": request.get("seed") or 0,
-        **extra,
-    }
-    if request["algorithm"] == "dqn":
+def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
+    """The trainer's config for a job request, defaults resolved (raises pydantic's
+    ValidationError on bad input). Built once at submit and kept in the job's record."""
+    common = {"env_id": None, "total_frames": request.total_frames, "seed": request.seed or 0, **extra}
+    if isinstance(request, EnvJob):
+        common["env_id"] = request.env_id
+    if request.algorithm == "dqn":
         from service.training.dqn import DQNConfig
 
-        if request.get("source") == "sessions":
+        if isinstance(request, SessionsJob):
             common.update(
                 source="sessions",
-                observation=request.get("observation"),
-                action=request.get("action"),
-                experience_from=request.get("experience_from") or [],
+                observation=request.observation,
+                action=request.action,
+                experience_from=request.experience_from,
             )
-        return DQNConfig.with_defaults(
-            request.get("hyperparameters"), recurrent=request.get("recurrent", False), **common
-        )
+        return DQNConfig.with_defaults(request.hyperparameters, recurrent=request.recurrent, **common)
     from service.training.actor_critic import ActorCriticConfig
 
-    return ActorCriticConfig.with_defaults(
-        request.get("hyperparameters"), algorithm=request["algorithm"], **common
-    )
+    return ActorCriticConfig.with_defaults(request.hyperparameters, algorithm=request.algorithm, **common)
+
+
+def stored_config(job: Job, **extra: Any) -> TrainConfig:
+    """The config stored with ``job`` at submit, with this run's ``extra`` fields (device, job
+    id…); for records of older releases, built from the request."""
+    if job.config is None:
+        return build_config(job.request, **extra)
+    if job.request.algorithm == "dqn":
+        from service.training.dqn import DQNConfig as cls
+    else:
+        from service.training.actor_critic import ActorCriticConfig as cls
+    return cls.model_validate({**job.config, **extra})
 
 
 Trainer = Callable[..., TrainedPolicy]

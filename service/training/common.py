@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class TrainedPolicy:
-    spec: dict[str, Any]
+    spec: PolicySpec  # with its provenance, as published
     weights: bytes
     eval_mean_return: float
     frames: int
@@ -368,7 +368,7 @@ def package(algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, sta
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(
-        spec=spec.model_dump(mode="json"),
+        spec=spec,
         weights=weights_bytes(published),
         eval_mean_return=heldout,
         frames=loop.frames,

@@ -206,7 +206,7 @@ def train_from_sessions(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(
-        spec=spec.model_dump(mode="json"),
+        spec=spec,
         weights=weights_bytes(algo.built),
         eval_mean_return=reported,
         frames=consumed,

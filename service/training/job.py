@@ -6,9 +6,9 @@ import os
 import socket
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class JobStatus(str, Enum):
@@ -36,6 +36,46 @@ def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class _JobRequest(BaseModel):
+    """What every job request says (checked at the API by ``schemas.JobCreate``)."""
+
+    model_config = ConfigDict(extra="ignore")  # records written by older releases still read
+
+    algorithm: str
+    policy_name: str
+    recurrent: bool = False
+    total_frames: int
+    seed: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    hyperparameters: dict[str, Any] | None = None
+
+
+class EnvJob(_JobRequest):
+    """A job that steps an allow-listed environment."""
+
+    source: Literal["env"] = "env"
+    env_id: str
+
+
+class SessionsJob(_JobRequest):
+    """A job that learns from what clients report through sessions bound to it."""
+
+    source: Literal["sessions"] = "sessions"
+    observation: dict[str, Any]
+    action: dict[str, Any]
+    experience_from: list[str] = Field(default_factory=list)
+
+
+def _source(value: Any) -> str:
+    source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
+    return source or "env"  # records of older releases may not say
+
+
+JobRequest = Annotated[
+    Annotated[EnvJob, Tag("env")] | Annotated[SessionsJob, Tag("sessions")], Discriminator(_source)
+]
+
+
 class JobProgress(BaseModel):
     frames: int | None = None
     total_frames: int | None = None
@@ -58,7 +98,8 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
-    request: dict[str, Any]
+    request: JobRequest
+    config: dict[str, Any] | None = None  # the trainer's config, built once at submit
     progress: JobProgress | None = None
     result: dict[str, Any] | None = None
     error: str | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service.redis_outage import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, redis_available
-from service.training.job import Job, JobStatus, now_iso
+from service.training.job import Job, JobStatus, SessionsJob, now_iso
 
 log = logging.getLogger(__name__)
 STORE = "the job store"
@@ -27,7 +27,7 @@ STORE = "the job store"
 
 def resumable(job: Job) -> str:
     """What a failure message adds for a job that can be resumed (source sessions)."""
-    if job.request.get("source") != "sessions":
+    if not isinstance(job.request, SessionsJob):
         return ""
     return f"; its recorded experience is kept: resume it with POST /v1/jobs/{job.job_id}/resume"
 

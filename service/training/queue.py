@@ -20,7 +20,7 @@ from huey.registry import Message
 from huey.serializer import Serializer
 
 from service.redis_outage import redis_available
-from service.training.job import Job, JobStatus, now_iso
+from service.training.job import Job, JobRequest, JobStatus, now_iso
 from service.training.job_store import JobStore
 
 TASK_NAME = "run_job"
@@ -65,9 +65,14 @@ class JobQueue:
         self.store = store
         self.task = task
 
-    def submit(self, request: dict[str, Any]) -> Job:
+    def submit(self, request: JobRequest, config: dict[str, Any] | None = None) -> Job:
+        """Record a job (its request, and the trainer's config made from it) and queue it."""
         job = Job(
-            job_id=uuid.uuid4().hex[:16], status=JobStatus.queued, created_at=now_iso(), request=request
+            job_id=uuid.uuid4().hex[:16],
+            status=JobStatus.queued,
+            created_at=now_iso(),
+            request=request,
+            config=config,
         )
         self.store.create(job)
         with redis_available("the job queue"):

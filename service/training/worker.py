@@ -24,16 +24,25 @@ from typing import Any
 from huey.api import Huey, TaskWrapper
 
 from service.config import resolve_device
-from service.training.algorithms import build_config, trainer_for
+from service.registry.spec import PolicySpec
+from service.training.algorithms import stored_config, trainer_for
 from service.training.common import TrainedPolicy
-from service.training.job import POINT_FIELDS, PROGRESS_FIELDS, Job, JobStatus, now_iso, this_worker
+from service.training.job import (
+    POINT_FIELDS,
+    PROGRESS_FIELDS,
+    Job,
+    JobStatus,
+    SessionsJob,
+    now_iso,
+    this_worker,
+)
 from service.training.job_store import JobStore, resumable
 from service.training.queue import TASK_NAME
 from service.training.tracking import JobLog
 
 log = logging.getLogger(__name__)
 
-Publisher = Callable[[str, dict, bytes], int]
+Publisher = Callable[[str, PolicySpec, bytes], int]
 
 
 @dataclass
@@ -101,7 +110,7 @@ def finish_job(ctx: JobContext, job: Job, trained: TrainedPolicy, timed_out: boo
         else:
             store.update(job_id, status=JobStatus.cancelled, finished_at=now_iso())
         return
-    name = job.request["policy_name"]
+    name = job.request.policy_name
     version = ctx.publish(name, trained.spec, trained.weights)
     store.update(
         job_id,
@@ -146,17 +155,17 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         return
     req = job.request
     try:
-        device = resolve_device(req.get("device", "auto"))
+        device = resolve_device(req.device)
         ctx.store.update(job_id, device=device)
         extra: dict[str, Any] = {}
-        if req.get("source") == "sessions":
+        if isinstance(req, SessionsJob):
             root = ctx.experience_root or Path("var") / "experience"
             extra["experience_dir"] = str(root / job_id)
-        config = build_config(
-            req,
+        config = stored_config(
+            job,
             device=device,
             job_id=job_id,
-            command=f"POST /v1/jobs {json.dumps(req, sort_keys=True)}",
+            command=f"POST /v1/jobs {json.dumps(req.model_dump(exclude_none=True), sort_keys=True)}",
             **extra,
         )
         tracker = JobLog(ctx.log_dir, job_id) if ctx.log_dir is not None else None
@@ -175,7 +184,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
             return timed_out or ctx.stopping.is_set() or ctx.store.cancel_requested(job_id)
 
         with leased(ctx, job_id):
-            trained = trainer_for(req["algorithm"])(config, on_progress, should_stop)
+            trained = trainer_for(req.algorithm)(config, on_progress, should_stop)
         finish_job(ctx, job, trained, timed_out)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, traceback.format_exc())
