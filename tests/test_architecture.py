@@ -99,8 +99,6 @@ FORBIDDEN = {
     # nothing of the service at all (it runs where only httpx is installed)
     "service.sdk": ("service.runtime", "service.serving", "service.api", "service.training", "service.main"),
     "service.sdk.client": ("service.",),
-    "service.errors": ("service.",),
-    "service.config": ("service.",),
 }
 
 

@@ -8,6 +8,7 @@ from service.training.common import (
     HELDOUT_SEED,
     VALIDATION_SEED,
     LoopResult,
+    PeriodicEvaluation,
     evaluate,
     package,
     select_weights,
@@ -44,11 +45,15 @@ def test_weights_are_chosen_on_validation_seeds_and_reported_on_held_out_seeds()
 
 
 def test_packaging_leaves_the_trained_module_and_spec_as_they_are():
+    """The periodic-evaluation choice between the final and the best weights, packaged: the
+    trained module and its spec are left as they were."""
     algo = _dqn(0)
     before = state_of(algo.built)
-    best = state_of(_dqn(1).built)
     config = DQNConfig.with_defaults(CFG, env_id="CartPole-v1", total_frames=100, seed=0)
-    trained = package(algo, config, LoopResult(100, 0, False, best_state=best, best_frames=50), start=0.0)
+    choice = PeriodicEvaluation(algo, config)
+    choice.best_state, choice.best_frames = state_of(_dqn(1).built), 50
+    loop = LoopResult(100, 0, False, [])
+    trained = package(algo, config, loop, choice.choose(loop), start=0.0)
     after = state_of(algo.built)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert algo.spec.provenance is None

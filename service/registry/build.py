@@ -347,7 +347,11 @@ def load_weights(built: BuiltPolicy, data: bytes) -> None:
 
 def weights_bytes(built: BuiltPolicy) -> bytes:
     """Serialize ``built.core``'s state_dict as safetensors."""
+    return state_bytes(built.core.state_dict())
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state_dict as safetensors (CPU, contiguous copies)."""
     from safetensors.torch import save
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in built.core.state_dict().items()}
-    return save(state)
+    return save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})

@@ -3,18 +3,21 @@ choice and packaging of the published weights.
 
 An algorithm (``dqn.DQN``, ``actor_critic.ActorCritic``) implements ``OffPolicyAlgorithm``: its
 policy and replay buffer, the policy it collects with, and ``update`` (one gradient step);
-``train_offpolicy`` runs the loop below, the same for all:
+``train_offpolicy`` runs the one loop below, the same for all, over a ``DataSource`` (a
+collector over env copies, or the transitions clients report: ``from_sessions``) with a
+``WeightChoice``:
 
-    collect a batch -> store it -> ``updates_per_batch`` x ``update(sample)`` -> report
-    (-> every ``eval_every_frames``: evaluate on validation seeds, keep the best weights)
-    at the end: choose final or best weights on validation seeds, report on held-out seeds.
+    a batch from the source -> store it -> ``updates_per_batch`` x ``update(sample)`` -> report
+    (-> the choice observes: every ``eval_every_frames`` an evaluation on validation seeds, or
+    the clients' reported returns, and keeps the best weights)
+    at the end: the choice picks final or best weights; ``package`` publishes them.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +33,7 @@ from torchrl.envs import RewardSum, TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.envs import has_action_mask, make_env
-from service.registry.build import BuiltPolicy, build_policy, weights_bytes
+from service.registry.build import BuiltPolicy, build_policy, state_bytes
 from service.registry.preprocess import make_transform
 from service.registry.spec import Activation, PolicySpec, PreprocessSpec
 
@@ -42,6 +45,7 @@ StopCheck = Callable[[], bool]
 VALIDATION_SEED = 10_000
 HELDOUT_SEED = 20_000
 PERIODIC_EPISODES = 5
+SEGMENT = "segment"  # recurrent buffers: the SliceSampler's trajectory key (one id a stretch)
 
 
 # Constrained types shared by every trainer's hyperparameters; subclasses change only defaults.
@@ -212,87 +216,228 @@ class LoopResult:
     frames: int
     updates: int
     cancelled: bool
-    best_state: dict[str, torch.Tensor] | None = None  # weights at the best periodic evaluation
-    best_frames: int | None = None
+    recent: list[float]  # returns of the last episodes (at most RECENT)
 
 
 def state_of(built: BuiltPolicy) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in built.core.state_dict().items()}
 
 
+RECENT = 20  # episodes in the running mean of training returns
+
+
+@dataclass
+class Batch:
+    """What a data source hands the loop: transitions to store (prepared, flat, in order), the
+    frames the batch counts towards ``total_frames``, and the returns of the episodes it ended."""
+
+    store: list[TensorDictBase]
+    frames: int
+    finished: list[float]
+
+
+class DataSource(Protocol):
+    """Where the loop's batches come from: a collector over env copies (``EnvSource``), or the
+    transitions clients report through sessions (``from_sessions.SessionsSource``).
+
+    Attributes:
+        start_frames / start_updates: where a resumed run starts counting.
+        seeded: transitions in the buffer before the first batch (an offline start); they count
+            towards ``init_random_frames``, not towards ``total_frames``.
+        min_buffer: transitions the buffer must hold before the first draw.
+    """
+
+    start_frames: int
+    start_updates: int
+    seeded: int
+    min_buffer: int
+
+    def batches(self, should_stop: StopCheck) -> Iterator[Batch]:
+        """Batches until ``total_frames`` are counted (or ``should_stop``, while waiting)."""
+        ...
+
+    def after_updates(self, frames: int, updates: int, extra: dict[str, Any]) -> None:
+        """The acting policy after a batch's updates (the collector's weights, or the weights
+        and position the API's sessions act with)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Chosen:
+    """The published weights: which, the return reported for them, provenance to add."""
+
+    state: dict[str, torch.Tensor]
+    label: str
+    reported_return: float
+    episodes: int
+    provenance: dict[str, Any]
+
+
+class WeightChoice(Protocol):
+    """How the published weights are chosen: periodic evaluation on validation seeds then a
+    held-out report (``PeriodicEvaluation``), or client-reported returns
+    (``from_sessions.ClientReturns``)."""
+
+    def observe(self, frames: int, point: dict[str, Any], recent: list[float]) -> None:
+        """After each batch (may add ``eval_mean_return`` to the progress ``point``)."""
+        ...
+
+    def choose(self, loop: LoopResult) -> Chosen: ...
+
+
 def run_offpolicy(
     algo: OffPolicyAlgorithm,
-    collector: Collector,
+    source: DataSource,
+    choice: WeightChoice,
     *,
     total_frames: int,
-    evaluate_now: Callable[[], float],
     on_progress: Progress | None = None,
     should_stop: StopCheck | None = None,
 ) -> LoopResult:
-    """Collect a batch, store it, learn ``updates_per_batch`` times, report; until done/stopped.
-
-    Every ``eval_every_frames`` the policy is evaluated (``evaluate_now``) and the weights of
-    the best evaluation are kept (like SB3's EvalCallback ``best_model``; on a tie the later
-    weights, trained longer).
-    """
+    """The one off-policy loop: a batch from the source, stored; ``updates_per_batch`` updates
+    once the buffer is ready; schedules stepped; the acting policy told; progress; until the
+    source has counted ``total_frames`` or ``should_stop``."""
     hp, buffer = algo.hyperparameters, algo.buffer
+    should_stop = should_stop or (lambda: False)
     start = time.perf_counter()
-    frames = episodes = updates = batches = 0
-    best_return, best_state, best_frames = -math.inf, None, None
+    frames, updates = source.start_frames, source.start_updates
+    episodes = 0
     recent: list[float] = []
     last_loss: torch.Tensor | None = None  # read once per batch: a float() per update syncs
-    next_eval = hp.eval_every_frames or math.inf
     cancelled = False
-    try:
-        for data in collector:
-            frames += data.numel()
+    for batch in source.batches(should_stop):
+        frames += batch.frames
+        if batch.finished:
+            episodes += len(batch.finished)
+            recent = (recent + batch.finished)[-RECENT:]
+        for part in batch.store:
+            buffer.extend(part)
+        if frames + source.seeded >= hp.init_random_frames and len(buffer) >= source.min_buffer:
+            # One draw for the whole batch of updates, cut into minibatches: the same
+            # distribution as a draw per update (uniform, with replacement, from a buffer
+            # that does not change until the next batch), one storage gather instead of many.
+            size = buffer.batch_size
+            draw = buffer.sample(size * hp.updates_per_batch)
+            for i in range(hp.updates_per_batch):
+                last_loss = algo.update(draw[i * size : (i + 1) * size])
+                updates += 1
+        extra = algo.after_batch(batch.frames)
+        source.after_updates(frames, updates, extra)
+        now = time.perf_counter() - start
+        point: dict[str, Any] = {
+            "frames": frames,
+            "total_frames": total_frames,
+            "episodes": episodes,
+            "mean_return": sum(recent) / len(recent) if recent else None,
+            "loss": None if last_loss is None else float(last_loss),
+            "epsilon": None,
+            "fps": (frames - source.start_frames) / now,
+            "time_s": now,
+            **extra,
+        }
+        choice.observe(frames, point, recent)
+        if on_progress:
+            on_progress(point)
+        if should_stop():
+            cancelled = True
+            break
+    else:
+        cancelled = should_stop() and frames < total_frames  # stopped while waiting for data
+    return LoopResult(frames, updates, cancelled, recent)
+
+
+class EnvSource:
+    """Batches collected by a TorchRL ``Collector`` over ``num_envs`` copies of the job's env
+    (the part of the spec's preprocessing the buffer stores applied by the env)."""
+
+    start_frames = start_updates = seeded = 0
+    min_buffer = 1
+
+    def __init__(self, algo: OffPolicyAlgorithm, config: TrainConfig) -> None:
+        hp = algo.hyperparameters
+        self.algo = algo
+        device = torch.device(config.device)
+        self.env = train_env(config.env_id, algo.built, device, hp.num_envs, algo.stored_preprocess)
+        self.env.set_seed(config.seed)
+        self.collector = Collector(
+            self.env,
+            algo.collect_policy,
+            frames_per_batch=hp.frames_per_batch,
+            total_frames=config.total_frames,
+            init_random_frames=hp.init_random_frames,
+            device=device,
+            # train_env already has what the policy reads (InitTracker + primer when recurrent);
+            # torchrl 0.15 would otherwise start appending transforms on its own.
+            auto_register_policy_transforms=False,
+        )
+
+    def batches(self, should_stop: StopCheck) -> Iterator[Batch]:
+        for index, data in enumerate(self.collector):
             done = data["next", "done"].reshape(-1)
-            if done.any():
-                finished = data["next", "episode_reward"].reshape(-1)[done].tolist()
-                episodes += len(finished)
-                recent = (recent + finished)[-20:]
-            data = algo.prepare(data, batches).reshape(-1)
-            batches += 1
-            buffer.extend(data)
-            if frames >= hp.init_random_frames:
-                # One draw for the whole batch of updates, cut into minibatches: the same
-                # distribution as a draw per update (uniform, with replacement, from a buffer
-                # that does not change until the next batch), one storage gather instead of many.
-                size = buffer.batch_size
-                draw = buffer.sample(size * hp.updates_per_batch)
-                for i in range(hp.updates_per_batch):
-                    last_loss = algo.update(draw[i * size : (i + 1) * size])
-                    updates += 1
-            collector.update_policy_weights_()
-            now = time.perf_counter() - start
-            point: dict[str, Any] = {
-                "frames": frames,
-                "total_frames": total_frames,
-                "episodes": episodes,
-                "mean_return": sum(recent) / len(recent) if recent else None,
-                "loss": None if last_loss is None else float(last_loss),
-                "epsilon": None,
-                "fps": frames / now,
-                "time_s": now,
-                **algo.after_batch(data.numel()),
-            }
-            if frames >= next_eval:
-                point["eval_mean_return"] = evaluate_now()
-                next_eval += hp.eval_every_frames
-                if point["eval_mean_return"] >= best_return:
-                    best_return, best_state, best_frames = (
-                        point["eval_mean_return"],
-                        state_of(algo.built),
-                        frames,
-                    )
-            if on_progress:
-                on_progress(point)
-            if should_stop and should_stop():
-                cancelled = True
-                break
-    finally:
-        collector.shutdown()
-    return LoopResult(frames, updates, cancelled, best_state, best_frames)
+            finished = data["next", "episode_reward"].reshape(-1)[done].tolist() if done.any() else []
+            yield Batch([self.algo.prepare(data, index).reshape(-1)], data.numel(), finished)
+
+    def after_updates(self, frames: int, updates: int, extra: dict[str, Any]) -> None:
+        self.collector.update_policy_weights_()
+
+    def close(self) -> None:
+        try:
+            self.collector.shutdown()
+        finally:
+            self.env.close()
+
+
+class PeriodicEvaluation:
+    """Every ``eval_every_frames`` the policy plays ``PERIODIC_EPISODES`` deterministic episodes
+    on validation seeds and the best evaluation's weights are kept (like SB3's EvalCallback
+    ``best_model``; on a tie the later, trained longer). At the end the final and the best
+    weights compete on validation seeds and the winner is reported on held-out seeds."""
+
+    def __init__(self, algo: OffPolicyAlgorithm, config: TrainConfig) -> None:
+        self.algo, self.config = algo, config
+        self.device = torch.device(config.device)
+        every = algo.hyperparameters.eval_every_frames
+        self.every, self.next_eval = every, every or math.inf
+        self.best_return, self.best_state, self.best_frames = -math.inf, None, None
+
+    def observe(self, frames: int, point: dict[str, Any], recent: list[float]) -> None:
+        if frames < self.next_eval:
+            return
+        algo = self.algo
+        point["eval_mean_return"] = evaluate(
+            self.config.env_id,
+            algo.built,
+            self.device,
+            PERIODIC_EPISODES,
+            VALIDATION_SEED,
+            algo.stored_preprocess,
+            algo.act_policy,
+        )
+        self.next_eval += self.every
+        if point["eval_mean_return"] >= self.best_return:
+            self.best_return, self.best_state, self.best_frames = (
+                point["eval_mean_return"],
+                state_of(algo.built),
+                frames,
+            )
+
+    def choose(self, loop: LoopResult) -> Chosen:
+        algo, episodes = self.algo, self.algo.hyperparameters.eval_episodes
+        final = state_of(algo.built)
+        if loop.cancelled:
+            return Chosen(final, "final", float("nan"), episodes, {})
+        candidates = {"final": final}
+        if self.best_state is not None:
+            candidates[f"best periodic evaluation at {self.best_frames}"] = self.best_state
+        chosen = select_weights(algo.spec, self.config.env_id, self.device, candidates, episodes)
+        provenance = {
+            "validation_mean_return": chosen.validation,
+            "validation_seeds": [VALIDATION_SEED, VALIDATION_SEED + episodes - 1],
+            "eval_seeds": [HELDOUT_SEED, HELDOUT_SEED + episodes - 1],
+        }
+        return Chosen(chosen.state, chosen.label, chosen.heldout_return, episodes, provenance)
 
 
 @dataclass(frozen=True)
@@ -327,29 +472,12 @@ def select_weights(
     return Selection(candidates[label], label, validation, heldout)
 
 
-def package(algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, start: float) -> TrainedPolicy:
-    """Choose the published weights (unless cancelled) and package spec + provenance + weights.
-
-    Pure with respect to ``algo``: its module and spec are not changed.
-    """
-    device = torch.device(config.device)
-    episodes = algo.hyperparameters.eval_episodes
-    final = state_of(algo.built)
-    provenance: dict[str, Any] = {}
-    if loop.cancelled:
-        state, label, heldout = final, "final", float("nan")
-    else:
-        candidates = {"final": final}
-        if loop.best_state is not None:
-            candidates[f"best periodic evaluation at {loop.best_frames}"] = loop.best_state
-        chosen = select_weights(algo.spec, config.env_id, device, candidates, episodes)
-        state, label, heldout = chosen.state, chosen.label, chosen.heldout_return
-        provenance["validation_mean_return"] = chosen.validation
-        provenance["validation_seeds"] = [VALIDATION_SEED, VALIDATION_SEED + episodes - 1]
-        provenance["eval_seeds"] = [HELDOUT_SEED, HELDOUT_SEED + episodes - 1]
+def package(
+    algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, chosen: Chosen, start: float
+) -> TrainedPolicy:
+    """The spec with its provenance and the chosen weights as safetensors; the trained module is
+    not changed."""
     wall = time.perf_counter() - start
-    published = build_policy(algo.spec, device)
-    published.core.load_state_dict(state)
     spec = algo.spec.model_copy(deep=True)
     spec.provenance = {
         "algorithm": algo.name,
@@ -357,23 +485,23 @@ def package(algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, sta
         "frames": loop.frames,
         "updates": loop.updates,
         "wall_time_s": round(wall, 2),
-        "device": str(device),
+        "device": str(torch.device(config.device)),
         "seed": config.seed,
-        "eval_mean_return": heldout,
-        "eval_episodes": episodes,
-        **provenance,
+        "eval_mean_return": chosen.reported_return,
+        "eval_episodes": chosen.episodes,
+        **chosen.provenance,
         "hyperparameters": algo.hyperparameters.model_dump(),
         "command": config.command,
-        "weights": label,
+        "weights": chosen.label,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return TrainedPolicy(
         spec=spec,
-        weights=weights_bytes(published),
-        eval_mean_return=heldout,
+        weights=state_bytes(chosen.state),
+        eval_mean_return=chosen.reported_return,
         frames=loop.frames,
         wall_time_s=wall,
-        device=str(device),
+        device=str(torch.device(config.device)),
         cancelled=loop.cancelled,
     )
 
@@ -402,43 +530,25 @@ def train_offpolicy(
     on_progress: Progress | None = None,
     should_stop: StopCheck | None = None,
     start: float | None = None,
+    source: DataSource | None = None,
+    choice: WeightChoice | None = None,
 ) -> TrainedPolicy:
-    """Env + collector, the loop, and the published weights: the same for every algorithm."""
+    """The loop over ``source`` (default: a collector over the job's env), the weights
+    ``choice`` picks (default: periodic evaluation, held-out report), packaged: the same for
+    every algorithm and data source."""
     start = time.perf_counter() if start is None else start
     with flushed_denormals():
-        hp = algo.hyperparameters
-        device = torch.device(config.device)
-        stored = algo.stored_preprocess  # applied by the env: what the replay buffer stores
-        env = train_env(config.env_id, algo.built, device, hp.num_envs, stored)
-        env.set_seed(config.seed)
-        collector = Collector(
-            env,
-            algo.collect_policy,
-            frames_per_batch=hp.frames_per_batch,
-            total_frames=config.total_frames,
-            init_random_frames=hp.init_random_frames,
-            device=device,
-            # train_env already has what the policy reads (InitTracker + primer when recurrent);
-            # torchrl 0.15 would otherwise start appending transforms on its own.
-            auto_register_policy_transforms=False,
-        )
+        source = source or EnvSource(algo, config)
+        choice = choice or PeriodicEvaluation(algo, config)
         try:
             loop = run_offpolicy(
                 algo,
-                collector,
+                source,
+                choice,
                 total_frames=config.total_frames,
-                evaluate_now=lambda: evaluate(
-                    config.env_id,
-                    algo.built,
-                    device,
-                    PERIODIC_EPISODES,
-                    VALIDATION_SEED,
-                    stored,
-                    algo.act_policy,
-                ),
                 on_progress=on_progress,
                 should_stop=should_stop,
             )
         finally:
-            env.close()
-        return package(algo, config, loop, start)
+            source.close()
+        return package(algo, config, loop, choice.choose(loop), start)

@@ -3,14 +3,16 @@
 ``DQN`` builds the Q-network from the same ``PolicySpec`` the registry serves, an annealed
 epsilon-greedy collection policy, a replay buffer (sequences for the recurrent variant, sampled
 with ``SliceSampler``) and ``DQNLoss`` with its target network; ``update`` is one gradient
-step. The loop around it (collect, store, update, evaluate, publish) is
-``common.train_offpolicy``, shared with SAC and TD3.
+step. The loop around it (a batch, store, update, evaluate, publish) is
+``common.train_offpolicy``, shared with SAC and TD3; a ``source: sessions`` job runs the same
+loop over ``from_sessions.SessionsSource`` (the transitions clients report) instead of an env.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Annotated, Any, Literal
 
 import torch
@@ -26,6 +28,7 @@ from service.registry.build import ACTION_MASK, build_policy
 from service.registry.preprocess import as_module, make_transform, split_for_storage
 from service.registry.spec import PolicySpec, parse_preprocess
 from service.training.common import (
+    SEGMENT,
     BatchSize,
     EvalEpisodes,
     FramesPerBatch,
@@ -39,9 +42,9 @@ from service.training.common import (
     UpdatesPerBatch,
     train_offpolicy,
 )
+from service.training.from_sessions import ClientReturns, SessionsSource
 
 log = logging.getLogger(__name__)
-SEGMENT = "segment"
 PREPROCESSED = "observation_preprocessed"
 
 
@@ -327,6 +330,15 @@ class DQN:
         self.egreedy.step(frames)
         return {"epsilon": float(self.egreedy.eps)}
 
+    def restore(self, weights: dict[str, torch.Tensor], frames: int) -> None:
+        """Continue an interrupted run: its last published weights (online and target), epsilon
+        where the schedule was after ``frames``; the optimizer's moments start afresh."""
+        self.built.core.load_state_dict(weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "already initialized": re-copying is the point
+            self.target.init_()
+        self.after_batch(frames)
+
 
 def train(
     config: DQNConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
@@ -334,11 +346,13 @@ def train(
     """Train a DQN policy and return it ready to publish (``cancelled`` if stopped early)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    if config.source == "sessions":
-        from service.training.from_sessions import train_from_sessions
-
-        return train_from_sessions(DQN(config), config, on_progress, should_stop, start)
-    return train_offpolicy(DQN(config), config, on_progress, should_stop, start)
+    algo = DQN(config)
+    if config.source == "sessions":  # the transitions clients report instead of an env
+        source = SessionsSource(algo, config)
+        return train_offpolicy(
+            algo, config, on_progress, should_stop, start, source, ClientReturns(algo, source)
+        )
+    return train_offpolicy(algo, config, on_progress, should_stop, start)
 
 
 def segment_ids(shape: torch.Size, batch_index: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -23,21 +23,29 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tensordict import TensorDict
 
-from service.registry.build import weights_bytes
-from service.training.common import Progress, StopCheck, TrainedPolicy, flushed_denormals
-from service.training.dqn import SEGMENT
+from service.training.common import (
+    RECENT,
+    SEGMENT,
+    Batch,
+    Chosen,
+    LoopResult,
+    StopCheck,
+    TrainConfig,
+    state_of,
+)
 from service.training.experience import ExperienceDir
 
+if TYPE_CHECKING:  # the DQN that runs this source imports this module
+    from service.training.dqn import DQN
+
 IDLE_S = 0.02  # how long the learner sleeps when no new chunk has arrived
-RECENT = 20
 EXTRA = ("episode_return", "stream", "step")  # in a chunk, not in the replay buffer
 
 
@@ -84,133 +92,105 @@ class Streams:
         return out
 
 
-def train_from_sessions(
-    algo: Any,
-    config: Any,
-    on_progress: Progress | None,
-    should_stop: StopCheck | None,
-    start: float,
-) -> TrainedPolicy:
-    hp = algo.hyperparameters
-    channel = ExperienceDir(config.experience_dir)
-    received = consumed = updates = episodes = seeded = 0
-    recent: list[float] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # window mean, frames, weights
-    last_loss: torch.Tensor | None = None
-    cancelled = False
-    streams = Streams(4 * hp.slice_len) if algo.recurrent else None
+class SessionsSource:
+    """The loop's batches from the job's experience dir: every ``frames_per_batch`` reported
+    frames one batch (``common.run_offpolicy`` updates on it once ``init_random_frames`` have
+    arrived); after its updates the weights and position are published for the API's sessions.
 
-    def store(td: TensorDict) -> None:
-        for part in streams.add(td) if streams is not None else [td]:
-            algo.buffer.extend(part.exclude(*EXTRA))
+    At construction: an offline start (``experience_from``: earlier jobs' transitions fill the
+    buffer, not counted as frames) and a resumed job's last published weights and position (the
+    buffer refills from every chunk on disk as they are read; the optimizer's moments start
+    afresh).
+    """
 
-    # an offline start: earlier jobs' recorded transitions fill the buffer (not counted as frames)
-    for job_id in config.experience_from:
-        for td in ExperienceDir(Path(config.experience_dir).parent / job_id).read_new():
-            seeded += td.numel()
-            store(td)
-    # resuming (the job was interrupted): the last published weights and position; the buffer
-    # refills from every chunk on disk below. The optimizer's moments start afresh.
-    resumed = channel.learner_state()
-    if resumed is not None:
-        algo.built.core.load_state_dict(channel.load_policy())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "already initialized": re-copying is the point
-            algo.target.init_()
-        consumed, updates = int(resumed["consumed"]), int(resumed["updates"])
-        algo.after_batch(consumed)  # epsilon where the schedule was
-    start_frames = consumed
+    def __init__(self, algo: DQN, config: TrainConfig) -> None:
+        hp = algo.hyperparameters
+        self.algo, self.config = algo, config
+        self.channel = ExperienceDir(config.experience_dir)
+        self.streams = Streams(4 * hp.slice_len) if algo.recurrent else None
+        # a recurrent buffer samples sequences: it needs one whole segment first
+        self.min_buffer = self.streams.length if self.streams is not None else 1
+        self.seeded = 0
+        for job_id in config.experience_from:
+            for td in ExperienceDir(Path(config.experience_dir).parent / job_id).read_new():
+                self.seeded += td.numel()
+                for part in self._parts(td):
+                    algo.buffer.extend(part)
+        self.resumed = self.channel.learner_state()
+        self.start_frames = self.start_updates = 0
+        if self.resumed is not None:
+            self.start_frames, self.start_updates = (
+                int(self.resumed["consumed"]),
+                int(self.resumed["updates"]),
+            )
+            algo.restore(self.channel.load_policy(), self.start_frames)
+        self.consumed, self.received = self.start_frames, 0
 
-    def publish() -> None:
-        channel.publish(
-            algo.built.core.state_dict(),
-            {
-                "consumed": consumed,
-                "received": received,
-                "updates": updates,
-                "epsilon": float(algo.egreedy.eps),
-            },
-        )
+    def _parts(self, td: TensorDict) -> list[TensorDict]:
+        """A chunk's transitions as the buffer stores them (recurrent: completed segments)."""
+        parts = self.streams.add(td) if self.streams is not None else [td]
+        return [p.exclude(*EXTRA) for p in parts]
 
-    with flushed_denormals():
-        publish()  # sessions act with the initial (or restored) policy and epsilon
-        while consumed < config.total_frames:
-            if should_stop and should_stop():
-                cancelled = True
-                break
-            chunks = channel.read_new()
+    def batches(self, should_stop: StopCheck) -> Iterator[Batch]:
+        hp, total = self.algo.hyperparameters, self.config.total_frames
+        self._publish(self.start_updates, float(self.algo.egreedy.eps))  # the initial policy
+        store: list[TensorDict] = []
+        finished: list[float] = []
+        while self.consumed < total:
+            if should_stop():
+                return
+            chunks = self.channel.read_new()
             if not chunks:
                 time.sleep(IDLE_S)
                 continue
             for td in chunks:
-                finished = td["episode_return"][~torch.isnan(td["episode_return"])].tolist()
-                episodes += len(finished)
-                recent = (recent + finished)[-RECENT:]
-                received += td.numel()
-                store(td)
-            while received - consumed >= hp.frames_per_batch and consumed < config.total_frames:
-                consumed += hp.frames_per_batch
-                # a recurrent buffer samples sequences: it needs one whole segment first
-                ready = len(algo.buffer) >= (streams.length if streams is not None else 1)
-                if consumed + seeded >= hp.init_random_frames and ready:
-                    size = algo.buffer.batch_size
-                    draw = algo.buffer.sample(size * hp.updates_per_batch)
-                    for i in range(hp.updates_per_batch):
-                        last_loss = algo.update(draw[i * size : (i + 1) * size])
-                        updates += 1
-                extra = algo.after_batch(hp.frames_per_batch)
-                publish()
-                if len(recent) == RECENT and (best is None or sum(recent) / RECENT >= best[0]):
-                    weights = {k: v.detach().clone() for k, v in algo.built.core.state_dict().items()}
-                    best = (sum(recent) / RECENT, consumed, weights)
-                now = time.perf_counter() - start
-                if on_progress:
-                    on_progress(
-                        {
-                            "frames": consumed,
-                            "total_frames": config.total_frames,
-                            "episodes": episodes,
-                            "mean_return": sum(recent) / len(recent) if recent else None,
-                            "loss": None if last_loss is None else float(last_loss),
-                            "fps": (consumed - start_frames) / now,
-                            "time_s": now,
-                            **extra,
-                        }
-                    )
-    wall = time.perf_counter() - start
-    reported = sum(recent) / len(recent) if recent else math.nan
-    chosen, window = "final", len(recent)
-    if best is not None and not cancelled and best[0] >= reported:
-        algo.built.core.load_state_dict(best[2])
-        reported, chosen = best[0], f"best client-reported window (at {best[1]} frames)"
-        window = RECENT
-    spec = algo.spec.model_copy(deep=True)
-    spec.provenance = {
-        "algorithm": "dqn",
-        "source": "sessions",
-        "job_id": config.job_id,
-        "frames": consumed,
-        "updates": updates,
-        "wall_time_s": round(wall, 2),
-        "device": str(config.device),
-        "seed": config.seed,
-        "eval_mean_return": reported,
-        "eval_episodes": window,
-        "eval_source": f"client-reported returns of {window} episodes (no server-side env)",
-        "hyperparameters": hp.model_dump(),
-        "command": config.command,
-        "weights": chosen,
-        "resumed_at_frames": None if resumed is None else int(resumed["consumed"]),
-        "experience_from": config.experience_from,
-        "seeded_frames": seeded,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return TrainedPolicy(
-        spec=spec,
-        weights=weights_bytes(algo.built),
-        eval_mean_return=reported,
-        frames=consumed,
-        wall_time_s=wall,
-        device=str(config.device),
-        cancelled=cancelled,
-    )
+                finished += td["episode_return"][~torch.isnan(td["episode_return"])].tolist()
+                self.received += td.numel()
+                store += self._parts(td)
+            while self.received - self.consumed >= hp.frames_per_batch and self.consumed < total:
+                self.consumed += hp.frames_per_batch
+                yield Batch(store, hp.frames_per_batch, finished)
+                store, finished = [], []
+
+    def after_updates(self, frames: int, updates: int, extra: dict[str, Any]) -> None:
+        self._publish(updates, extra["epsilon"])
+
+    def _publish(self, updates: int, epsilon: float) -> None:
+        self.channel.publish(
+            self.algo.built.core.state_dict(),
+            {"consumed": self.consumed, "received": self.received, "updates": updates, "epsilon": epsilon},
+        )
+
+    def close(self) -> None:
+        return None
+
+
+class ClientReturns:
+    """No environment here to evaluate weights in: the published weights are those the learner
+    held when the mean of the last ``RECENT`` client-reported episode returns was at its best
+    (the later of equals), or the final ones when no such window completed or the final window
+    is as good; that mean is the version's reported return."""
+
+    def __init__(self, algo: DQN, source: SessionsSource) -> None:
+        self.algo, self.source = algo, source
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # mean, frames, weights
+
+    def observe(self, frames: int, point: dict[str, Any], recent: list[float]) -> None:
+        if len(recent) == RECENT and (self.best is None or sum(recent) / RECENT >= self.best[0]):
+            self.best = (sum(recent) / RECENT, frames, state_of(self.algo.built))
+
+    def choose(self, loop: LoopResult) -> Chosen:
+        recent, best, source = loop.recent, self.best, self.source
+        reported = sum(recent) / len(recent) if recent else math.nan
+        state, label, window = state_of(self.algo.built), "final", len(recent)
+        if best is not None and not loop.cancelled and best[0] >= reported:
+            state, reported, window = best[2], best[0], RECENT
+            label = f"best client-reported window (at {best[1]} frames)"
+        provenance = {
+            "source": "sessions",
+            "eval_source": f"client-reported returns of {window} episodes (no server-side env)",
+            "resumed_at_frames": None if source.resumed is None else source.start_frames,
+            "experience_from": source.config.experience_from,
+            "seeded_frames": source.seeded,
+        }
+        return Chosen(state, label, reported, window, provenance)
