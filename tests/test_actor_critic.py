@@ -75,6 +75,7 @@ def test_algorithm_must_fit_the_action_space(client, body, expected):
     assert r.status_code == 422 and expected in str(r.json()["detail"]), r.text
 
 
+@pytest.mark.slow
 def test_sac_short_run_beats_the_untrained_policy():
     config = ActorCriticConfig.with_defaults(
         {"num_cells": [64, 64], "eval_episodes": 3, "init_random_frames": 500, "updates_per_batch": 100},

@@ -152,6 +152,7 @@ def test_redis_queue_job_runs_in_a_separate_worker_process(settings, redis_url):
         worker.wait(30)
 
 
+@pytest.mark.slow
 def test_short_training_run_really_learns():
     config = DQNConfig.with_defaults(
         {"num_cells": [64, 64], "eval_episodes": 10}, env_id="CartPole-v1", total_frames=5000, seed=0
@@ -166,6 +167,7 @@ def test_short_training_run_really_learns():
     assert trained.eval_mean_return > 100, (untrained, trained.eval_mean_return)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_envs", [1, 4])
 def test_recurrent_training_runs_and_publishes_a_recurrent_spec(num_envs):
     config = DQNConfig.with_defaults(

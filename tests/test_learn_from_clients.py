@@ -143,6 +143,7 @@ def test_reports_are_checked_and_turned_into_transitions(client, settings):
     assert env0["action"].tolist() == [a[0] for a in answers[:40]]  # the actions answered, in order
 
 
+@pytest.mark.slow
 def test_a_job_learns_from_a_client_stepping_cartpole(jclient):
     """The env is the client's; a short run (5,000 reported frames) beats the untrained policy."""
     job_id = client_job(jclient, seed=0, hyperparameters={"num_cells": [64, 64]})
@@ -216,6 +217,7 @@ def test_recurrent_reports_carry_each_steps_lstm_state(client, settings):
     assert len({int(seg["segment"][0]) for seg in segments}) == len(segments)
 
 
+@pytest.mark.slow
 def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jclient):
     job_id = client_job(
         jclient, recurrent=True, total_frames=600, seed=0, hyperparameters=SMALL_LSTM, **NOVEL
@@ -236,6 +238,7 @@ def test_a_recurrent_job_learns_from_a_session_and_publishes_an_lstm_policy(jcli
 QUICK = {"num_cells": [16], "frames_per_batch": 256, "updates_per_batch": 4, "init_random_frames": 256}
 
 
+@pytest.mark.slow
 def test_a_job_interrupted_by_a_worker_restart_resumes_where_it_was(settings):
     """The worker shuts down mid-job: the job fails, its experience stays; resumed, the learner
     continues from its last published weights and position with the recorded transitions."""
@@ -323,3 +326,34 @@ def _job(hp: dict) -> dict:
         **SPECS,
         "hyperparameters": hp,
     }
+
+
+def test_a_feed_follows_every_publish_of_its_learner(tmp_path):
+    """The weights sessions act with follow ``learner.json`` (written after the weights at every
+    publish), not file timestamps: two publishes within one clock tick are both seen."""
+    import os
+
+    from service.registry.build import build_policy
+    from service.registry.spec import PolicySpec
+    from service.runtime.policy import PolicyRuntime
+    from service.serving.feeds import Feed
+
+    cpu = torch.device("cpu")
+    spec = PolicySpec.model_validate({"kind": "qvalue", **SPECS, "network": {"num_cells": [8]}})
+    runtime = PolicyRuntime(spec, build_policy(spec), cpu)
+    channel = ExperienceDir(tmp_path / "job")
+    feed = Feed("job", "p", runtime, channel, total_frames=1024, lag_frames=256, device=cpu)
+    assert feed.newer() is None  # nothing published yet
+    weights = {k: v.clone() for k, v in runtime.core.state_dict().items()}
+    channel.publish(weights, {"consumed": 256, "received": 300, "updates": 4, "epsilon": 0.5})
+    feed.swap(feed.newer())
+    assert (feed.consumed, feed.epsilon) == (256, 0.5) and feed.runtime is not runtime
+    tick = (tmp_path / "job" / "policy.safetensors").stat()
+    weights = {k: v + 1 for k, v in weights.items()}
+    channel.publish(weights, {"consumed": 512, "received": 600, "updates": 8, "epsilon": 0.4})
+    for name in ("policy.safetensors", "learner.json"):  # the same clock tick as the first publish
+        os.utime(tmp_path / "job" / name, ns=(tick.st_atime_ns, tick.st_mtime_ns))
+    feed.swap(feed.newer())
+    assert (feed.consumed, feed.epsilon) == (512, 0.4)
+    assert all(torch.equal(feed.runtime.core.state_dict()[k], weights[k]) for k in weights)
+    assert feed.newer() is None

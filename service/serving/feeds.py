@@ -49,7 +49,7 @@ class Feed:
     epsilon: float = 1.0
     consumed: int = 0  # frames the acting weights' learner had consumed
     reported: int = 0  # frames this process reported
-    stamp: int | None = None
+    learner: dict | None = None  # the learner.json the acting weights came with
     pending: list[dict[str, torch.Tensor]] = field(default_factory=list)
     pending_n: int = 0
     oldest: float = 0.0
@@ -69,13 +69,18 @@ class Feed:
         self.loading = asyncio.wrap_future(self.io.submit(self.newer))
         self.loading.add_done_callback(self._take)
 
-    def newer(self) -> tuple[PolicyRuntime, int, dict | None] | None:
-        """(File thread.) A runtime with the learner's latest weights, its stamp and position,
-        or None when it has not published since."""
-        stamp = self.channel.policy_stamp()
-        if stamp is None or stamp == self.stamp:
-            return None
+    def newer(self) -> tuple[PolicyRuntime, dict] | None:
+        """(File thread.) A runtime with the learner's latest weights and the position it
+        published with them, or None when it has not published since.
+
+        The learner writes its weights, then ``learner.json`` (frames consumed, updates, epsilon:
+        it changes with every publish). So that file, read first, tells whether there is
+        something new (no file timestamps: two publishes within one clock tick look alike), and
+        the weights read after it are at least as new as it.
+        """
         state = self.channel.learner_state()
+        if state is None or state == self.learner:
+            return None
         try:
             weights = self.channel.load_policy()
         except (OSError, ValueError):
@@ -83,7 +88,7 @@ class Feed:
         # a new runtime, swapped in whole: a forward pass running meanwhile keeps the old one
         runtime = PolicyRuntime(self.runtime.spec, build_policy(self.runtime.spec, self.device), self.device)
         runtime.core.load_state_dict(weights)
-        return runtime, stamp, state
+        return runtime, state
 
     def _take(self, done: asyncio.Future) -> None:
         self.loading = None
@@ -94,12 +99,11 @@ class Feed:
             return
         self.swap(done.result())
 
-    def swap(self, newer: tuple[PolicyRuntime, int, dict | None] | None) -> None:
+    def swap(self, newer: tuple[PolicyRuntime, dict] | None) -> None:
         if newer is None:
             return
-        self.runtime, self.stamp, state = newer
-        if state:
-            self.epsilon, self.consumed = float(state["epsilon"]), int(state["consumed"])
+        self.runtime, self.learner = newer
+        self.epsilon, self.consumed = float(self.learner["epsilon"]), int(self.learner["consumed"])
 
     @property
     def learning(self) -> bool:

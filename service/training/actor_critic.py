@@ -129,11 +129,11 @@ class ActorCritic:
         self.alpha_optim = (
             torch.optim.Adam([self.loss_fn.log_alpha], lr=hp.lr) if config.algorithm == "sac" else None
         )
+        # no batch_size here: the loop draws sample_size x updates_per_batch at once
         self.buffer = TensorDictReplayBuffer(
-            storage=LazyTensorStorage(hp.buffer_size, device=device),
-            sampler=RandomSampler(),
-            batch_size=hp.batch_size,
+            storage=LazyTensorStorage(hp.buffer_size, device=device), sampler=RandomSampler()
         )
+        self.sample_size = hp.batch_size
         self.steps = 0
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:

@@ -140,6 +140,7 @@ class OffPolicyAlgorithm(Protocol):
         hyperparameters: the shared loop's knobs (and the algorithm's own).
         collect_policy: the exploring policy the collector runs.
         buffer: the replay buffer the loop fills and samples.
+        sample_size: transitions (recurrent: steps of whole sequences) per update.
         stored_preprocess: the part of the spec's preprocessing the training env applies (the
             observation the buffer stores); the rest runs inside ``act_policy``.
         act_policy: the deterministic policy on the env's observation (``built.core`` after the
@@ -152,6 +153,7 @@ class OffPolicyAlgorithm(Protocol):
     hyperparameters: OffPolicyHyperparameters
     collect_policy: TensorDictModuleBase
     buffer: ReplayBuffer
+    sample_size: int
     stored_preprocess: list[PreprocessSpec]
     act_policy: TensorDictModuleBase
 
@@ -318,7 +320,7 @@ def run_offpolicy(
             # One draw for the whole batch of updates, cut into minibatches: the same
             # distribution as a draw per update (uniform, with replacement, from a buffer
             # that does not change until the next batch), one storage gather instead of many.
-            size = buffer.batch_size
+            size = algo.sample_size
             draw = buffer.sample(size * hp.updates_per_batch)
             for i in range(hp.updates_per_batch):
                 last_loss = algo.update(draw[i * size : (i + 1) * size])

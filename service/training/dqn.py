@@ -281,9 +281,11 @@ class DQN:
             batch_size = hp.batch_size * hp.slice_len
         else:
             sampler, batch_size = RandomSampler(), hp.batch_size
+        # no batch_size here: the loop draws sample_size x updates_per_batch at once
         self.buffer = TensorDictReplayBuffer(
-            storage=LazyTensorStorage(hp.buffer_size, device=device), sampler=sampler, batch_size=batch_size
+            storage=LazyTensorStorage(hp.buffer_size, device=device), sampler=sampler
         )
+        self.sample_size = batch_size
         self.loss_fn = DQNLoss(
             self.act_policy,
             action_space=self.built.action_spec,

@@ -56,12 +56,6 @@ class ExperienceDir:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def policy_stamp(self) -> int | None:
-        try:
-            return (self.path / "policy.safetensors").stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
-
     def load_policy(self) -> dict[str, torch.Tensor]:
         return load_tensors((self.path / "policy.safetensors").read_bytes())
 
