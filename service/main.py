@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import dashboard, envs, health, jobs, policies, sessions
+from service.api import dashboard, envs, health, jobs, oip, policies, sessions
 from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
 from service.config import Settings, resolve_device
@@ -24,6 +24,7 @@ from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import make_session_store
 from service.serving.acting import ActService
 from service.serving.feeds import JobFeeds
+from service.serving.inference import InferService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
 from service.serving.rollouts import RolloutService
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             state.session_store, registry, state.batcher, settings, state.job_feeds
         )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
+        state.infer_service = InferService(registry, state.act_service, settings)
         state.policy_service = PolicyService(registry, state.session_service)
         state.job_service = JobService(queue.store, queue, settings)
         state.job_worker = worker
@@ -96,7 +98,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.metrics = Metrics()
     app.configure_edge(settings, app.state.metrics)
     install_error_handlers(app)
-    for router in (health, policies, envs, sessions, jobs, dashboard):
+    for router in (health, policies, envs, sessions, jobs, oip, dashboard):
         app.include_router(router.router)
     return app
 

@@ -415,3 +415,29 @@ class JobList(BaseModel):
 
 class JobMetrics(BaseModel):
     points: list[dict[str, Any]]
+
+
+# -- Open Inference Protocol (/v2) -------------------------------------------------------------
+class OipTensorIn(BaseModel):
+    """One input tensor: ``data`` (JSON, flat or nested, row-major) or, with the binary tensor
+    extension, ``parameters.binary_data_size`` bytes of the body after the JSON header."""
+
+    name: str = Field(max_length=64)
+    shape: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=8)
+    datatype: str = Field(max_length=16)
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OipOutputIn(BaseModel):
+    name: str = Field(max_length=64)
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferRequest(BaseModel):
+    """``POST /v2/models/{name}/infer``'s JSON (the header, with the binary extension)."""
+
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, Any] | None = None
+    inputs: list[OipTensorIn] = Field(min_length=1, max_length=40)
+    outputs: list[OipOutputIn] | None = Field(None, max_length=16)

@@ -20,86 +20,45 @@ ROUTERS = {
     "service.api.envs",
     "service.api.jobs",
     "service.api.health",
+    "service.api.oip",
+    "service.api.dashboard",
 }
-UP_FROM_LEAVES = ("service.",)
-FORBIDDEN = {
-    # leaves: what every layer may use
-    "service.errors": UP_FROM_LEAVES,
-    "service.config": UP_FROM_LEAVES,
-    "service.exploration": UP_FROM_LEAVES,  # torch-free: schemas and sessions read it
-    "service.observability": UP_FROM_LEAVES,
-    "service.redis_outage": (
-        "service.registry",
-        "service.runtime",
-        "service.serving",
-        "service.api",
-        "service.training",
-        "service.envs",
-        "service.main",
-        "service.sdk",
-        "service.schemas",
-        "service.process",
-        "service.cli",
-    ),
-    "service.process": (
-        "service.registry",
-        "service.runtime",
-        "service.serving",
-        "service.api",
-        "service.training",
-        "service.main",
-        "service.sdk",
-        "service.schemas",
-        "service.cli",
-    ),
-    # the allow-listed environments sit on the registry's spec
-    "service.envs": (
-        "service.runtime",
-        "service.serving",
-        "service.api",
-        "service.training",
-        "service.main",
-        "service.sdk",
-        "service.schemas",
-        "service.cli",
-    ),
-    "service.registry": (
-        "service.runtime",
-        "service.serving",
-        "service.api",
-        "service.training",
-        "service.main",
-        "service.sdk",
-    ),
-    "service.runtime": (
-        "service.serving",
-        "service.api",
-        "service.training",
-        "service.main",
-        "service.sdk",
-        "service.schemas",
-        "service.cli",
-    ),
-    "service.training": (
-        "service.serving",
-        "service.api",
-        "service.main",
-        "service.runtime",
-        "service.sdk",
-        "service.schemas",
-        "service.cli",
-    ),
-    "service.serving": ("service.api", "service.main", "service.sdk", "service.schemas", "service.cli"),
-    # request/response models: read by the API, built from the service layer's parameter objects
-    "service.schemas": ("service.api", "service.main", "service.sdk", "service.cli"),
-    "service.api": ("service.sdk", "service.main", "service.cli"),
-    "service.main": ("service.sdk", "service.cli"),  # the composition root
-    "service.cli": (),  # the top: the processes
-    # the SDK sits beside the server: export reads the registry's spec and builder, the client
-    # nothing of the service at all (it runs where only httpx is installed)
-    "service.sdk": ("service.runtime", "service.serving", "service.api", "service.training", "service.main"),
-    "service.sdk.client": ("service.",),
-}
+# Top to bottom: a module imports from its own package and the layers below it, never from a
+# layer above or from a sibling of its own row.
+LAYERS = [
+    ("service.cli",),  # the processes
+    ("service.main",),  # the composition root
+    ("service.api",),  # HTTP
+    ("service.schemas",),  # request/response models, built into the service layer's parameters
+    ("service.serving",),  # the service layer
+    ("service.runtime", "service.training"),  # serving's runtime; jobs and trainers
+    ("service.process",),  # process-wide settings (registers the envs)
+    ("service.envs",),  # the allow-listed environments (read the registry's spec)
+    ("service.registry",),
+    ("service.redis_outage",),
+    # leaves: nothing of the service (exploration: torch-free, read by schemas and sessions)
+    ("service.errors", "service.config", "service.exploration", "service.observability"),
+]
+ALL = tuple(name for row in LAYERS for name in row)
+SDK = ("service.sdk",)  # beside the server: used by the CLI only
+
+
+def _forbidden() -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for i, row in enumerate(LAYERS):
+        above = tuple(name for upper in LAYERS[:i] for name in upper)
+        for layer in row:
+            siblings = tuple(n for n in row if n != layer)
+            leaf = i == len(LAYERS) - 1
+            out[layer] = ("service.",) if leaf else above + siblings + (SDK if layer != "service.cli" else ())
+    # the SDK: export reads the registry's spec and builder, the client nothing of the service at
+    # all (it runs where only httpx is installed)
+    out["service.sdk"] = tuple(n for n in ALL if n != "service.registry")
+    out["service.sdk.client"] = ("service.",)
+    return out
+
+
+FORBIDDEN = _forbidden()
 
 
 def _modules() -> dict[str, set[str]]:

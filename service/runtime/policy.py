@@ -31,6 +31,7 @@ from service.registry.spec import PolicySpec
 from service.runtime.call import ActCall, ActResult, State, as_tensor
 from service.runtime.codec import Codec
 from service.runtime.fast import FastPath
+from service.runtime.tensors import TensorCodec
 
 _TYPES = {
     Exploration.deterministic: ExplorationType.DETERMINISTIC,
@@ -59,7 +60,8 @@ class PolicyRuntime:
     def __init__(self, spec: PolicySpec, built: BuiltPolicy, device: torch.device) -> None:
         self.spec = spec
         self.device = device
-        self.codec = Codec(spec)
+        self.codec = Codec(spec)  # /v1 JSON rows
+        self.tensors = TensorCodec(spec)  # Open Inference Protocol tensors
         self.discrete = spec.action.type == "discrete"
         if self.discrete:
             # The same weights in modules that read an action mask (all-true when a call sends

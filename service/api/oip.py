@@ -1,0 +1,231 @@
+"""The Open Inference Protocol (KServe v2 / Triton) over REST, under ``/v2``: HTTP and framing
+only — JSON tensors and Triton's binary tensor extension (``Inference-Header-Content-Length``)
+in both directions — then ``serving/inference.InferService``. The body is read as bytes
+whatever its content-type (tritonclient sends none). Errors are ``{"error": "sentence"}`` with
+the status ``/v1`` gives the same fault (``api/errors.STATUS``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from service.api.auth import check_inference
+from service.api.errors import error_answer
+from service.errors import InvalidInput, ServiceError
+from service.exploration import Exploration, ExplorationParams
+from service.runtime.tensors import DATATYPES, NAMES
+from service.schemas import OipInferRequest
+from service.serving.inference import InferParams, InferService, parameter
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+HEADER_LENGTH = "inference-header-content-length"
+
+
+def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), status, headers=headers, media_type="application/json")
+
+
+def _error(exc: ServiceError) -> Response:
+    status, body, headers = error_answer(exc)
+    return _json({"error": body["detail"]}, status, headers)
+
+
+def _service(request: Request) -> InferService:
+    return request.app.state.infer_service
+
+
+def _version(version: str | None) -> int | None:
+    if version is None or version == "":
+        return None
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidInput(f"model version {version[:32]!r} is not a positive integer")
+    return int(version)
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    ok = _service(request).ready()
+    return _json({"ready": ok}, 200 if ok else 503)
+
+
+@router.get("")
+async def server_metadata(request: Request) -> Response:
+    return _json(_service(request).server())
+
+
+def _guarded(request: Request, answer) -> Response:
+    """``answer()`` as JSON, behind the inference key; a domain error as ``{"error"}``."""
+    try:
+        check_inference(request.app.state.settings, request.headers.get("authorization"))
+        return _json(answer())
+    except ServiceError as exc:
+        return _error(exc)
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    return _guarded(request, lambda: _service(request).model(name, _version(version)))
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    return _guarded(request, lambda: _service(request).model_ready(name, _version(version)))
+
+
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def model_config(request: Request, name: str, version: str | None = None) -> Response:
+    return _guarded(request, lambda: _service(request).config(name, _version(version)))
+
+
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    try:
+        check_inference(request.app.state.settings, request.headers.get("authorization"))
+        body = await request.body()  # read within MAX_BODY_BYTES by the edge
+        params, binary_out, request_id = _parse(
+            body, request.headers.get(HEADER_LENGTH), name, _version(version)
+        )
+        answer = await _service(request).infer(params)
+    except ServiceError as exc:
+        return _error(exc)
+    return _answer(answer, binary_out, request_id)
+
+
+def _parse(
+    body: bytes, header_length: str | None, name: str, version: int | None
+) -> tuple[InferParams, set[str], str | None]:
+    """The request's parameters and arrays, the outputs to send as binary, the request's id."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {header_length[:32]!r} is not a length within the "
+                f"body's {len(body)} bytes"
+            )
+        cut = int(header_length)
+        body, binary = body[:cut], body[cut:]
+    try:
+        request = OipInferRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInput(f"invalid inference request: {where}: {first.get('msg', '')}") from None
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in request.inputs:
+        if t.name in tensors:
+            raise InvalidInput(f"input {t.name!r} is given twice")
+        dtype = DATATYPES.get(t.datatype)
+        if dtype is None:
+            raise InvalidInput(
+                f"input {t.name!r} has datatype {t.datatype!r}; one of {sorted(DATATYPES)} is expected"
+            )
+        count = math.prod(t.shape)
+        size = (t.parameters or {}).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input {t.name!r}: binary_data_size {size!r} does not fit shape {t.shape} of "
+                    f"{t.datatype} ({count * dtype.itemsize} bytes)"
+                )
+            if offset + size > len(binary):
+                raise InvalidInput(f"input {t.name!r}: the body holds fewer binary bytes than announced")
+            array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(t.shape)
+            offset += size
+        elif t.data is not None:
+            array = _from_json(t.name, t.data, dtype, t.shape, count)
+        else:
+            raise InvalidInput(f"input {t.name!r} has neither 'data' nor parameters.binary_data_size")
+        tensors[t.name] = array
+    if offset != len(binary):
+        raise InvalidInput(f"the body has {len(binary) - offset} binary bytes that no input announced")
+    p = request.parameters or {}
+    if any(k in p for k in ("sequence_id", "sequence_start", "sequence_end")):
+        raise InvalidInput(
+            "sequences (sequence_id, sequence_start, sequence_end) are not served over /v2 yet: "
+            "step a recurrent policy through /v1/sessions"
+        )
+    exploration = parameter(p, "exploration", (str,))
+    if exploration is not None and exploration not in Exploration.__members__:
+        raise InvalidInput(
+            f"parameter 'exploration' is {exploration[:32]!r}; one of {list(Exploration.__members__)}"
+        )
+    epsilon = parameter(p, "epsilon", (float, int))
+    if epsilon is not None and not 0.0 <= epsilon <= 1.0:
+        raise InvalidInput(f"parameter 'epsilon' is {epsilon}; it must be in [0, 1]")
+    noise_std = parameter(p, "noise_std", (float, int))
+    if noise_std is not None and not 0.0 <= noise_std <= 1e6:
+        raise InvalidInput(f"parameter 'noise_std' is {noise_std}; it must be in [0, 1e6]")
+    seed = parameter(p, "seed", (int,))
+    if seed is not None and not 0 <= seed <= 2**63 - 1:
+        raise InvalidInput(f"parameter 'seed' is {seed}; it must be in [0, 2**63 - 1]")
+    explore = ExplorationParams(
+        Exploration(exploration) if exploration else None,
+        None if epsilon is None else float(epsilon),
+        None if noise_std is None else float(noise_std),
+    )
+    wanted = None if request.outputs is None else [o.name for o in request.outputs]
+    all_binary = bool(p.get("binary_data_output"))
+    binary_out = {
+        o.name for o in request.outputs or () if (o.parameters or {}).get("binary_data", all_binary)
+    }
+    if request.outputs is None and all_binary:
+        binary_out = {"*"}
+    return InferParams(name, version, tensors, explore, seed, wanted), binary_out, request.id
+
+
+def _from_json(name: str, data: list, dtype: np.dtype, shape: list[int], count: int) -> np.ndarray:
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise InvalidInput(f"input {name!r}: 'data' is not a regular array of numbers") from None
+    if array.size != count:
+        raise InvalidInput(f"input {name!r}: 'data' holds {array.size} values; shape {shape} needs {count}")
+    kind = array.dtype.kind
+    if dtype.kind == "b" and kind != "b":
+        raise InvalidInput(f"input {name!r}: BOOL data must be true/false")
+    if dtype.kind in "iu" and kind not in "iu":
+        raise InvalidInput(f"input {name!r}: {NAMES[dtype]} data must be integers")
+    if dtype.kind == "f" and kind not in "iuf":
+        raise InvalidInput(f"input {name!r}: {NAMES[dtype]} data must be numbers")
+    with np.errstate(over="ignore"):
+        return array.astype(dtype).reshape(shape)
+
+
+def _answer(answer: dict, binary_out: set[str], request_id: str | None) -> Response:
+    head: dict = {"model_name": answer["model_name"], "model_version": answer["model_version"]}
+    if request_id is not None:
+        head["id"] = request_id
+    head["outputs"] = []
+    blobs: list[bytes] = []
+    for name, array in answer["outputs"].items():
+        out = {"name": name, "datatype": NAMES[array.dtype], "shape": list(array.shape)}
+        if "*" in binary_out or name in binary_out:
+            raw = np.ascontiguousarray(array).tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            out["data"] = array.reshape(-1).tolist()
+        head["outputs"].append(out)
+    header = orjson.dumps(head)
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )

@@ -1,0 +1,124 @@
+"""The Open Inference Protocol (KServe v2 / Triton) as a service: server and model metadata,
+readiness, the model configuration ``perf_analyzer`` reads, and infer — through the same
+registry, limits and micro-batcher as ``/v1`` act (``ActService.forward``), with the tensor
+codec (``runtime.tensors``) instead of the JSON rows codec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import InvalidInput, check_limit
+from service.exploration import ExplorationParams
+from service.registry.registry import LoadedVersion, Registry
+from service.serving.acting import ActService
+
+SERVER_NAME = "policy-server"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters"]
+PLATFORM = "torchrl"
+
+
+@dataclass(slots=True)
+class InferParams:
+    """One infer call: decoded input arrays by name, the outputs asked for (None: all)."""
+
+    policy: str
+    version: int | None
+    tensors: dict[str, np.ndarray]
+    explore: ExplorationParams = field(default_factory=ExplorationParams)
+    seed: int | None = None
+    outputs: list[str] | None = None
+
+
+class InferService:
+    def __init__(self, registry: Registry, acting: ActService, settings: Settings) -> None:
+        self.registry = registry
+        self.acting = acting
+        self.settings = settings
+
+    def server(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    def ready(self) -> bool:
+        return self.registry.ready
+
+    def _loaded(self, name: str, version: int | None) -> LoadedVersion:
+        return self.registry.resolve(name, version)
+
+    def model(self, name: str, version: int | None) -> dict[str, Any]:
+        """Model metadata: versions, inputs and outputs with datatype and shape (-1: batch)."""
+        loaded = self._loaded(name, version)
+        codec = loaded.runtime.tensors
+        entry = self.registry.entry(name)
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(entry.versions)],
+            "platform": PLATFORM,
+            "inputs": [t.public() for t in codec.inputs],
+            "outputs": [t.public() for t in codec.outputs],
+        }
+
+    def model_ready(self, name: str, version: int | None) -> dict[str, Any]:
+        loaded = self._loaded(name, version)
+        return {"name": name, "version": str(loaded.version), "ready": True}
+
+    def config(self, name: str, version: int | None) -> dict[str, Any]:
+        """Triton's model configuration: what ``perf_analyzer`` and tritonclient read (dims
+        without the batch dimension; a per-row scalar is ``dims: [1]`` reshaped to ``[]``)."""
+        loaded = self._loaded(name, version)
+        codec = loaded.runtime.tensors
+
+        def entry(t) -> dict[str, Any]:
+            dims = t.shape[1:]
+            out = {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}"}
+            if dims:
+                out["dims"] = dims
+            else:
+                out.update(dims=[1], reshape={"shape": []})
+            return out
+
+        # no sequence_batching: sequences are not mapped onto sessions over /v2 yet, so a
+        # recurrent policy answers each call as the first step of an episode (as /v1 act does)
+        return {
+            "name": name,
+            "platform": PLATFORM,
+            "max_batch_size": self.settings.max_batch_size,
+            "input": [entry(t) for t in codec.inputs],
+            "output": [entry(t) for t in codec.outputs],
+            "version_policy": {"specific": {"versions": [str(loaded.version)]}},
+            "parameters": {"kind": {"string_value": loaded.spec.kind}},
+        }
+
+    async def infer(self, p: InferParams) -> dict[str, Any]:
+        """``{model_name, model_version, outputs: {name: array}}`` of one infer call."""
+        loaded = self._loaded(p.policy, p.version)
+        runtime = loaded.runtime
+        codec = runtime.tensors
+        if p.outputs is not None:
+            codec.check_outputs(p.outputs, p.policy)
+        obs, mask, rows = codec.decode(p.tensors, p.policy)
+        check_limit("batch size", rows, self.settings.max_batch_size)
+        wanted = codec.output_names if p.outputs is None else p.outputs
+        info = any(name != "action" for name in wanted)
+        result = await self.acting.forward(runtime, obs, mask, p.explore, p.seed, info)
+        return {
+            "model_name": p.policy,
+            "model_version": str(loaded.version),
+            "outputs": codec.encode(result, wanted),
+        }
+
+
+def parameter(parameters: dict[str, Any], name: str, kinds: tuple[type, ...]) -> Any:
+    """A request parameter of the given JSON kinds, or None (422 when of another kind)."""
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        raise InvalidInput(f"parameter {name!r} must be a {kinds[0].__name__}, got a boolean")
+    if not isinstance(value, kinds):
+        raise InvalidInput(f"parameter {name!r} must be a {kinds[0].__name__}, got {type(value).__name__}")
+    return value
