@@ -23,13 +23,23 @@ def _text(authorization: str | bytes | None) -> str | None:
     return authorization.decode("latin-1") if isinstance(authorization, bytes) else authorization
 
 
+def admin_key(settings: Settings) -> str | None:
+    """The key admin endpoints need: the API key, when one is set."""
+    return settings.api_key or None
+
+
+def inference_key(settings: Settings) -> str | None:
+    """The key act, sessions, rollouts and /v2 need: the API key when inference is protected."""
+    return settings.api_key if settings.api_key and settings.protect_inference else None
+
+
 def check_admin(settings: Settings, authorization: str | bytes | None) -> None:
-    """Admin endpoints: the key when one is set."""
-    if settings.api_key:
-        check_bearer(_text(authorization), settings.api_key)
+    key = admin_key(settings)
+    if key:
+        check_bearer(_text(authorization), key)
 
 
 def check_inference(settings: Settings, authorization: str | bytes | None) -> None:
-    """Act, sessions and rollouts: the key when one is set and inference is protected."""
-    if settings.api_key and settings.protect_inference:
-        check_bearer(_text(authorization), settings.api_key)
+    key = inference_key(settings)
+    if key:
+        check_bearer(_text(authorization), key)

@@ -31,7 +31,7 @@ from service.api.asgi import (
     send_json,
     stream_session_id,
 )
-from service.api.auth import check_inference
+from service.api.auth import check_bearer, inference_key
 from service.api.errors import INTERNAL_ERROR, error_answer
 from service.config import Settings
 from service.errors import ServiceError, too_large
@@ -117,6 +117,7 @@ class ServiceApp(FastAPI):
         self.access_log = AccessLog(settings.access_log_sample)
         self._flush_scheduled = False
         self._deadlines = _Deadlines(settings.request_timeout_s)
+        self._inference_key = inference_key(settings)  # None: the hot routes are open
         # unique per process and cheap: a random prefix and a counter
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count()
@@ -174,7 +175,7 @@ class ServiceApp(FastAPI):
     async def _route(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
         if route.kind in _HOT:
             try:
-                check_inference(self.settings, header(scope, b"authorization"))
+                self._check_key(scope)
                 body = await _read_body(receive, limit)
                 status, payload, headers = await hot.answer(self.state, route, body)
             except (BodyTooLarge, TimeoutError):
@@ -202,6 +203,12 @@ class ServiceApp(FastAPI):
 
         await super().__call__(scope, replay, exchange)
 
+    def _check_key(self, scope) -> None:
+        """The inference key of the hot routes and the stream, when inference is protected."""
+        if self._inference_key:
+            auth = header(scope, b"authorization")
+            check_bearer(auth.decode("latin-1") if auth is not None else None, self._inference_key)
+
     def openapi(self) -> dict:
         """FastAPI's schema of the mounted routes, plus the hot routes' declarations."""
         if self.openapi_schema is None:
@@ -219,7 +226,7 @@ class ServiceApp(FastAPI):
         if (await receive())["type"] != "websocket.connect":
             return
         try:
-            check_inference(self.settings, header(scope, b"authorization"))
+            self._check_key(scope)
         except ServiceError as exc:
             status, payload, headers = error_answer(exc)
             if "websocket.http.response" in scope.get("extensions", {}):  # a denial response
