@@ -56,7 +56,7 @@ elif kind == "floor":
 
     registry = Registry(ModelStore(model_dir), prepare=PolicyRuntime)
     registry.load_all()
-    net = registry.resolve(name).runtime._plain  # the policy's MLP, without the argmax module
+    net = registry.resolve(name).runtime.fast.head  # the policy's MLP, without the argmax module
     pending: list[tuple[list, asyncio.Future]] = []
     _JSON = [(b"content-type", b"application/json")]
 

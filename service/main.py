@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
             state.session_store, registry, state.batcher, settings, state.job_feeds
         )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
-        state.infer_service = InferService(registry, state.act_service, settings)
+        state.infer_service = InferService(registry, state.act_service, state.session_service, settings)
         state.policy_service = PolicyService(registry, state.session_service)
         state.job_service = JobService(queue.store, queue, settings)
         state.job_worker = worker

@@ -157,10 +157,10 @@ def test_bad_requests_are_refused_with_the_v1_status_and_an_error_sentence(serve
             "422",
             "allows no action",
         ),
-        (
+        (  # a sequence that was never opened
             dict(inputs=[_input("observation", np.zeros((1, 4), np.float32), "FP32")], sequence_id=5),
-            "422",
-            "sequences",
+            "404",
+            "sequence_start",
         ),
         (
             dict(
@@ -209,3 +209,40 @@ def test_v2_sits_behind_the_inference_key_and_is_counted_in_metrics(settings):
         assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "action"
         assert c.get("/v2/health/live").json() == {"live": True}  # health stays open, as /healthz
         assert 'route="/v2/models/{name}/infer"' in c.get("/metrics").text
+
+
+def test_sequences_step_sessions_as_v1_sessions_do(server, triton):
+    """``sequence_start`` opens a session, each infer of the sequence steps it (the LSTM state
+    kept by the server), ``sequence_end`` closes it: two interleaved sequences answer what two
+    /v1 sessions stepping the same observations answer, and never see each other's state."""
+    rng = np.random.default_rng(2)
+    streams = {7: rng.normal(size=(10, 2)).astype(np.float32) * 0.05, "run-b": np.zeros((10, 2), np.float32)}
+    got: dict = {k: [] for k in streams}
+    for t in range(10):
+        for seq, obs in streams.items():
+            r = triton.infer(
+                "cartpole-lstm-dqn",
+                [_input("observation", obs[t : t + 1], "FP32")],
+                sequence_id=seq,
+                sequence_start=t == 0,
+                sequence_end=t == 9,
+            )
+            got[seq].append(r.as_numpy("action_value")[0])
+    for seq, obs in streams.items():
+        sid = httpx.post(f"{server.url}/v1/sessions", json={"policy": "cartpole-lstm-dqn"}).json()[
+            "session_id"
+        ]
+        for t in range(10):
+            r = httpx.post(
+                f"{server.url}/v1/sessions/{sid}/act",
+                json={"observation": obs[t].tolist(), "return_info": True},
+            ).json()
+            np.testing.assert_allclose(got[seq][t], r["info"]["action_value"], rtol=1e-5, atol=1e-6)
+    alone = triton.infer("cartpole-lstm-dqn", [_input("observation", streams[7][5:6], "FP32")])
+    assert not np.allclose(alone.as_numpy("action_value")[0], got[7][5])  # the state mattered
+    for kwargs in ({"sequence_id": 7}, {"sequence_id": "never-started"}):  # closed at its end / never opened
+        with pytest.raises(InferenceServerException) as closed:
+            triton.infer("cartpole-lstm-dqn", [_input("observation", streams[7][:1], "FP32")], **kwargs)
+        assert closed.value.status() == "404" and "sequence_start" in closed.value.message()
+    config = triton.get_model_config("cartpole-lstm-dqn")
+    assert config["sequence_batching"]["max_sequence_idle_microseconds"] > 0

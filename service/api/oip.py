@@ -20,7 +20,7 @@ from service.errors import InvalidInput, ServiceError
 from service.exploration import Exploration, ExplorationParams
 from service.runtime.tensors import DATATYPES, NAMES
 from service.schemas import OipInferRequest
-from service.serving.inference import InferParams, InferService, parameter
+from service.serving.inference import InferParams, InferService, Sequence, parameter
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -154,11 +154,7 @@ def _parse(
     if offset != len(binary):
         raise InvalidInput(f"the body has {len(binary) - offset} binary bytes that no input announced")
     p = request.parameters or {}
-    if any(k in p for k in ("sequence_id", "sequence_start", "sequence_end")):
-        raise InvalidInput(
-            "sequences (sequence_id, sequence_start, sequence_end) are not served over /v2 yet: "
-            "step a recurrent policy through /v1/sessions"
-        )
+    sequence = _sequence(p)
     exploration = parameter(p, "exploration", (str,))
     if exploration is not None and exploration not in Exploration.__members__:
         raise InvalidInput(
@@ -185,7 +181,22 @@ def _parse(
     }
     if request.outputs is None and all_binary:
         binary_out = {"*"}
-    return InferParams(name, version, tensors, explore, seed, wanted), binary_out, request.id
+    params = InferParams(name, version, tensors, explore, seed, wanted, sequence)
+    return params, binary_out, request.id
+
+
+def _sequence(p: dict) -> Sequence | None:
+    """Triton's ``sequence_id`` (a non-zero integer or a non-empty string; 0 and "" mean none),
+    ``sequence_start``, ``sequence_end``."""
+    sequence_id = p.get("sequence_id")
+    start, end = parameter(p, "sequence_start", (bool,)), parameter(p, "sequence_end", (bool,))
+    if sequence_id in (None, 0, ""):
+        if start or end:
+            raise InvalidInput("sequence_start and sequence_end go with a sequence_id")
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str) or len(str(sequence_id)) > 128:
+        raise InvalidInput("parameter 'sequence_id' must be an integer or a string of at most 128 characters")
+    return Sequence(str(sequence_id), bool(start), bool(end))
 
 
 def _from_json(name: str, data: list, dtype: np.dtype, shape: list[int], count: int) -> np.ndarray:

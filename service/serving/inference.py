@@ -11,20 +11,32 @@ from typing import Any
 import numpy as np
 
 from service.config import Settings
-from service.errors import InvalidInput, check_limit
+from service.errors import InvalidInput, NotFound, check_limit
 from service.exploration import ExplorationParams
 from service.registry.registry import LoadedVersion, Registry
 from service.serving.acting import ActService
+from service.serving.params import SessionCreateParams
+from service.serving.sessions import SessionService
 
 SERVER_NAME = "policy-server"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters", "sequence"]
 PLATFORM = "torchrl"
 
 
 @dataclass(slots=True)
+class Sequence:
+    """Triton's sequence parameters: one stateful stream of a model, a session of ours."""
+
+    id: str
+    start: bool = False
+    end: bool = False
+
+
+@dataclass(slots=True)
 class InferParams:
-    """One infer call: decoded input arrays by name, the outputs asked for (None: all)."""
+    """One infer call: decoded input arrays by name, the outputs asked for (None: all), the
+    sequence it steps (None: stateless, every row starts an episode)."""
 
     policy: str
     version: int | None
@@ -32,12 +44,22 @@ class InferParams:
     explore: ExplorationParams = field(default_factory=ExplorationParams)
     seed: int | None = None
     outputs: list[str] | None = None
+    sequence: Sequence | None = None
+
+
+def sequence_session(policy: str, sequence_id: str) -> str:
+    """The session that holds a sequence's state: one per (model, sequence id), so every
+    replica sharing the session store finds it."""
+    return f"v2:{policy}:{sequence_id}"
 
 
 class InferService:
-    def __init__(self, registry: Registry, acting: ActService, settings: Settings) -> None:
+    def __init__(
+        self, registry: Registry, acting: ActService, sessions: SessionService, settings: Settings
+    ) -> None:
         self.registry = registry
         self.acting = acting
+        self.sessions = sessions
         self.settings = settings
 
     def server(self) -> dict[str, Any]:
@@ -81,9 +103,7 @@ class InferService:
                 out.update(dims=[1], reshape={"shape": []})
             return out
 
-        # no sequence_batching: sequences are not mapped onto sessions over /v2 yet, so a
-        # recurrent policy answers each call as the first step of an episode (as /v1 act does)
-        return {
+        config: dict[str, Any] = {
             "name": name,
             "platform": PLATFORM,
             "max_batch_size": self.settings.max_batch_size,
@@ -92,9 +112,16 @@ class InferService:
             "version_policy": {"specific": {"versions": [str(loaded.version)]}},
             "parameters": {"kind": {"string_value": loaded.spec.kind}},
         }
+        if loaded.runtime.stateful:  # state per sequence (a session), idle ones expire like sessions
+            config["sequence_batching"] = {
+                "max_sequence_idle_microseconds": int(self.settings.session_ttl_s * 1e6)
+            }
+        return config
 
     async def infer(self, p: InferParams) -> dict[str, Any]:
         """``{model_name, model_version, outputs: {name: array}}`` of one infer call."""
+        if p.sequence is not None:
+            return await self._sequence_step(p)
         loaded = self._loaded(p.policy, p.version)
         runtime = loaded.runtime
         codec = runtime.tensors
@@ -109,6 +136,39 @@ class InferService:
             "model_name": p.policy,
             "model_version": str(loaded.version),
             "outputs": codec.encode(result, wanted),
+        }
+
+    async def _sequence_step(self, p: InferParams) -> dict[str, Any]:
+        """A step of a sequence: ``sequence_start`` opens (or restarts) its session, pinned to
+        the version resolved now, with as many envs as the request has rows; ``sequence_end``
+        closes it after the step. A step of a sequence that is not open → 404."""
+        seq = p.sequence
+        loaded = self._loaded(p.policy, p.version)
+        codec = loaded.runtime.tensors
+        if p.outputs is not None:
+            codec.check_outputs(p.outputs, p.policy)
+        session_id = sequence_session(p.policy, seq.id)
+        if seq.start:
+            _, _, rows = codec.decode(p.tensors, p.policy)  # a bad request opens nothing
+            check_limit("batch size", rows, self.settings.max_batch_size)
+            await self.sessions.discard(session_id)
+            await self.sessions.create(
+                SessionCreateParams(p.policy, loaded.version, rows, session_id=session_id)
+            )
+        wanted = codec.output_names if p.outputs is None else p.outputs
+        info = any(name != "action" for name in wanted)
+        try:
+            result, runtime, session = await self.sessions.step_tensors(
+                session_id, p.tensors, p.explore, info, close=seq.end
+            )
+        except NotFound as exc:
+            raise NotFound(
+                f"sequence {seq.id[:64]!r} of model {p.policy}: {exc.detail}; open one with sequence_start"
+            ) from None
+        return {
+            "model_name": p.policy,
+            "model_version": str(session.version),
+            "outputs": runtime.tensors.encode(result, wanted),
         }
 
 

@@ -37,6 +37,7 @@ class SessionCreateParams:
     explore: ExplorationParams = field(default_factory=ExplorationParams)
     ttl_s: float | None = None
     job: str | None = None  # bound to a source-sessions job instead of a served policy
+    session_id: str | None = None  # chosen by the server's own protocols (a /v2 sequence); else new
 
 
 @dataclass(slots=True)

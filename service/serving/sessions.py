@@ -86,6 +86,7 @@ class SessionService:
             noise_std=p.explore.noise_std,
             state_bytes=per_env * p.num_envs,
             job=p.job,
+            **({"session_id": p.session_id} if p.session_id is not None else {}),
         )
         await self.store.create(session, s.max_sessions, s.max_session_state_bytes)
         return session.public()
@@ -103,6 +104,11 @@ class SessionService:
         async with self.store.lock(session_id):
             if not await self.store.delete(session_id):
                 raise _not_found(session_id)
+
+    async def discard(self, session_id: str) -> None:
+        """Delete the session if there is one (a sequence restarting under its id)."""
+        async with self.store.lock(session_id):
+            await self.store.delete(session_id)
 
     async def reset(self, session_id: str) -> dict[str, Any]:
         async with self.store.lock(session_id):
@@ -130,14 +136,7 @@ class SessionService:
 
     async def _policy_step(self, p: SessionStepParams, session: Session) -> dict[str, Any]:
         """A step of a session pinned to a served policy version: decode, act, keep the state."""
-        try:
-            runtime = self.registry.resolve(session.policy, session.version).runtime
-        except NotFound:
-            await self.store.delete(p.session_id)
-            raise NotFound(
-                f"session {p.session_id!r} was closed: policy {session.policy} "
-                f"version {session.version} is no longer served"
-            ) from None
+        runtime = await self._served(session)
         if p.reward is not None or p.terminated is not None or p.truncated is not None:
             raise InvalidInput(
                 "reward, terminated and truncated go to sessions bound to a job "
@@ -145,11 +144,65 @@ class SessionService:
             )
         obs, mask = self._decode(runtime, p, session)
         resets = reset_mask(p.reset, session.num_envs)
-        call = _step_call(runtime, session, obs, mask, resets, p.explore.over(session.explore), p.return_info)
+        result = await self._act(runtime, session, obs, mask, resets, p.explore, p.return_info)
+        return _answer(runtime, p, session, result)
+
+    async def step_tensors(
+        self,
+        session_id: str,
+        tensors: dict,
+        explore: ExplorationParams,
+        return_info: bool,
+        close: bool = False,
+    ) -> tuple[ActResult, PolicyRuntime, Session]:
+        """A step of a served policy's session from named tensors (a /v2 sequence): the
+        tensor codec instead of /v1's rows; ``close`` deletes the session after the step."""
+        async with self.store.lock(session_id):
+            session = await self._load(session_id)
+            if session.job is not None:
+                raise InvalidInput(
+                    "sessions bound to a job are stepped through /v1 (they take reward reports)"
+                )
+            runtime = await self._served(session)
+            obs, mask, rows = runtime.tensors.decode(tensors, session.policy)
+            if rows != session.num_envs:
+                raise InvalidInput(
+                    f"the session steps {session.num_envs} env(s), as its first request did; "
+                    f"got {rows} row(s)"
+                )
+            result = await self._act(runtime, session, obs, mask, None, explore, return_info)
+            if close:
+                await self.store.delete(session_id)
+        return result, runtime, session
+
+    async def _served(self, session: Session) -> PolicyRuntime:
+        """The runtime of the version a session is pinned to; a session whose version is no
+        longer served is closed (404)."""
+        try:
+            return self.registry.resolve(session.policy, session.version).runtime
+        except NotFound:
+            await self.store.delete(session.session_id)
+            raise NotFound(
+                f"session {session.session_id!r} was closed: policy {session.policy} "
+                f"version {session.version} is no longer served"
+            ) from None
+
+    async def _act(
+        self,
+        runtime: PolicyRuntime,
+        session: Session,
+        obs: Observations,
+        mask: torch.Tensor | None,
+        resets: torch.Tensor | None,
+        explore: ExplorationParams,
+        return_info: bool,
+    ) -> ActResult:
+        """The step's forward pass with the session's state; the session moved on and saved."""
+        call = _step_call(runtime, session, obs, mask, resets, explore.over(session.explore), return_info)
         result = await self.batcher.submit(runtime, call)
         _advance(session, call, result)
         await self.store.save(session)
-        return _answer(runtime, p, session, result)
+        return result
 
     async def _job_step(self, p: SessionStepParams, session: Session) -> dict[str, Any]:
         """A step of a session bound to a ``source: sessions`` job: the client's report checked,
