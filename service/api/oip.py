@@ -72,22 +72,20 @@ def _guarded(request: Request, answer) -> Response:
         return _error(exc)
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
-    return _guarded(request, lambda: _service(request).model(name, _version(version)))
+def _model_route(suffix: str, answer) -> None:
+    """``GET /v2/models/{name}[/versions/{version}]<suffix>``: ``answer(service, name, version)``."""
+
+    async def route(request: Request, name: str, version: str | None = None) -> Response:
+        return _guarded(request, lambda: answer(_service(request), name, _version(version)))
+
+    route.__name__ = "model" + (suffix.replace("/", "_") or "_metadata")
+    router.get(f"/models/{{name}}{suffix}")(route)
+    router.get(f"/models/{{name}}/versions/{{version}}{suffix}")(route)
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
-async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    return _guarded(request, lambda: _service(request).model_ready(name, _version(version)))
-
-
-@router.get("/models/{name}/config")
-@router.get("/models/{name}/versions/{version}/config")
-async def model_config(request: Request, name: str, version: str | None = None) -> Response:
-    return _guarded(request, lambda: _service(request).config(name, _version(version)))
+_model_route("", InferService.model)  # metadata: versions, inputs, outputs
+_model_route("/ready", InferService.model_ready)
+_model_route("/config", InferService.config)  # Triton's model configuration (perf_analyzer)
 
 
 @router.post("/models/{name}/infer")

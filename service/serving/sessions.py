@@ -144,7 +144,8 @@ class SessionService:
             )
         obs, mask = self._decode(runtime, p, session)
         resets = reset_mask(p.reset, session.num_envs)
-        result = await self._act(runtime, session, obs, mask, resets, p.explore, p.return_info)
+        call = _step_call(runtime, session, obs, mask, resets, p.explore.over(session.explore), p.return_info)
+        result = await self._act(runtime, session, call)
         return _answer(runtime, p, session, result)
 
     async def step_tensors(
@@ -170,7 +171,8 @@ class SessionService:
                     f"the session steps {session.num_envs} env(s), as its first request did; "
                     f"got {rows} row(s)"
                 )
-            result = await self._act(runtime, session, obs, mask, None, explore, return_info)
+            call = _step_call(runtime, session, obs, mask, None, explore.over(session.explore), return_info)
+            result = await self._act(runtime, session, call)
             if close:
                 await self.store.delete(session_id)
         return result, runtime, session
@@ -187,18 +189,8 @@ class SessionService:
                 f"version {session.version} is no longer served"
             ) from None
 
-    async def _act(
-        self,
-        runtime: PolicyRuntime,
-        session: Session,
-        obs: Observations,
-        mask: torch.Tensor | None,
-        resets: torch.Tensor | None,
-        explore: ExplorationParams,
-        return_info: bool,
-    ) -> ActResult:
-        """The step's forward pass with the session's state; the session moved on and saved."""
-        call = _step_call(runtime, session, obs, mask, resets, explore.over(session.explore), return_info)
+    async def _act(self, runtime: PolicyRuntime, session: Session, call: ActCall) -> ActResult:
+        """The step's forward pass; the session moved on and saved."""
         result = await self.batcher.submit(runtime, call)
         _advance(session, call, result)
         await self.store.save(session)
