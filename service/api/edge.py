@@ -235,14 +235,14 @@ class ServiceApp(FastAPI):
                 await send({"type": "websocket.close", "code": 1008, "reason": payload["detail"][:120]})
             return
         await send({"type": "websocket.accept"})
-        state = self.state
+        state, route = self.state, hot.stream_route(session_id)
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
                 return  # websocket.disconnect
             text = message.get("text")
             body = text if text is not None else message.get("bytes") or b""
-            reply = await hot.stream_reply(state, session_id, body)
+            reply = await hot.stream_reply(state, route, body)
             await send({"type": "websocket.send", "text": dumps(reply).decode()})
 
     def _record(self, scope, route: Route, exchange: _Exchange, request_id: str, seconds: float) -> None:

@@ -40,10 +40,15 @@ async def answer(state, route: Route, body: bytes) -> Answer:
         return error_answer(exc)
 
 
-async def stream_reply(state, session_id: str, message: str | bytes) -> dict:
+def stream_route(session_id: str) -> Route:
+    """The route each message of ``/v1/sessions/{session_id}/stream`` is answered as."""
+    return Route(RouteKind.session_act, None, session_id)
+
+
+async def stream_reply(state, route: Route, message: str | bytes) -> dict:
     """The reply to one message of a session's stream: the step's answer, or ``{"status",
     "detail"}`` with the status the HTTP route would have answered."""
-    status, payload, _ = await answer(state, Route(RouteKind.session_act, None, session_id), message)
+    status, payload, _ = await answer(state, route, message)
     return payload if status == 200 else {"status": status, **payload}
 
 
