@@ -2,6 +2,7 @@
 
 - act throughput over HTTP with base64 400x600x3 frames vs the same TorchRL module and
   transforms called in-process, one frame and a batch of 32;
+- ``/v2`` (Open Inference Protocol) infer with the frames as binary tensors, batch of 32;
 - decoding cost per frame, the ``{b64, dtype, shape}`` form vs a nested JSON list (request
   parsing + checks + the array the policy reads);
 - session steps/s over the WebSocket with raw frames (recurrent policy, server-held state);
@@ -102,17 +103,45 @@ def b64(frame: np.ndarray) -> dict:
     return {"b64": base64.b64encode(frame.tobytes()).decode(), "dtype": "uint8", "shape": list(frame.shape)}
 
 
-def http_rate(base: str, body: bytes, per_request: int, seconds: float, connections: int) -> float:
+def v2_binary(batch: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol infer body for ``batch``: the JSON header, then the raw frames
+    (Triton's binary tensor extension), and its headers."""
+    raw = batch.tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "observation",
+                    "shape": list(batch.shape),
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "action", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return head + raw, {"inference-header-content-length": str(len(head))}
+
+
+def http_rate(
+    base: str,
+    body: bytes,
+    per_request: int,
+    seconds: float,
+    connections: int,
+    path: str = f"/v1/policies/{POLICY}/act",
+    headers: dict[str, str] | None = None,
+) -> float:
     """Frames/s answered by the server, ``connections`` clients posting ``body`` back to back."""
 
     async def run() -> int:
-        headers = {"content-type": "application/json"}
+        sent = headers or {"content-type": "application/json"}
         async with httpx.AsyncClient(base_url=base, timeout=60) as c:
 
             async def worker(stop: float) -> int:
                 n = 0
                 while time.monotonic() < stop:
-                    r = await c.post(f"/v1/policies/{POLICY}/act", content=body, headers=headers)
+                    r = await c.post(path, content=body, headers=sent)
                     assert r.status_code == 200, r.text
                     n += per_request
                 return n
@@ -296,6 +325,8 @@ def main() -> None:
         batch32 = json.dumps({"observations": [b64(f) for f in batch]}).encode()
         http_1 = http_rate(base, single, 1, args.seconds, args.connections)
         http_32 = http_rate(base, batch32, 32, args.seconds, 1)
+        v2_body, v2_headers = v2_binary(batch)
+        v2_32 = http_rate(base, v2_body, 32, args.seconds, 1, f"/v2/models/{POLICY}/infer", v2_headers)
         ws = asyncio.run(ws_steps(base, batch[0], args.connections, args.seconds))
     finally:
         proc.terminate()
@@ -312,7 +343,7 @@ def main() -> None:
         replay[dtype] = float(out.strip().splitlines()[-1])
     results = {
         "policy": label,
-        "http_frames_per_s": {"single": http_1, "batch_32": http_32},
+        "http_frames_per_s": {"single": http_1, "batch_32": http_32, "v2_binary_batch_32": v2_32},
         "inprocess_frames_per_s": {"single": local_1, "batch_32": local_32},
         "decode_per_frame": decoding,
         "ws_session_steps_per_s": ws,
@@ -324,6 +355,7 @@ def main() -> None:
     ratios = {
         f"pixel act http/in-process, single frame ({args.connections} clients)": http_1 / local_1,
         "pixel act http/in-process, batch of 32 (target >= 0.5)": http_32 / local_32,
+        "pixel /v2 binary infer/in-process, batch of 32 (target >= 0.6)": v2_32 / local_32,
         "decode per frame json_list/b64 (b64 is x faster)": decoding["json_list_ms"] / decoding["b64_ms"],
     }
     for k, v in ratios.items():
