@@ -74,12 +74,8 @@ class TensorCodec:
                 d = list(spec.action.shape)
                 self.outputs += [TensorSpec("loc", "FP32", [-1, *d]), TensorSpec("scale", "FP32", [-1, *d])]
         self._inputs = {t.name: t for t in self.inputs}
+        self._outputs = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
-
-    @property
-    def info_outputs(self) -> list[str]:
-        """The outputs that come from ``return_info`` (all but ``action``)."""
-        return self.output_names[1:]
 
     def decode(
         self, tensors: dict[str, np.ndarray], policy: str
@@ -164,18 +160,15 @@ class TensorCodec:
             else:
                 tensor = result.info[name]
             array = tensor.detach().cpu().numpy()
-            out[name] = array.astype(DATATYPES[self._output(name).datatype], copy=False)
+            out[name] = array.astype(DATATYPES[self._outputs[name].datatype], copy=False)
         return out
 
     def check_outputs(self, wanted: list[str], policy: str) -> None:
-        unknown = [w for w in wanted if w not in self.output_names]
+        unknown = [w for w in wanted if w not in self._outputs]
         if unknown:
             raise InvalidInput(
                 f"output {unknown[0][:64]!r} is not one of policy {policy}'s outputs {self.output_names}"
             )
-
-    def _output(self, name: str) -> TensorSpec:
-        return next(t for t in self.outputs if t.name == name)
 
 
 def _leaf(name: str, leaf) -> TensorSpec:

@@ -53,7 +53,6 @@ class Feed:
     pending: list[dict[str, torch.Tensor]] = field(default_factory=list)
     pending_n: int = 0
     oldest: float = 0.0
-
     io: ThreadPoolExecutor | None = field(default=None, repr=False)  # JobFeeds' file thread
     checked: float = 0.0  # when ``follow`` last looked for new weights (monotonic)
     loading: asyncio.Future | None = field(default=None, repr=False)
