@@ -23,7 +23,7 @@ def worker_app():
     from service.observability import configure_json_logging
 
     configure_json_logging(os.environ.get(WORKERS_LOG_LEVEL, "info"))
-    return create_app()
+    return create_app(shared_ports=True)
 
 
 def _serve(args: argparse.Namespace) -> int:

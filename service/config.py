@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     protect_inference: bool = Field(False, description="Also require the key for act/sessions.")
     device: str = Field("cpu", description="Device that serves policies (cpu | cuda | auto).")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for serving.")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC; 0 = off."
+    )
+    grpc_host: str = Field("0.0.0.0", description="Address the gRPC service binds.")
+    rllib_compat: bool = Field(
+        False, description="Answer RLlib PolicyClient's pickled commands at POST /rllib/{policy}."
+    )
 
     # limits
     max_body_bytes: int = Field(

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import dashboard, envs, health, jobs, oip, policies, sessions
+from service.api.oip_grpc import GrpcServer
 from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
 from service.config import Settings, resolve_device
@@ -34,8 +35,9 @@ from service.training.job_system import build_jobs
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> ServiceApp:
-    """Build the application; nothing is loaded until the lifespan starts."""
+def create_app(settings: Settings | None = None, shared_ports: bool = False) -> ServiceApp:
+    """Build the application; nothing is loaded until the lifespan starts. ``shared_ports``: one
+    of ``serve --workers N``'s processes (they all bind the gRPC port)."""
     settings = settings or Settings()
     configure_process(settings.torch_threads)
 
@@ -70,6 +72,10 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         state.job_worker = worker
         if settings.embedded_worker:
             worker.start()
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server = GrpcServer(state.infer_service, settings, state.metrics, shared_ports)
+            await grpc_server.start()
         freeze_loaded_objects()
         tasks = []
         if settings.job_sweep_s > 0:
@@ -81,6 +87,8 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
         finally:
             for t in tasks:
                 t.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop()
             if settings.embedded_worker:
                 await asyncio.to_thread(worker.stop)
             state.executor.shutdown()

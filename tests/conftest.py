@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -9,6 +11,9 @@ from service.process import configure_process
 from tests.helpers import CARTPOLE_Q, NOVEL_LSTM, PENDULUM, SPECS, RedisServer, write_policy
 
 configure_process()  # what the CLI and create_app do; tests that train call trainers directly
+# no gRPC service on the default port in tests (apps and the servers they start inherit this);
+# the gRPC tests give their server a free port of its own
+os.environ["POLICY_SERVER_GRPC_PORT"] = "0"
 
 
 @pytest.fixture()

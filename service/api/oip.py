@@ -17,10 +17,9 @@ from pydantic import ValidationError
 from service.api.auth import check_inference
 from service.api.errors import error_answer
 from service.errors import InvalidInput, ServiceError
-from service.exploration import Exploration, ExplorationParams
-from service.runtime.tensors import DATATYPES, NAMES
+from service.runtime.tensors import NAMES, dtype_of, from_bytes, from_values
 from service.schemas import OipInferRequest
-from service.serving.inference import InferParams, InferService, Sequence, parameter
+from service.serving.inference import InferParams, InferService, options
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -127,51 +126,27 @@ def _parse(
     for t in request.inputs:
         if t.name in tensors:
             raise InvalidInput(f"input {t.name!r} is given twice")
-        dtype = DATATYPES.get(t.datatype)
-        if dtype is None:
-            raise InvalidInput(
-                f"input {t.name!r} has datatype {t.datatype!r}; one of {sorted(DATATYPES)} is expected"
-            )
-        count = math.prod(t.shape)
         size = (t.parameters or {}).get("binary_data_size")
         if size is not None:
-            if type(size) is not int or size != count * dtype.itemsize:
+            needed = math.prod(t.shape) * dtype_of(t.name, t.datatype).itemsize
+            if type(size) is not int or size != needed:
                 raise InvalidInput(
                     f"input {t.name!r}: binary_data_size {size!r} does not fit shape {t.shape} of "
-                    f"{t.datatype} ({count * dtype.itemsize} bytes)"
+                    f"{t.datatype} ({needed} bytes)"
                 )
             if offset + size > len(binary):
                 raise InvalidInput(f"input {t.name!r}: the body holds fewer binary bytes than announced")
-            array = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(t.shape)
+            array = from_bytes(t.name, memoryview(binary)[offset : offset + size], t.datatype, t.shape)
             offset += size
         elif t.data is not None:
-            array = _from_json(t.name, t.data, dtype, t.shape, count)
+            array = from_values(t.name, t.data, t.datatype, t.shape)
         else:
             raise InvalidInput(f"input {t.name!r} has neither 'data' nor parameters.binary_data_size")
         tensors[t.name] = array
     if offset != len(binary):
         raise InvalidInput(f"the body has {len(binary) - offset} binary bytes that no input announced")
     p = request.parameters or {}
-    sequence = _sequence(p)
-    exploration = parameter(p, "exploration", (str,))
-    if exploration is not None and exploration not in Exploration.__members__:
-        raise InvalidInput(
-            f"parameter 'exploration' is {exploration[:32]!r}; one of {list(Exploration.__members__)}"
-        )
-    epsilon = parameter(p, "epsilon", (float, int))
-    if epsilon is not None and not 0.0 <= epsilon <= 1.0:
-        raise InvalidInput(f"parameter 'epsilon' is {epsilon}; it must be in [0, 1]")
-    noise_std = parameter(p, "noise_std", (float, int))
-    if noise_std is not None and not 0.0 <= noise_std <= 1e6:
-        raise InvalidInput(f"parameter 'noise_std' is {noise_std}; it must be in [0, 1e6]")
-    seed = parameter(p, "seed", (int,))
-    if seed is not None and not 0 <= seed <= 2**63 - 1:
-        raise InvalidInput(f"parameter 'seed' is {seed}; it must be in [0, 2**63 - 1]")
-    explore = ExplorationParams(
-        Exploration(exploration) if exploration else None,
-        None if epsilon is None else float(epsilon),
-        None if noise_std is None else float(noise_std),
-    )
+    explore, seed, sequence = options(p)
     wanted = None if request.outputs is None else [o.name for o in request.outputs]
     all_binary = bool(p.get("binary_data_output"))
     binary_out = {
@@ -181,38 +156,6 @@ def _parse(
         binary_out = {"*"}
     params = InferParams(name, version, tensors, explore, seed, wanted, sequence)
     return params, binary_out, request.id
-
-
-def _sequence(p: dict) -> Sequence | None:
-    """Triton's ``sequence_id`` (a non-zero integer or a non-empty string; 0 and "" mean none),
-    ``sequence_start``, ``sequence_end``."""
-    sequence_id = p.get("sequence_id")
-    start, end = parameter(p, "sequence_start", (bool,)), parameter(p, "sequence_end", (bool,))
-    if sequence_id in (None, 0, ""):
-        if start or end:
-            raise InvalidInput("sequence_start and sequence_end go with a sequence_id")
-        return None
-    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str) or len(str(sequence_id)) > 128:
-        raise InvalidInput("parameter 'sequence_id' must be an integer or a string of at most 128 characters")
-    return Sequence(str(sequence_id), bool(start), bool(end))
-
-
-def _from_json(name: str, data: list, dtype: np.dtype, shape: list[int], count: int) -> np.ndarray:
-    try:
-        array = np.asarray(data)
-    except ValueError:
-        raise InvalidInput(f"input {name!r}: 'data' is not a regular array of numbers") from None
-    if array.size != count:
-        raise InvalidInput(f"input {name!r}: 'data' holds {array.size} values; shape {shape} needs {count}")
-    kind = array.dtype.kind
-    if dtype.kind == "b" and kind != "b":
-        raise InvalidInput(f"input {name!r}: BOOL data must be true/false")
-    if dtype.kind in "iu" and kind not in "iu":
-        raise InvalidInput(f"input {name!r}: {NAMES[dtype]} data must be integers")
-    if dtype.kind == "f" and kind not in "iuf":
-        raise InvalidInput(f"input {name!r}: {NAMES[dtype]} data must be numbers")
-    with np.errstate(over="ignore"):
-        return array.astype(dtype).reshape(shape)
 
 
 def _answer(answer: dict, binary_out: set[str], request_id: str | None) -> Response:

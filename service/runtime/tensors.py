@@ -11,6 +11,8 @@ into the named outputs (``action``, ``action_value``, ``chosen_action_value``, `
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tensordict import TensorDict
@@ -33,6 +35,53 @@ DATATYPES: dict[str, np.dtype] = {
 }
 NAMES = {v: k for k, v in DATATYPES.items()}
 ACTION_MASK = "action_mask"
+
+
+def dtype_of(name: str, datatype: str) -> np.dtype:
+    """The numpy dtype of an input's Triton datatype (422 for one it is not)."""
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"input {name[:64]!r} has datatype {datatype[:16]!r}; one of {sorted(DATATYPES)} is expected"
+        )
+    return dtype
+
+
+def from_bytes(name: str, raw: bytes | memoryview, datatype: str, shape: list[int]) -> np.ndarray:
+    """An input sent as raw little-endian bytes (REST's binary extension, gRPC's
+    ``raw_input_contents``): exactly ``prod(shape)`` elements, read in place."""
+    dtype = dtype_of(name, datatype)
+    count = math.prod(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {name[:64]!r}: {len(raw)} bytes do not fit shape {shape} of {datatype} "
+            f"({count * dtype.itemsize} bytes)"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+def from_values(name: str, data, datatype: str, shape: list[int]) -> np.ndarray:
+    """An input sent as values (REST's JSON ``data``, flat or nested; gRPC's typed
+    ``contents``): ``prod(shape)`` numbers of the datatype's kind."""
+    dtype = dtype_of(name, datatype)
+    count = math.prod(shape)
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise InvalidInput(f"input {name[:64]!r}: 'data' is not a regular array of numbers") from None
+    if array.size != count:
+        raise InvalidInput(f"input {name[:64]!r}: 'data' holds {array.size} values; shape {shape} needs {count}")
+    if count == 0:
+        return np.zeros(shape, dtype)
+    kind = array.dtype.kind
+    if dtype.kind == "b" and kind != "b":
+        raise InvalidInput(f"input {name[:64]!r}: BOOL data must be true/false")
+    if dtype.kind in "iu" and kind not in "iu":
+        raise InvalidInput(f"input {name[:64]!r}: {datatype} data must be integers")
+    if dtype.kind == "f" and kind not in "iuf":
+        raise InvalidInput(f"input {name[:64]!r}: {datatype} data must be numbers")
+    with np.errstate(over="ignore"):
+        return array.astype(dtype).reshape(shape)
 
 
 class TensorSpec:

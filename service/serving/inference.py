@@ -12,7 +12,7 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, check_limit
-from service.exploration import ExplorationParams
+from service.exploration import Exploration, ExplorationParams
 from service.registry.registry import LoadedVersion, Registry
 from service.serving.acting import ActService
 from service.serving.params import SessionCreateParams
@@ -182,3 +182,42 @@ def parameter(parameters: dict[str, Any], name: str, kinds: tuple[type, ...]) ->
     if not isinstance(value, kinds):
         raise InvalidInput(f"parameter {name!r} must be a {kinds[0].__name__}, got {type(value).__name__}")
     return value
+
+
+def options(p: dict[str, Any]) -> tuple[ExplorationParams, int | None, Sequence | None]:
+    """An infer request's ``parameters`` (REST's JSON object, gRPC's ``InferParameter`` map as
+    plain values): exploration, epsilon, noise_std, seed, and the sequence it steps."""
+    exploration = parameter(p, "exploration", (str,))
+    if exploration is not None and exploration not in Exploration.__members__:
+        raise InvalidInput(
+            f"parameter 'exploration' is {exploration[:32]!r}; one of {list(Exploration.__members__)}"
+        )
+    epsilon = parameter(p, "epsilon", (float, int))
+    if epsilon is not None and not 0.0 <= epsilon <= 1.0:
+        raise InvalidInput(f"parameter 'epsilon' is {epsilon}; it must be in [0, 1]")
+    noise_std = parameter(p, "noise_std", (float, int))
+    if noise_std is not None and not 0.0 <= noise_std <= 1e6:
+        raise InvalidInput(f"parameter 'noise_std' is {noise_std}; it must be in [0, 1e6]")
+    seed = parameter(p, "seed", (int,))
+    if seed is not None and not 0 <= seed <= 2**63 - 1:
+        raise InvalidInput(f"parameter 'seed' is {seed}; it must be in [0, 2**63 - 1]")
+    explore = ExplorationParams(
+        Exploration(exploration) if exploration else None,
+        None if epsilon is None else float(epsilon),
+        None if noise_std is None else float(noise_std),
+    )
+    return explore, seed, _sequence(p)
+
+
+def _sequence(p: dict[str, Any]) -> Sequence | None:
+    """Triton's ``sequence_id`` (a non-zero integer or a non-empty string; 0 and "" mean none),
+    ``sequence_start``, ``sequence_end``."""
+    sequence_id = p.get("sequence_id")
+    start, end = parameter(p, "sequence_start", (bool,)), parameter(p, "sequence_end", (bool,))
+    if sequence_id in (None, 0, ""):
+        if start or end:
+            raise InvalidInput("sequence_start and sequence_end go with a sequence_id")
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str) or len(str(sequence_id)) > 128:
+        raise InvalidInput("parameter 'sequence_id' must be an integer or a string of at most 128 characters")
+    return Sequence(str(sequence_id), bool(start), bool(end))
