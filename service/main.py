@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import dashboard, envs, health, jobs, oip, policies, sessions
-from service.api.oip_grpc import GrpcServer
 from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
+from service.api.oip_grpc import GrpcServer
 from service.config import Settings, resolve_device
 from service.observability import Metrics
 from service.process import configure_process, freeze_loaded_objects

@@ -73,7 +73,8 @@ def test_metadata_and_config_as_over_rest(server, triton):
     config = triton.get_model_config("cartpole-lstm-dqn", headers=KEY, as_json=True)["config"]
     assert config["max_batch_size"] == 4096 and config["input"][0]["dims"] == ["2"]
     assert int(config["sequence_batching"]["max_sequence_idle_microseconds"]) > 0
-    assert "sequence_batching" not in triton.get_model_config("cartpole-dqn", headers=KEY, as_json=True)["config"]
+    plain = triton.get_model_config("cartpole-dqn", headers=KEY, as_json=True)["config"]
+    assert "sequence_batching" not in plain
 
 
 def test_infer_with_raw_and_typed_tensors_answers_what_v1_act_answers(server, triton):
@@ -154,7 +155,8 @@ def test_a_stream_steps_sequences_as_v1_sessions_do(server, triton):
         )  # closed at its end
         result, error = answers.get(timeout=30)
         assert result is None and "sequence_start" in error.message()
-        triton.async_stream_infer("cartpole-dqn", [_input("observation", np.zeros((1, 4), np.float32), "FP32")])
+        zeros = np.zeros((1, 4), np.float32)
+        triton.async_stream_infer("cartpole-dqn", [_input("observation", zeros, "FP32")])
         result, error = answers.get(timeout=30)
         assert error is None and result.as_numpy("action").shape == (1,)  # the stream went on
     finally:
@@ -162,17 +164,23 @@ def test_a_stream_steps_sequences_as_v1_sessions_do(server, triton):
     for seq, obs in streams.items():
         sid = _post(server, "/v1/sessions", {"policy": "cartpole-lstm-dqn"})["session_id"]
         for t in range(8):
-            r = _post(server, f"/v1/sessions/{sid}/act", {"observation": obs[t].tolist(), "return_info": True})
+            step = {"observation": obs[t].tolist(), "return_info": True}
+            r = _post(server, f"/v1/sessions/{sid}/act", step)
             np.testing.assert_allclose(got[seq][t], r["info"]["action_value"], rtol=1e-5, atol=1e-6)
 
 
 def test_errors_carry_triton_status_codes_and_the_v1_sentence(server, triton):
     obs = np.zeros((1, 4), np.float32)
+    three = np.zeros((1, 3), np.float32)
     cases = [
-        ("cartpole-dqn", [_input("observation", np.zeros((1, 3), np.float32), "FP32")], {}, "INVALID_ARGUMENT",
-         "expects ['B', 4]"),
-        ("cartpole-dqn", [_input("observation", obs, "FP32")], {"parameters": {"epsilon": 3}},
-         "INVALID_ARGUMENT", "epsilon"),
+        ("cartpole-dqn", [_input("observation", three, "FP32")], {}, "INVALID_ARGUMENT", "expects ['B', 4]"),
+        (
+            "cartpole-dqn",
+            [_input("observation", obs, "FP32")],
+            {"parameters": {"epsilon": 3}},
+            "INVALID_ARGUMENT",
+            "epsilon",
+        ),
         ("cartpole-dqn", [_input("obs", obs, "FP32")], {}, "INVALID_ARGUMENT", "not one of"),
         ("no-such-policy", [_input("observation", obs, "FP32")], {}, "NOT_FOUND", "no-such-policy"),
         ("cartpole-dqn", [_input("observation", obs, "FP32")], {"model_version": "9"}, "NOT_FOUND", "9"),

@@ -85,7 +85,8 @@ def infer_params(request: service_pb2.ModelInferRequest) -> InferParams:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
-            f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs: send one per input"
+            f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs: "
+            "send one per input"
         )
     if len(request.inputs) > 40:
         raise InvalidInput(f"the request has {len(request.inputs)} inputs; at most 40 are accepted")
@@ -254,7 +255,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 class GrpcServer:
     """The gRPC server of one process: started and stopped by the app's lifespan."""
 
-    def __init__(self, service: InferService, settings: Settings, metrics: Metrics, shared_port: bool) -> None:
+    def __init__(
+        self, service: InferService, settings: Settings, metrics: Metrics, shared_port: bool
+    ) -> None:
         limit = settings.max_body_bytes
         self.server = grpc.aio.server(
             options=[

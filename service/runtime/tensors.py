@@ -70,7 +70,9 @@ def from_values(name: str, data, datatype: str, shape: list[int]) -> np.ndarray:
     except ValueError:
         raise InvalidInput(f"input {name[:64]!r}: 'data' is not a regular array of numbers") from None
     if array.size != count:
-        raise InvalidInput(f"input {name[:64]!r}: 'data' holds {array.size} values; shape {shape} needs {count}")
+        raise InvalidInput(
+            f"input {name[:64]!r}: 'data' holds {array.size} values; shape {shape} needs {count}"
+        )
     if count == 0:
         return np.zeros(shape, dtype)
     kind = array.dtype.kind
