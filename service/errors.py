@@ -30,6 +30,11 @@ class InvalidInput(ServiceError, ValueError):
     """The request's content does not fit (shapes, values, limits on its content)."""
 
 
+class Unreadable(ServiceError):
+    """A body that is not in the wire format the endpoint reads, or holds what it refuses to
+    read (a pickle naming anything outside its allow-list): nothing of it ran."""
+
+
 class Conflict(ServiceError):
     """The request fits but the resource's state forbids it (e.g. cancelling a finished job)."""
 

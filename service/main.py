@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import dashboard, envs, health, jobs, oip, policies, sessions
+from service.api import dashboard, envs, health, jobs, oip, policies, rllib, sessions
 from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
 from service.api.oip_grpc import GrpcServer
@@ -28,6 +28,7 @@ from service.serving.feeds import JobFeeds
 from service.serving.inference import InferService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
+from service.serving.rllib import RLlibService
 from service.serving.rollouts import RolloutService
 from service.serving.sessions import SessionService
 from service.training.job_system import build_jobs
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
         state.infer_service = InferService(registry, state.act_service, state.session_service, settings)
+        state.rllib_service = RLlibService(state.session_service, registry)
         state.policy_service = PolicyService(registry, state.session_service)
         state.job_service = JobService(queue.store, queue, settings)
         state.job_worker = worker
@@ -106,7 +108,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
     app.state.metrics = Metrics()
     app.configure_edge(settings, app.state.metrics)
     install_error_handlers(app)
-    for router in (health, policies, envs, sessions, jobs, oip, dashboard):
+    for router in (health, policies, envs, sessions, jobs, oip, rllib, dashboard):
         app.include_router(router.router)
     return app
 

@@ -21,6 +21,7 @@ ROUTERS = {
     "service.api.jobs",
     "service.api.health",
     "service.api.oip",
+    "service.api.rllib",
     "service.api.dashboard",
 }
 # Top to bottom: a module imports from its own package and the layers below it, never from a

@@ -16,13 +16,23 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.responses import FastJSONResponse
-from service.errors import Busy, Conflict, InvalidInput, NotFound, ServiceError, TimedOut, Unavailable
+from service.errors import (
+    Busy,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    TimedOut,
+    Unavailable,
+    Unreadable,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS: dict[type[ServiceError], int] = {
     NotFound: 404,
     InvalidInput: 422,
+    Unreadable: 400,
     Conflict: 409,
     Busy: 429,
     Unavailable: 503,

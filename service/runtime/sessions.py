@@ -55,6 +55,9 @@ class Session:
     # (job sessions) per env: the previous observation and action, whether there is one, and
     # the running episode return; a reported reward turns them into a transition
     pending: tuple[torch.Tensor, ...] | None = None
+    # (job sessions) reward reported ahead of the next step (``SessionService.report``: RLlib's
+    # LOG_RETURNS), the previous action's until a step with ``reported`` takes it
+    reward_due: float = 0.0
     indexed_until: float = 0.0  # (Redis) the expiry its index entries hold
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class Session:
         self.needs_init = torch.ones(self.num_envs, dtype=torch.bool)
         self.state = None
         self.pending = None
+        self.reward_due = 0.0
 
     def public(self) -> dict:
         return {
@@ -105,6 +109,7 @@ class Session:
                 "state": None if self.state is None else [_layout(t) for t in self.state],
                 "pending": None if self.pending is None else [_layout(t) for t in self.pending],
                 "job": self.job,
+                "reward_due": self.reward_due,
                 "indexed_until": self.indexed_until,
             }
         )

@@ -55,6 +55,10 @@ class SessionStepParams:
     reward: float | list[float | None] | None = None
     terminated: bool | list[bool] | None = None
     truncated: bool | list[bool] | None = None
+    # job sessions, one env: the reward is what ``report`` accumulated since the previous step
+    reported: bool = False
+    # job sessions, one env: the action the client took instead of the one answered (recorded)
+    taken: int | None = None
 
 
 @dataclass(slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -117,6 +119,19 @@ class SessionService:
             await self.store.save(session)
         return session.public()
 
+    async def report(self, session_id: str, reward: float) -> None:
+        """A reward for a job session's previous action, reported ahead of its next step (which
+        takes it with ``reported``); rewards add up until then. A served policy's session
+        learns nothing from it: accepted, kept nowhere."""
+        if not math.isfinite(reward):
+            raise InvalidInput("reward must be a finite number")
+        async with self.store.lock(session_id):
+            session = await self._load(session_id)
+            if session.job is None:
+                return
+            session.reward_due += reward
+            await self.store.save(session)
+
     async def close_version(self, policy: str, version: int) -> int:
         """Close the sessions pinned to a version that is no longer served."""
         return await self.store.close_version(policy, version)
@@ -201,11 +216,14 @@ class SessionService:
         the learner's exploring policy acts, the completed transitions go to the job's feed."""
         feed = await self._feeds().open(session.job)
         feed.follow()  # the learner's newer weights, when they are read, serve the next steps
+        if p.reported:
+            p = _with_reported(p, session)
         obs, mask = self._decode(feed.runtime, p, session)
         resets = reset_mask(p.reset, session.num_envs)
         if resets is None:
             resets = torch.zeros(session.num_envs, dtype=torch.bool)
         report = Report.check(p, session, resets)
+        taken = None if p.taken is None else _taken(feed.runtime, p.taken, session.num_envs)
         obs = as_tensor(obs)  # kept for the transitions: one tensor, made here
         await feed.pace()  # may wait for the learner, or refuse (429): nothing recorded
         runtime = feed.runtime
@@ -216,7 +234,9 @@ class SessionService:
         call = _step_call(runtime, session, obs, mask, resets, explore, p.return_info, always_init=True)
         result = await self.batcher.submit(runtime, call)
         lstm = (call.state[0], call.state[1]) if runtime.recurrent else None
-        transitions = report.record(session, obs, result.action, lstm, call.is_init)
+        action = result.action if taken is None else taken
+        transitions = report.record(session, obs, action, lstm, call.is_init)
+        session.reward_due = 0.0
         _advance(session, call, result)
         await self.store.save(session)
         if feed.learning:  # a step that fails to store records none
@@ -265,6 +285,25 @@ def _step_call(
         is_init,
         mask,
     )
+
+
+def _with_reported(p: SessionStepParams, session: Session) -> SessionStepParams:
+    """A one-env step whose reward (and ``terminated``/``truncated``) is the outcome ``report``
+    accumulated for the previous action; without one (a session's first step, the step after
+    an episode's end) there is no outcome to record."""
+    if session.num_envs != 1:
+        raise InvalidInput("rewards reported ahead of a step go to sessions of one env")
+    if session.pending is not None and bool(session.pending[2][0]):
+        return replace(p, reward=session.reward_due, reported=False)
+    return replace(p, reward=None, terminated=None, truncated=None, reported=False)  # nothing to end
+
+
+def _taken(runtime: PolicyRuntime, action: int, num_envs: int) -> torch.Tensor:
+    """The action a client took instead of the answered one (discrete job policies)."""
+    n = runtime.spec.action.n
+    if num_envs != 1 or type(action) is not int or not 0 <= action < n:
+        raise InvalidInput(f"the action taken must be one integer in [0, {n}) for a session of one env")
+    return torch.tensor([action], dtype=torch.int64)
 
 
 def _advance(session: Session, call: ActCall, result: ActResult) -> None:
