@@ -133,7 +133,8 @@ def _retry_after(response: httpx.Response, attempt: int) -> float:
 def _answer(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         try:
-            detail = response.json().get("detail")
+            body = response.json()
+            detail = body.get("detail", body.get("error"))  # /v1's {"detail"}, /v2's {"error"}
         except (ValueError, AttributeError):
             detail = response.text
         raise PolicyServerError(response.status_code, detail)
@@ -172,12 +173,24 @@ class PolicyClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer of a call (None for an empty one), retried on 429/503."""
+        return _answer(self._send(method, path, **kwargs))
+
+    def raw_request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response itself (its bytes and headers: binary protocols), retried and checked
+        as ``request`` does."""
+        response = self._send(method, path, **kwargs)
+        if response.status_code >= 400:
+            _answer(response)  # raises PolicyServerError with the server's sentence
+        return response
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.retries + 1):
             response = self._http.request(method, path, **kwargs)
             if response.status_code in RETRY_STATUSES and attempt < self.retries:
                 self._sleep(_retry_after(response, attempt))
                 continue
-            return _answer(response)
+            return response
         raise AssertionError("unreachable")
 
     # -- policies -------------------------------------------------------------------------------
