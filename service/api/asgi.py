@@ -12,13 +12,17 @@ from service.registry.spec import is_valid_name
 
 _PREFIX = "/v1/policies/"
 _SESSIONS = "/v1/sessions/"
+_MODELS = "/v2/models/"
 ACT_ROUTE = "/v1/policies/{name}/act"
 SESSION_ACT_ROUTE = "/v1/sessions/{session_id}/act"
+INFER_ROUTE = "/v2/models/{name}/infer"
+INFER_VERSION_ROUTE = "/v2/models/{name}/versions/{version}/infer"
 
 
 class RouteKind(str, Enum):
     act = "act"  # POST /v1/policies/{name}/act: answered by service.api.hot
     session_act = "session_act"  # POST /v1/sessions/{session_id}/act: answered by service.api.hot
+    infer = "infer"  # POST /v2/models/{name}[/versions/{version}]/infer: answered by service.api.oip
     rollout = "rollout"  # its own ROLLOUT_TIMEOUT_S, not the request timeout
     upload = "upload"  # MAX_UPLOAD_BYTES, not MAX_BODY_BYTES; no request timeout
     other = "other"
@@ -28,6 +32,7 @@ class Route(NamedTuple):
     kind: RouteKind
     policy: str | None = None
     session_id: str | None = None
+    version: str | None = None  # /v2 infer: the path's version, unchecked
 
 
 _OTHER = Route(RouteKind.other)
@@ -43,6 +48,15 @@ def classify(method: str, path: str) -> Route:
         session_id, _, tail = path[len(_SESSIONS) :].partition("/")
         if tail == "act" and session_id:
             return Route(RouteKind.session_act, None, session_id)
+        return _OTHER
+    if path.startswith(_MODELS):
+        name, _, tail = path[len(_MODELS) :].partition("/")
+        if tail == "infer" and name:
+            return Route(RouteKind.infer, name)
+        versions, _, rest = tail.partition("/")
+        version, _, last = rest.partition("/")
+        if versions == "versions" and last == "infer" and name and version:
+            return Route(RouteKind.infer, name, None, version)
         return _OTHER
     if not path.startswith(_PREFIX):
         return _OTHER
@@ -75,8 +89,14 @@ def dumps(payload: object) -> bytes:
 
 async def send_json(send, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
     """The one ASGI JSON sender."""
-    body = dumps(payload)
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send_bytes(send, status, dumps(payload), b"application/json", headers)
+
+
+async def send_bytes(
+    send, status: int, body: bytes, content_type: bytes, headers: dict[str, str] | None = None
+) -> None:
+    """The one ASGI sender of a whole body."""
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     if headers:
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

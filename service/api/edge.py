@@ -3,7 +3,8 @@
 ``ServiceApp`` is the FastAPI application with one change: its ``__call__`` first does the
 service's per-request work (request id, body limits, timeout, metrics, access log) here, once,
 and hands the hot routes (``api/hot``: the two act routes and the session WebSocket, whose
-FastAPI WebSocket wrapper and middleware senders cost ~15% of a step) to their one
+FastAPI WebSocket wrapper and middleware senders cost ~15% of a step; ``api/oip.answer``: the
+Open Inference Protocol's infer, where FastAPI's routing cost more than the call) to their one
 implementation. Everything else goes on to FastAPI. Subclassing is the one place this works
 around the framework; ``openapi`` adds the hot routes' declarations to the schema.
 """
@@ -19,15 +20,18 @@ import time
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api import hot
+from service.api import hot, oip
 from service.api.asgi import (
     ACT_ROUTE,
+    INFER_ROUTE,
+    INFER_VERSION_ROUTE,
     SESSION_ACT_ROUTE,
     Route,
     RouteKind,
     classify,
     dumps,
     header,
+    send_bytes,
     send_json,
     stream_session_id,
 )
@@ -173,6 +177,23 @@ class ServiceApp(FastAPI):
             deadlines.expired.discard(task)
 
     async def _route(self, scope, receive, exchange: _Exchange, route: Route, limit: int) -> None:
+        if route.kind is RouteKind.infer:
+            body = await _read_body(receive, limit)
+            try:
+                status, content, kind, headers = await oip.answer(
+                    self.state,
+                    route,
+                    body,
+                    header(scope, b"authorization"),
+                    header(scope, b"inference-header-content-length"),
+                )
+            except Exception:  # as the other routes answer an unexpected error
+                log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                status, content, kind, headers = 500, b'{"error":"internal error"}', oip.JSON, None
+                if exchange.started:
+                    return
+            await send_bytes(exchange, status, content, kind, headers)
+            return
         if route.kind in _HOT:
             try:
                 self._check_key(scope)
@@ -216,7 +237,7 @@ class ServiceApp(FastAPI):
                 title=self.title,
                 version=self.version,
                 description=self.description,
-                routes=[*self.routes, *hot.DOCUMENTED.routes],
+                routes=[*self.routes, *hot.DOCUMENTED.routes, *oip.DOCUMENTED.routes],
             )
         return self.openapi_schema
 
@@ -250,6 +271,8 @@ class ServiceApp(FastAPI):
             template, name = ACT_ROUTE, route.policy
         elif route.kind is RouteKind.session_act:
             template, name = SESSION_ACT_ROUTE, ""
+        elif route.kind is RouteKind.infer:
+            template, name = (INFER_ROUTE if route.version is None else INFER_VERSION_ROUTE), route.policy
         else:
             template = getattr(scope.get("route"), "path", "unmatched")
             name = (scope.get("path_params") or {}).get("name", "")

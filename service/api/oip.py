@@ -1,8 +1,9 @@
 """The Open Inference Protocol (KServe v2 / Triton) over REST, under ``/v2``: HTTP and framing
 only — JSON tensors and Triton's binary tensor extension (``Inference-Header-Content-Length``)
 in both directions — then ``serving/inference.InferService``. The body is read as bytes
-whatever its content-type (tritonclient sends none). Errors are ``{"error": "sentence"}`` with
-the status ``/v1`` gives the same fault (``api/errors.STATUS``).
+whatever its content-type (tritonclient sends none). Infer itself is answered by ``answer``,
+a hot route of the edge (``api/edge``); the metadata routes are FastAPI's. Errors are
+``{"error": "sentence"}`` with the status ``/v1`` gives the same fault (``api/errors.STATUS``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
+from service.api.asgi import Route, dumps
 from service.api.auth import check_inference
 from service.api.errors import error_answer
 from service.errors import InvalidInput, ServiceError
@@ -22,7 +24,7 @@ from service.schemas import OipInferRequest
 from service.serving.inference import InferParams, InferService, options
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-HEADER_LENGTH = "inference-header-content-length"
+JSON, BINARY = b"application/json", b"application/octet-stream"
 
 
 def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -87,19 +89,34 @@ _model_route("/ready", InferService.model_ready)
 _model_route("/config", InferService.config)  # Triton's model configuration (perf_analyzer)
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
+async def answer(
+    state, route: Route, body: bytes, authorization: bytes | None, header_length: bytes | None
+) -> tuple[int, bytes, bytes, dict[str, str] | None]:
+    """``(status, body, content type, headers)`` of ``POST /v2/models/{name}[/versions/{v}]/infer``:
+    the edge's hot route (``api/edge``; FastAPI's routing would cost more than the call itself)."""
     try:
-        check_inference(request.app.state.settings, request.headers.get("authorization"))
-        body = await request.body()  # read within MAX_BODY_BYTES by the edge
-        params, binary_out, request_id = _parse(
-            body, request.headers.get(HEADER_LENGTH), name, _version(version)
-        )
-        answer = await _service(request).infer(params)
+        check_inference(state.settings, authorization)
+        length = None if header_length is None else header_length.decode("latin-1")
+        params, binary_out, request_id = _parse(body, length, route.policy, _version(route.version))
+        result = await state.infer_service.infer(params)
     except ServiceError as exc:
-        return _error(exc)
-    return _answer(answer, binary_out, request_id)
+        status, detail, headers = error_answer(exc)
+        return status, dumps({"error": detail["detail"]}), JSON, headers
+    return _answer(result, binary_out, request_id)
+
+
+DOCUMENTED = APIRouter(prefix="/v2", tags=["open inference protocol"])
+
+
+@DOCUMENTED.post("/models/{name}/infer")
+async def infer(name: str, body: OipInferRequest) -> None:
+    """Infer with the default version (JSON tensors, or Triton's binary tensor extension with an
+    ``Inference-Header-Content-Length`` header); answered by ``service.api.oip.answer``."""
+
+
+@DOCUMENTED.post("/models/{name}/versions/{version}/infer")
+async def infer_version(name: str, version: str, body: OipInferRequest) -> None:
+    """Infer with one version; answered by ``service.api.oip.answer``."""
 
 
 def _parse(
@@ -158,7 +175,9 @@ def _parse(
     return params, binary_out, request.id
 
 
-def _answer(answer: dict, binary_out: set[str], request_id: str | None) -> Response:
+def _answer(
+    answer: dict, binary_out: set[str], request_id: str | None
+) -> tuple[int, bytes, bytes, dict[str, str] | None]:
     head: dict = {"model_name": answer["model_name"], "model_version": answer["model_version"]}
     if request_id is not None:
         head["id"] = request_id
@@ -175,9 +194,5 @@ def _answer(answer: dict, binary_out: set[str], request_id: str | None) -> Respo
         head["outputs"].append(out)
     header = orjson.dumps(head)
     if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(
-        header + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(header))},
-    )
+        return 200, header, JSON, None
+    return 200, header + b"".join(blobs), BINARY, {"Inference-Header-Content-Length": str(len(header))}
