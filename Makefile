@@ -26,6 +26,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/policy-server bench
 	SDL_VIDEODRIVER=dummy $(BIN)/python -m benchmarks.pixels
+	$(BIN)/python -m benchmarks.oip
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

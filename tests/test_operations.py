@@ -357,7 +357,8 @@ def test_request_latency_buckets_are_inclusive_and_cumulative():
 
 
 def test_the_hot_routes_have_one_implementation_whatever_the_content_type(client):
-    """The act routes are answered by ``api/hot`` for any content-type (tritonclient-like
+    """The act routes (``api/hot``) and /v2 infer (``api/oip.answer``) are answered by the edge
+    for any content-type (tritonclient-like
     clients send none, some send text/plain): the same answers, errors included; they are in
     the OpenAPI schema and no FastAPI route is mounted for them."""
     sid = client.post("/v1/sessions", json={"policy": "q"}).json()["session_id"]
@@ -368,6 +369,15 @@ def test_the_hot_routes_have_one_implementation_whatever_the_content_type(client
         ("/v1/policies/nope/act", {"observation": [0.1]}),  # 404
         (f"/v1/sessions/{sid}/act", {"observation": [0.1, 0.2, 0.3], "reset": True}),
         ("/v1/sessions/unknown/act", {"observation": [0.1, 0.2, 0.3, 0.4]}),
+        (
+            "/v2/models/q/infer",
+            {"inputs": [{"name": "observation", "shape": [1, 4], "datatype": "FP32", "data": [0] * 4}]},
+        ),
+        (
+            "/v2/models/q/versions/1/infer",
+            {"inputs": [{"name": "observation", "shape": [1, 3], "datatype": "FP32", "data": [0] * 3}]},
+        ),
+        ("/v2/models/q/versions/x/infer", {"inputs": []}),  # 422: not a version
     ]
     for path, body in cases:
         raw = json.dumps(body).encode()
@@ -378,13 +388,19 @@ def test_the_hot_routes_have_one_implementation_whatever_the_content_type(client
             answers.append((r.status_code, r.json()))
         assert answers[0] == answers[1] == answers[2], (path, answers)
     statuses = [client.post(p, json=b).status_code for p, b in cases]
-    assert statuses == [200, 422, 422, 404, 422, 404]
+    assert statuses == [200, 422, 422, 404, 422, 404, 200, 422, 422]
     schema = client.get("/openapi.json").json()["paths"]
     for path, model in (
         ("/v1/policies/{name}/act", "ActRequest"),
         ("/v1/sessions/{session_id}/act", "SessionActRequest"),
+        ("/v2/models/{name}/infer", "OipInferRequest"),
+        ("/v2/models/{name}/versions/{version}/infer", "OipInferRequest"),
     ):
         ref = schema[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith(model)
     mounted = {getattr(r, "path", None) for r in client.app.routes}
-    assert not mounted & {"/v1/policies/{name}/act", "/v1/sessions/{session_id}/act"}
+    assert not mounted & {
+        "/v1/policies/{name}/act",
+        "/v1/sessions/{session_id}/act",
+        "/v2/models/{name}/infer",
+    }
