@@ -96,7 +96,8 @@ def test_the_collectors_exploration_type_reaches_the_server(server):
     policy.close()
 
 
-def test_a_recurrent_policy_keeps_its_state_in_a_session_reset_by_is_init(server):
+@pytest.mark.parametrize("transport", ["ws", "http"])
+def test_a_recurrent_policy_keeps_its_state_in_a_session_reset_by_is_init(server, transport):
     register_envs()
 
     def make():
@@ -104,8 +105,8 @@ def test_a_recurrent_policy_keeps_its_state_in_a_session_reset_by_is_init(server
 
     env = SerialEnv(2, make)
     env.set_seed(2)
-    policy = RemotePolicy(server.url, "cartpole-lstm-dqn", action_spec=env.action_spec)
-    assert policy.stateful and "is_init" in policy.in_keys
+    policy = RemotePolicy(server.url, "cartpole-lstm-dqn", action_spec=env.action_spec, transport=transport)
+    assert policy.stateful and "is_init" in policy.in_keys and policy.transport == transport
     collector = Collector(
         env,
         policy,
@@ -135,7 +136,7 @@ def test_a_recurrent_policy_keeps_its_state_in_a_session_reset_by_is_init(server
         assert r["actions"] == step["action"].argmax(-1).tolist(), t
     policy.close()
     # the state was the server's: without is_init the policy refuses rather than guess
-    bare = RemotePolicy(server.url, "cartpole-lstm-dqn")
+    bare = RemotePolicy(server.url, "cartpole-lstm-dqn", transport=transport)
     td = TensorDict({"observation": torch.zeros(2, 2)}, batch_size=[2])
     bare(td.clone())
     with pytest.raises(ValueError, match="InitTracker"):

@@ -8,8 +8,9 @@ exploration type (``torchrl.envs.utils.exploration_type()``; ``exploration=`` fi
   observations as raw binary tensors, no JSON numbers): one request per env batch.
 - A stateful one (an LSTM, stacked frames) steps a server session of as many envs as the batch
   has, ``is_init`` (TorchRL's ``InitTracker``) marking the envs whose episode starts; the server
-  keeps the recurrent state, the tensordict carries none. A batch of another size opens a new
-  session. ``close()`` deletes it.
+  keeps the recurrent state, the tensordict carries none. The steps go over the session's
+  WebSocket stream (``transport="ws"``, the default when ``websockets`` is installed) or a POST
+  each (``"http"``). A batch of another size opens a new session. ``close()`` deletes it.
 
 It writes ``action`` and ``policy_version`` (the version that answered) and keeps a ``spec`` of
 both (the env's action spec when given, else one built from the policy's), so a collector
@@ -20,6 +21,7 @@ torchrl besides httpx and numpy: import it from ``service.sdk.remote``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -65,6 +67,9 @@ class RemotePolicy(TensorDictModuleBase):
             None follows the caller's (the collector's) exploration type.
         api_key: the bearer key, when the server protects inference.
         timeout: seconds per request.
+        transport: how a stateful policy's session is stepped: ``"ws"`` (its WebSocket stream,
+            one connection for the session's life), ``"http"`` (a POST per step), or
+            ``"auto"``: the WebSocket when ``websockets`` is installed.
     """
 
     def __init__(
@@ -77,8 +82,20 @@ class RemotePolicy(TensorDictModuleBase):
         exploration: str | None = None,
         api_key: str | None = None,
         timeout: float = 60.0,
+        transport: str = "auto",
     ) -> None:
         super().__init__()
+        if transport not in ("auto", "ws", "http"):
+            raise ValueError(f"transport must be 'auto', 'ws' or 'http', not {transport!r}")
+        if transport == "auto":
+            try:
+                import websockets.sync.client  # noqa: F401
+            except ImportError:
+                transport = "http"
+            else:
+                transport = "ws"
+        self.transport = transport
+        self.timeout = timeout
         self.client = PolicyClient(url, api_key, timeout=timeout)
         self.policy = policy
         detail = self.client.policy(policy)
@@ -99,6 +116,7 @@ class RemotePolicy(TensorDictModuleBase):
         self.exploration = exploration
         self._infer = f"{path}/infer"
         self._session: tuple[str, int] | None = None  # (id, num_envs)
+        self._ws = None  # the session's WebSocket stream (transport "ws")
 
     # -- the call ---------------------------------------------------------------------------
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -178,8 +196,30 @@ class RemotePolicy(TensorDictModuleBase):
             body["action_masks"] = td.get("action_mask").reshape(rows, -1).tolist()
         if explore is not None:
             body["exploration"] = explore
-        answer = self.client.request("POST", f"/v1/sessions/{self._session[0]}/act", json=body)
+        if self.transport == "ws":
+            answer = self._stream_step(body)
+        else:
+            answer = self.client.request("POST", f"/v1/sessions/{self._session[0]}/act", json=body)
         return np.asarray(answer["actions"])
+
+    def _stream_step(self, body: dict) -> dict:
+        """One step over the session's WebSocket (opened on first use): a message out, its
+        reply in; a refused step's reply is ``{"status", "detail"}``."""
+        if self._ws is None:
+            from websockets.sync.client import connect
+
+            url = self.client.base_url.replace("http", "ws", 1) + f"/v1/sessions/{self._session[0]}/stream"
+            key = self.client.api_key
+            headers = {"Authorization": f"Bearer {key}"} if key else None
+            self._ws_scope = contextlib.ExitStack()  # websockets wants connect() as a context
+            self._ws = self._ws_scope.enter_context(
+                connect(url, additional_headers=headers, max_size=None, open_timeout=self.timeout)
+            )
+        self._ws.send(orjson.dumps(body).decode())
+        answer = orjson.loads(self._ws.recv(timeout=self.timeout))
+        if "status" in answer and "actions" not in answer:
+            raise PolicyServerError(answer["status"], answer.get("detail"))
+        return answer
 
     def _encode(self, actions: np.ndarray, batch: tuple[int, ...]) -> torch.Tensor:
         """The server's actions in the action spec's encoding and shape."""
@@ -196,6 +236,9 @@ class RemotePolicy(TensorDictModuleBase):
 
     # -- lifetime ---------------------------------------------------------------------------
     def close_session(self) -> None:
+        if self._ws is not None:
+            self._ws_scope.close()
+            self._ws = None
         if self._session is not None:
             try:
                 self.client.request("DELETE", f"/v1/sessions/{self._session[0]}")
