@@ -123,7 +123,7 @@ def _parse(
     body: bytes, header_length: str | None, name: str, version: int | None
 ) -> tuple[InferParams, set[str], str | None]:
     """The request's parameters and arrays, the outputs to send as binary, the request's id."""
-    binary = b""
+    binary = memoryview(b"")
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise InvalidInput(
@@ -131,7 +131,7 @@ def _parse(
                 f"body's {len(body)} bytes"
             )
         cut = int(header_length)
-        body, binary = body[:cut], body[cut:]
+        body, binary = body[:cut], memoryview(body)[cut:]  # the tensors are read in place
     try:
         request = OipInferRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -153,7 +153,7 @@ def _parse(
                 )
             if offset + size > len(binary):
                 raise InvalidInput(f"input {t.name!r}: the body holds fewer binary bytes than announced")
-            array = from_bytes(t.name, memoryview(binary)[offset : offset + size], t.datatype, t.shape)
+            array = from_bytes(t.name, binary[offset : offset + size], t.datatype, t.shape)
             offset += size
         elif t.data is not None:
             array = from_values(t.name, t.data, t.datatype, t.shape)
