@@ -209,6 +209,16 @@ def test_the_inference_key_guards_grpc_and_calls_are_counted(server, triton):
     with pytest.raises(InferenceServerException) as wrong:
         triton.get_model_metadata("cartpole-dqn", headers={"authorization": "Bearer nope"})
     assert wrong.value.status() == "StatusCode.PERMISSION_DENIED"
+    answers: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))  # no key
+    try:
+        triton.async_stream_infer(
+            "cartpole-dqn", [_input("observation", np.zeros((1, 4), np.float32), "FP32")]
+        )
+        result, error = answers.get(timeout=30)
+        assert result is None and "Bearer" in error.message()
+    finally:
+        triton.stop_stream()
     triton.infer("cartpole-dqn", [_input("observation", np.zeros((1, 4), np.float32), "FP32")], headers=KEY)
     metrics = httpx.get(f"{server.url}/metrics").text
     line = next(
