@@ -58,6 +58,7 @@ def serve(root: Path) -> tuple[subprocess.Popen, str]:
     env = {
         **os.environ,
         "POLICY_SERVER_MODEL_DIR": str(root / "models"),
+        "POLICY_SERVER_GRPC_PORT": "0",  # no gRPC service: it would claim port 8001
         "POLICY_SERVER_DATA_DIR": str(root / "var"),
         "POLICY_SERVER_EMBEDDED_WORKER": "true",
         "POLICY_SERVER_REGISTRY_POLL_S": "1",

@@ -305,6 +305,7 @@ def main() -> None:
     ModelStore(root / "models").write_version(POLICY, spec, weights)
     env = {
         "POLICY_SERVER_MODEL_DIR": str(root / "models"),
+        "POLICY_SERVER_GRPC_PORT": "0",  # no gRPC service: it would claim port 8001
         "POLICY_SERVER_EMBEDDED_WORKER": "false",
         "POLICY_SERVER_DATA_DIR": str(root / "var"),
         "POLICY_SERVER_REGISTRY_POLL_S": "0",

@@ -229,6 +229,7 @@ def main() -> None:
     py = sys.executable
     env = {
         "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
+        "POLICY_SERVER_GRPC_PORT": str(free_port()),  # on, as make serve runs it, off its 8001
         "POLICY_SERVER_EMBEDDED_WORKER": "false",
         "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(),
         "POLICY_SERVER_REGISTRY_POLL_S": "0",
@@ -313,6 +314,7 @@ def stores(seconds: int, connections: int, rounds: int = 2) -> None:
     )
     base_env = {
         "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
+        "POLICY_SERVER_GRPC_PORT": "0",  # no gRPC service: it would claim port 8001
         "POLICY_SERVER_EMBEDDED_WORKER": "false",
         "POLICY_SERVER_DATA_DIR": tempfile.mkdtemp(),
         "POLICY_SERVER_REGISTRY_POLL_S": "0",
