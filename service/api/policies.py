@@ -1,8 +1,11 @@
-"""Policies: list, inspect, upload versions, choose the default, delete (act: ``api/hot``)."""
+"""Policies: list, inspect, upload versions, choose the default, delete, export (act:
+``api/hot``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Response, UploadFile
+from typing import Literal
+
+from fastapi import APIRouter, File, Query, Response, UploadFile
 
 from service.api.deps import Admin, PoliciesDep, PolicyDep, PolicyName, SettingsDep
 from service.errors import InvalidInput, too_large
@@ -56,3 +59,20 @@ async def set_default(entry: PolicyDep, body: DefaultVersionIn, policies: Polici
 async def delete_version(entry: PolicyDep, version: int, policies: PoliciesDep) -> Response:
     await policies.delete_version(entry.name, version)
     return Response(status_code=204)
+
+
+@router.get("/{name}/versions/{version}/export", dependencies=[Admin])
+async def export_version(
+    entry: PolicyDep,
+    version: int,
+    policies: PoliciesDep,
+    format: Literal["onnx", "pt2"] = Query("onnx", description="onnx (onnxruntime) or pt2 (torch.export)"),
+) -> Response:
+    """The version as a file that runs without this server (the deterministic policy,
+    preprocessing and recurrent state included)."""
+    content, filename = await policies.export(entry.name, version, format)
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )

@@ -213,6 +213,16 @@ class PolicyClient:
         }
         return self.request("POST", f"/v1/policies/{name}/versions", files=files)["version"]
 
+    def download(self, name: str, version: int, format: str = "onnx", path: str | Path | None = None) -> Path:
+        """Export a version (``onnx`` for onnxruntime, ``pt2`` for ``torch.export.load``) into
+        ``path`` (default: ``<name>-v<version>.<format>`` here); returns the path written."""
+        response = self.raw_request(
+            "GET", f"/v1/policies/{name}/versions/{version}/export", params={"format": format}
+        )
+        target = Path(path) if path is not None else Path(f"{name}-v{version}.{format}")
+        target.write_bytes(response.content)
+        return target
+
     def set_default(self, name: str, version: int) -> dict:
         return self.request("PUT", f"/v1/policies/{name}/default", json={"version": version})
 

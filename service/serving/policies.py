@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from typing import Any
 
 from service.errors import InvalidInput
 from service.registry.registry import PolicyEntry, Registry
+from service.runtime.portable import export_bytes
 from service.serving.sessions import SessionService
 
 
@@ -39,10 +41,33 @@ def policy_detail(entry: PolicyEntry) -> dict[str, Any]:
     return {**entry.summary(), "version_details": details}
 
 
+EXPORT_CACHE = 8  # exported files kept (a version never changes: its export neither)
+
+
 class PolicyService:
     def __init__(self, registry: Registry, sessions: SessionService) -> None:
         self.registry = registry
         self.sessions = sessions
+        # (name, version, format) -> (the loaded version it was made from, the file): a number
+        # deleted and published again is another version, exported afresh
+        self._exports: OrderedDict[tuple[str, int, str], tuple[object, bytes]] = OrderedDict()
+        self._exporting = asyncio.Lock()  # one export at a time: each takes a core for ~1 s
+
+    async def export(self, name: str, version: int, fmt: str) -> tuple[bytes, str]:
+        """The version as an ONNX model or a PT2 archive, and its file name."""
+        loaded = self.registry.resolve(name, version)
+        key = (name, loaded.version, fmt)
+        async with self._exporting:
+            cached = self._exports.get(key)
+            if cached is not None and cached[0] is loaded:
+                content = cached[1]
+            else:
+                content = await asyncio.to_thread(export_bytes, loaded.runtime, fmt)
+                self._exports[key] = (loaded, content)
+                while len(self._exports) > EXPORT_CACHE:
+                    self._exports.popitem(last=False)
+            self._exports.move_to_end(key)
+        return content, f"{name}-v{loaded.version}.{fmt}"
 
     def list(self) -> list[dict[str, Any]]:
         return [e.summary() for e in self.registry.entries()]
