@@ -169,3 +169,40 @@ def test_the_sdk_downloads_a_version(tmp_path):
             assert got.tolist() == client.act_batch("cartpole-dqn", obs.tolist()).actions
     finally:
         live.stop()
+
+
+def test_a_frame_stack_is_an_explicit_history(client):
+    """``cat_frames``'s history is the file's ``frame_history`` input and output: fed back each
+    step, the answers are a session's (which keeps the same history server-side)."""
+    import base64
+
+    from tests.helpers import new_session, random_weights, upload
+    from tests.test_pixels import PIX_CAT
+
+    assert upload(client, "pix-cat", PIX_CAT, random_weights(PIX_CAT)).status_code == 201
+    r = client.get("/v1/policies/pix-cat/versions/1/export", params={"format": "onnx"})
+    session = ort.InferenceSession(r.content)
+    assert [i.name for i in session.get_inputs()] == [
+        "observation",
+        "action_mask",
+        "frame_history",
+        "is_init",
+    ]
+    assert [o.name for o in session.get_outputs()] == ["action", "action_value", "next_frame_history"]
+    sid = new_session(client, "pix-cat")
+    rng = np.random.default_rng(4)
+    history = np.zeros((1, 2, 1, 24, 24), np.uint8)
+    for t in range(4):
+        frame = rng.integers(0, 256, size=(1, 400, 600, 3), dtype=np.uint8)
+        row = {"b64": base64.b64encode(frame[0].tobytes()).decode(), "dtype": "uint8", "shape": [400, 600, 3]}
+        served = client.post(f"/v1/sessions/{sid}/act", json={"observation": row, "return_info": True}).json()
+        feeds = {
+            "observation": frame,
+            "action_mask": np.ones((1, 2), bool),
+            "frame_history": history,
+            "is_init": np.full(1, t == 0),
+        }
+        action, values, history = session.run(None, feeds)
+        assert action.tolist() == [served["action"]], t
+        # onnxruntime's antialiased Resize (400x600 -> 24x24) differs from torch's by ~1e-3
+        np.testing.assert_allclose(values[0], served["info"]["action_value"], rtol=2e-3, atol=3e-3)
