@@ -24,6 +24,7 @@ observations) run their TorchRL module on a TensorDict built inside the module, 
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -78,7 +79,8 @@ class Portable(torch.nn.Module):
             self.input_names.append("is_init")
         self.output_names = ["action"] + (["action_value"] if self.qvalue else [])
         self.output_names += [f"next_{n}" for n in self.input_names if n.startswith(("recurrent_", "frame_"))]
-        self._runtime = runtime
+        state = runtime.zero_state(1)  # each state input's per-row shape and dtype
+        self._state = [(tuple(t.shape[1:]), t.dtype) for t in state] if state is not None else []
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         given = dict(zip(self.input_names, inputs, strict=True))
@@ -124,7 +126,7 @@ class Portable(torch.nn.Module):
 
     def example(self, batch: int = EXAMPLE_BATCH) -> tuple[torch.Tensor, ...]:
         """Inputs of ``batch`` rows (zeros, no mask, every row starting an episode)."""
-        rt, spec = self._runtime, self.spec
+        spec = self.spec
         obs = spec.observation
         leaves = obs.entries if self.dict_obs else {"observation": obs}
         out: list[torch.Tensor] = []
@@ -135,9 +137,7 @@ class Portable(torch.nn.Module):
                 out.append(torch.zeros(batch, *leaf.shape, dtype=getattr(torch, leaf.dtype)))
         if self.discrete:
             out.append(torch.ones(batch, spec.action.n, dtype=torch.bool))
-        state = rt.zero_state(batch)
-        if state is not None:
-            out += [t.cpu() for t in state]
+        out += [torch.zeros(batch, *shape, dtype=dtype) for shape, dtype in self._state]
         if self.stateful:
             out.append(torch.ones(batch, dtype=torch.bool))
         return tuple(out)
@@ -186,7 +186,9 @@ def _dynamic(module: Portable) -> tuple:
 def export_program(runtime: PolicyRuntime) -> tuple[torch.export.ExportedProgram, Portable]:
     if runtime.device.type != "cpu":
         raise InvalidInput("export runs on a CPU server")
-    module = Portable(runtime).eval()
+    # a copy: tracing swaps a module's parameters for fake tensors while it runs, and the
+    # served modules keep answering meanwhile
+    module = copy.deepcopy(Portable(runtime)).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # nn.LSTM rebinds its ``_flat_weights`` list on every call and torch.export says so;
         # they are the LSTM's parameters, which the program holds as such
