@@ -204,6 +204,8 @@ def test_an_episode_on_a_served_policy_answers_what_v1_act_answers(rllib_client)
     for command in (RLlink.GET_WORKER_ARGS, RLlink.GET_WEIGHTS, RLlink.REPORT_SAMPLES):
         r = c.post(url, content=pickle.dumps({"command": command}))
         assert r.status_code == 422 and 'inference_mode="remote"' in r.json()["detail"]
+    r = c.post("/rllib/nope", content=pickle.dumps({"command": RLlink.START_EPISODE, "episode_id": None}))
+    assert r.status_code == 404 and "neither a served policy nor a job" in r.json()["detail"]
     r = c.post(url, content=b"\x80\x02cposix\nsystem\n.")
     assert r.status_code == 400 and "posix.system is not read here" in r.json()["detail"]
 

@@ -92,7 +92,12 @@ class RLlibService:
         else:  # not a served policy: a job learning from sessions, or 404
             params = SessionCreateParams("", job=policy, session_id=session_id)
         await self.sessions.discard(session_id)  # an episode id used again starts afresh
-        await self.sessions.create(params)
+        try:
+            await self.sessions.create(params)
+        except NotFound as exc:
+            if params.job is None:
+                raise
+            raise NotFound(f"{policy[:64]!r} is neither a served policy nor a job ({exc.detail})") from None
         return {"episode_id": episode_id}
 
     async def _end(self, session_id: str, observation: Any) -> None:
@@ -107,10 +112,10 @@ class RLlibService:
     async def _known(self, call, message: dict):
         try:
             return await call
-        except NotFound:
+        except NotFound as exc:
             raise NotFound(
-                f"episode {str(message.get('episode_id'))[:64]!r} is not open: call start_episode first "
-                "(episodes idle longer than the session ttl expire)"
+                f"episode {str(message.get('episode_id'))[:64]!r} is not open ({exc.detail}): call "
+                "start_episode first (episodes idle longer than the session ttl expire)"
             ) from None
 
 
