@@ -33,7 +33,7 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl.data import Bounded, Categorical, Composite, OneHot, TensorSpec, Unbounded
 from torchrl.envs.utils import ExplorationType, exploration_type
 
-from service.sdk.client import PolicyClient, PolicyServerError
+from service.sdk.client import PolicyClient, PolicyServerError, encode_observation
 
 EXPLORATION = {
     ExplorationType.RANDOM: "random",
@@ -184,13 +184,14 @@ class RemotePolicy(TensorDictModuleBase):
                 "(add torchrl.envs.InitTracker() to it)"
             )
         names = [n for n in self._inputs if n != "action_mask"]
+        # each row as the SDK sends it: large arrays (images) as raw bytes, small ones as lists
         parts = {
-            n: td.get(n).detach().cpu().reshape(rows, *self._inputs[n]["shape"][1:]).tolist() for n in names
+            n: td.get(n).detach().cpu().numpy().reshape(rows, *self._inputs[n]["shape"][1:]) for n in names
         }
         if names == ["observation"]:
-            observations = parts["observation"]
+            observations = [encode_observation(row) for row in parts["observation"]]
         else:
-            observations = [{n: parts[n][i] for n in names} for i in range(rows)]
+            observations = [{n: encode_observation(parts[n][i]) for n in names} for i in range(rows)]
         body: dict[str, Any] = {"observations": observations, "reset": resets}
         if "action_mask" in td.keys():
             body["action_masks"] = td.get("action_mask").reshape(rows, -1).tolist()
