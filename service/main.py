@@ -21,7 +21,7 @@ from service.process import configure_process, freeze_loaded_objects
 from service.registry.registry import Registry
 from service.registry.store import ModelStore
 from service.runtime.batching import InferenceExecutor, MicroBatcher
-from service.runtime.policy import PolicyRuntime
+from service.runtime.program import serving_runtime
 from service.runtime.sessions import make_session_store
 from service.serving.acting import ActService
 from service.serving.feeds import JobFeeds
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = ModelStore(settings.model_dir)
         await asyncio.to_thread(store.sweep)  # what a crashed publisher left
-        registry = Registry(store, resolve_device(settings.device), prepare=PolicyRuntime)
+        registry = Registry(store, resolve_device(settings.device), prepare=serving_runtime)
         state.registry = registry
         state.executor = InferenceExecutor()
         state.batcher = MicroBatcher(

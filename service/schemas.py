@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, Tag, model_validator
 
@@ -53,17 +53,30 @@ def _observation_form(value: Any) -> str:
 
 
 # One observation: a float vector (rank 1), a tensor of rank 2 to 4 as nested number lists (an
-# image, HWC as the env yields it), an integer (discrete), raw bytes (ArrayIn), or named entries.
+# image, HWC as the env yields it), an integer (discrete), raw bytes (ArrayIn), or named entries,
+# each itself one of the others (a vector, an integer, or, for an exported program, any tensor).
+_LEAVES = (
+    Annotated[Vector, Tag("rank1")],
+    Annotated[list[list[Number]], Tag("rank2")],
+    Annotated[list[list[list[Number]]], Tag("rank3")],
+    Annotated[list[list[list[list[Number]]]], Tag("rank4")],
+    Annotated[Annotated[int, Strict()], Tag("integer")],
+    Annotated[ArrayIn, Tag("array")],
+)
+Entry = Annotated[Union[_LEAVES], Discriminator(_observation_form)]  # noqa: UP007 (a tuple of members)
 Observation = Annotated[
-    Annotated[Vector, Tag("rank1")]
-    | Annotated[list[list[Number]], Tag("rank2")]
-    | Annotated[list[list[list[Number]]], Tag("rank3")]
-    | Annotated[list[list[list[list[Number]]]], Tag("rank4")]
-    | Annotated[Annotated[int, Strict()], Tag("integer")]
-    | Annotated[ArrayIn, Tag("array")]
-    | Annotated[Annotated[dict[str, Entry], Field(max_length=32)], Tag("entries")],
+    Union[(*_LEAVES, Annotated[Annotated[dict[str, Entry], Field(max_length=32)], Tag("entries")])],  # noqa: UP007
     Discriminator(_observation_form),
 ]
+
+
+def _decoded(row: Any) -> Any:
+    """A row with its raw-bytes arrays (top level or entries) as the runtime decodes them."""
+    if type(row) is ArrayIn:
+        return row.encoded()
+    if type(row) is dict and any(type(v) is ArrayIn for v in row.values()):
+        return {k: v.encoded() if type(v) is ArrayIn else v for k, v in row.items()}
+    return row
 
 
 class _In(BaseModel):
@@ -108,8 +121,8 @@ class _ObservationsIn(_In):
     @property
     def rows(self) -> list:
         rows = [self.observation] if self.observation is not None else self.observations
-        if any(type(r) is ArrayIn for r in rows):  # raw bytes, as the runtime decodes them
-            rows = [r.encoded() if type(r) is ArrayIn else r for r in rows]
+        if any(type(r) is ArrayIn or type(r) is dict for r in rows):  # raw bytes, as decoded
+            rows = [_decoded(r) for r in rows]
         return rows
 
     @property

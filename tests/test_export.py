@@ -300,6 +300,7 @@ def test_the_recurrent_pixel_seed_exports_with_its_env_transforms(client, tmp_pa
 
 
 def test_what_cannot_be_represented_is_refused_naming_the_part(tmp_path):
+    """``form="declarative"``: the spec's refusals (``auto`` writes exported programs instead)."""
     dropout = Seq(
         Mod(
             nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2)),
@@ -309,7 +310,9 @@ def test_what_cannot_be_represented_is_refused_naming_the_part(tmp_path):
         QValueModule(spec=Categorical(2)),
     )
     with pytest.raises(ValueError, match="Dropout"):
-        export_policy(dropout, tmp_path / "x", observation_spec=OBS4, action_spec=Categorical(2))
+        export_policy(
+            dropout, tmp_path / "x", observation_spec=OBS4, action_spec=Categorical(2), form="declarative"
+        )
     lazy = Seq(
         Mod(ConvNet(num_cells=[4]), in_keys=["pixels"], out_keys=["e"]),
         Mod(MLP(out_features=2, num_cells=[4]), in_keys=["e"], out_keys=["action_value"]),
@@ -317,11 +320,17 @@ def test_what_cannot_be_represented_is_refused_naming_the_part(tmp_path):
     )
     with pytest.raises(ValueError, match="lazy"):
         export_policy(
-            lazy, tmp_path / "x", observation_spec=Unbounded(shape=(3, 16, 16)), action_spec=Categorical(2)
+            lazy,
+            tmp_path / "x",
+            observation_spec=Unbounded(shape=(3, 16, 16)),
+            action_spec=Categorical(2),
+            form="declarative",
         )
     other_bounds = prob(TanhNormal, low=-1.0, high=1.0)
     with pytest.raises(ValueError, match="bounds"):
-        export_policy(other_bounds, tmp_path / "x", observation_spec=OBS4, action_spec=BOX)
+        export_policy(
+            other_bounds, tmp_path / "x", observation_spec=OBS4, action_spec=BOX, form="declarative"
+        )
     custom_scale = ProbabilisticActor(
         Mod(
             nn.Sequential(
@@ -335,7 +344,9 @@ def test_what_cannot_be_represented_is_refused_naming_the_part(tmp_path):
         spec=BOX,
     )
     with pytest.raises(ValueError, match="answer differently"):
-        export_policy(custom_scale, tmp_path / "x", observation_spec=OBS4, action_spec=BOX)
+        export_policy(
+            custom_scale, tmp_path / "x", observation_spec=OBS4, action_spec=BOX, form="declarative"
+        )
     assert not (tmp_path / "x" / "policy.json").exists()  # nothing written on a refusal
     mlp_before_lstm = Seq(
         Mod(MLP(in_features=4, out_features=8, num_cells=[]), in_keys=["observation"], out_keys=["x"]),
@@ -344,7 +355,39 @@ def test_what_cannot_be_represented_is_refused_naming_the_part(tmp_path):
         QValueModule(spec=Categorical(2)),
     )
     with pytest.raises(ValueError, match="head"):
-        export_policy(mlp_before_lstm, tmp_path / "x", observation_spec=OBS4, action_spec=Categorical(2))
+        export_policy(
+            mlp_before_lstm,
+            tmp_path / "x",
+            observation_spec=OBS4,
+            action_spec=Categorical(2),
+            form="declarative",
+        )
+
+
+def test_auto_writes_an_exported_program_where_the_spec_cannot_describe_the_module(tmp_path):
+    dropout = Seq(
+        Mod(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2)),
+            in_keys=["observation"],
+            out_keys=["action_value"],
+        ),
+        QValueModule(spec=Categorical(2)),
+    )
+    out = export_policy(dropout.eval(), tmp_path / "x", observation_spec=OBS4, action_spec=Categorical(2))
+    spec = json.loads((out / "policy.json").read_text())
+    assert spec["kind"] == "qvalue" and spec["program"]["outputs"] == ["action", "action_value"]
+    assert sorted(p.name for p in out.iterdir()) == ["deterministic.pt2", "policy.json"]
+    plain = Seq(
+        Mod(
+            MLP(in_features=4, out_features=2, num_cells=[8]),
+            in_keys=["observation"],
+            out_keys=["action_value"],
+        ),
+        QValueModule(spec=Categorical(2)),
+    )
+    out = export_policy(plain, tmp_path / "y", observation_spec=OBS4, action_spec=Categorical(2))
+    assert (out / "weights.safetensors").exists()
+    assert json.loads((out / "policy.json").read_text())["program"] is None
 
 
 def test_numpy_frames_round_trip_in_the_raw_bytes_form():

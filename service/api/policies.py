@@ -43,11 +43,29 @@ async def upload_version(
     policies: PoliciesDep,
     settings: SettingsDep,
     spec: UploadFile = File(description="policy.json"),
-    weights: UploadFile = File(description="weights.safetensors"),
+    weights: UploadFile | None = File(None, description="weights.safetensors (a declarative policy)"),
+    programs: list[UploadFile] = File(
+        [], description="the PT2 archives policy.json's program.files names, each under its file name"
+    ),
 ) -> dict:
     raw = await _read_limited(spec, MAX_SPEC_BYTES, "spec")
-    data = await _read_limited(weights, settings.max_upload_bytes, "weights")
-    return await policies.publish(name, raw, data)
+    if weights is not None and programs:
+        raise InvalidInput("send weights (a declarative policy) or programs (exported programs), not both")
+    if weights is None and not programs:
+        raise InvalidInput(
+            "send weights (weights.safetensors) or programs (the PT2 archives policy.json names)"
+        )
+    if weights is not None:
+        return await policies.publish(
+            name, raw, await _read_limited(weights, settings.max_upload_bytes, "weights")
+        )
+    files: dict[str, bytes] = {}
+    for upload in programs:
+        filename = upload.filename or ""
+        if filename in files:
+            raise InvalidInput(f"program {filename[:40]!r} sent twice")
+        files[filename] = await _read_limited(upload, settings.max_upload_bytes, f"program {filename[:40]!r}")
+    return await policies.publish(name, raw, files)
 
 
 @router.put("/{name}/default", dependencies=[Admin])

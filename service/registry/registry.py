@@ -23,8 +23,9 @@ from pydantic import ValidationError
 
 from service.errors import InvalidInput, NotFound, validation_sentence
 from service.registry.build import BuiltPolicy, build_policy, load_weights
+from service.registry.program import MAX_ARCHIVE_BYTES, ProgramRefused, Programs, read_programs
 from service.registry.spec import PolicySpec, is_valid_name
-from service.registry.store import ModelStore
+from service.registry.store import WEIGHTS_FILE, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,14 @@ class InvalidPolicy(InvalidInput):
 
 
 R = TypeVar("R")
-Prepare = Callable[[PolicySpec, BuiltPolicy, torch.device], Any]
+# what a version's files load into: a built TorchRL module, or a program policy's archives
+Loaded = BuiltPolicy | Programs
+Prepare = Callable[[PolicySpec, Loaded, torch.device], Any]
+# a version's files besides policy.json: the weights alone, or files by name
+Files = bytes | dict[str, bytes]
 
 
-def keep_built(spec: PolicySpec, built: BuiltPolicy, device: torch.device) -> BuiltPolicy:
+def keep_built(spec: PolicySpec, built: Loaded, device: torch.device) -> Loaded:
     """The default ``prepare``: keep the built module itself (publishing-only processes)."""
     return built
 
@@ -95,14 +100,37 @@ def parse_spec(raw: Any) -> PolicySpec:
         raise InvalidPolicy(f"invalid policy spec: {validation_sentence(exc.errors())}") from None
 
 
-def load_version(spec: PolicySpec, weights: bytes, device: torch.device) -> BuiltPolicy:
-    """Build the module for ``spec`` and load ``weights`` into it (checked)."""
+def load_version(spec: PolicySpec, files: Files, device: torch.device) -> Loaded:
+    """Build the module for ``spec`` and load its weights into it (checked), or read a program
+    policy's archives (``registry.program``: never unpickled, checked against ``spec``)."""
+    if spec.program is not None:
+        if not isinstance(files, dict):
+            raise InvalidPolicy(
+                "policy.json describes exported programs: send its archives "
+                f"{sorted(spec.program.files.values())}, not weights"
+            )
+        try:
+            return read_programs(spec, files)
+        except ProgramRefused as exc:
+            raise InvalidPolicy(f"program refused: {exc}") from None
+    if isinstance(files, dict):
+        unexpected = sorted(set(files) - {WEIGHTS_FILE})
+        if unexpected or WEIGHTS_FILE not in files:
+            raise InvalidPolicy(
+                f"a declarative policy (no 'program' in policy.json) has {WEIGHTS_FILE} only"
+                + (f"; got {[u[:40] for u in unexpected[:5]]}" if unexpected else "")
+            )
+        files = files[WEIGHTS_FILE]
     try:
         built = build_policy(spec, device)  # a spec whose parts do not fit each other: ValueError
-        load_weights(built, weights)
+        load_weights(built, files)
     except ValueError as exc:
         raise InvalidPolicy(str(exc)) from None
     return built
+
+
+def _files_of(spec: PolicySpec, files: Files) -> dict[str, bytes]:
+    return files if isinstance(files, dict) else {WEIGHTS_FILE: files}
 
 
 class Registry:
@@ -157,7 +185,14 @@ class Registry:
     def _load_from_disk(self, name: str, version: int) -> LoadedVersion:
         try:
             spec = parse_spec(self.store.read_spec_json(name, version))
-            built = load_version(spec, self.store.read_weights(name, version), self.device)
+            if spec.program is not None:
+                files: Files = {
+                    f: self.store.read_file(name, version, f, MAX_ARCHIVE_BYTES)
+                    for f in spec.program.files.values()
+                }
+            else:
+                files = self.store.read_weights(name, version)
+            built = load_version(spec, files, self.device)
             runtime = self.prepare(spec, built, self.device)
         except InvalidPolicy:
             raise
@@ -193,19 +228,20 @@ class Registry:
         self._entries.pop(name, None)
 
     # -- changes ----------------------------------------------------------------------------
-    def publish(self, name: str, spec: PolicySpec | dict, weights: bytes) -> int:
+    def publish(self, name: str, spec: PolicySpec | dict, files: Files) -> int:
         """Validate, build and load a new version, then write it and make it servable.
 
         ``spec``: a ``PolicySpec`` (a trainer's), or policy.json's content (an upload), parsed
-        here. Nothing is written or changed unless the whole version loads.
+        here. ``files``: the weights (bytes), or the version's files by name (a program policy's
+        archives). Nothing is written or changed unless the whole version loads.
         """
         if not is_valid_name(name):
             raise InvalidPolicy(f"invalid policy name {name!r}: use 1-64 letters, digits, '_', '-', '.'")
         if not isinstance(spec, PolicySpec):
             spec = parse_spec(spec)
-        runtime = self.prepare(spec, load_version(spec, weights, self.device), self.device)
+        runtime = self.prepare(spec, load_version(spec, files, self.device), self.device)
         with self._write_lock:
-            version = self.store.write_version(name, spec.model_dump(mode="json"), weights)
+            version = self.store.write_version(name, spec.model_dump(mode="json"), _files_of(spec, files))
             old = self._entries.get(name, PolicyEntry(name))
             versions = {**old.versions, version: LoadedVersion(name, version, spec, runtime)}
             self._entries[name] = replace(old, versions=versions)

@@ -125,10 +125,16 @@ class DictObservationSpec(_Strict):
                 )
             if name in RESERVED_KEYS:
                 raise ValueError(f"entry name {name!r} is reserved; reserved: {sorted(RESERVED_KEYS)}")
+        return self
+
+    def check_vectors(self) -> None:
+        """A declarative policy concatenates its entries: each a float vector or discrete."""
         for name, entry in self.entries.items():
             if not entry.discrete and not entry.vector:
-                raise ValueError(f"entry {name!r}: dict entries are float vectors or discrete values")
-        return self
+                raise ValueError(
+                    f"entry {name!r}: dict entries are float vectors or discrete values "
+                    "(an exported program may read entries of any shape)"
+                )
 
     @property
     def discrete(self) -> bool:
@@ -165,7 +171,41 @@ class BoxActionSpec(_Strict):
         return self
 
 
-ActionSpec = Annotated[DiscreteActionSpec | BoxActionSpec, Field(discriminator="type")]
+class MultiDiscreteActionSpec(_Strict):
+    """Several discrete choices at once (``MultiCategorical``): ``nvec[i]`` values for the i-th.
+    Answered as a list of integers. Exported programs only."""
+
+    type: Literal["multi_discrete"]
+    nvec: list[Annotated[int, Field(ge=2, le=65536)]] = Field(min_length=1, max_length=64)
+
+
+LeafActionSpec = Annotated[
+    DiscreteActionSpec | BoxActionSpec | MultiDiscreteActionSpec, Field(discriminator="type")
+]
+
+
+class CompositeActionSpec(_Strict):
+    """An action made of named leaves (TorchRL's ``Composite`` action spec, e.g. the seed's
+    autoregressive ``(a1, a2)``). Answered as a JSON object keyed by leaf name. Exported
+    programs only."""
+
+    type: Literal["composite"]
+    entries: dict[str, LeafActionSpec] = Field(min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _names(self) -> CompositeActionSpec:
+        for name in self.entries:
+            if not ENTRY_NAME_RE.match(name):
+                raise ValueError(
+                    f"action entry {name[:40]!r} must be a letter then up to 31 letters, digits or '_'"
+                )
+        return self
+
+
+ActionSpec = Annotated[
+    DiscreteActionSpec | BoxActionSpec | MultiDiscreteActionSpec | CompositeActionSpec,
+    Field(discriminator="type"),
+]
 
 
 IntOrList = Annotated[int, Field(ge=0, le=64)] | list[Annotated[int, Field(ge=0, le=64)]]
@@ -304,6 +344,63 @@ class ExplorationDefaults(_Strict):
     noise_std: float = Field(0.1, ge=0.0, description="Actor additive Gaussian noise.")
 
 
+PROGRAM_FILE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\.pt2$")
+PROGRAM_MODES = ("deterministic", "random")
+IS_INIT = "is_init"
+
+
+class StateSpec(_Strict):
+    """One recurrent-state input of an exported program, per env (the batch not included)."""
+
+    shape: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=4)
+    dtype: Literal["float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _size(self) -> StateSpec:
+        if math.prod(self.shape) > 1 << 20:
+            raise ValueError(f"state shape {self.shape} has more than {1 << 20} elements")
+        return self
+
+
+class ProgramSpec(_Strict):
+    """A policy served as ``torch.export`` programs (PT2 archives) instead of a built module.
+
+    ``files`` names one archive per exploration mode (``deterministic`` required, ``random``
+    optional). ``inputs`` are the programs' positional inputs in order: the observation
+    (``observation``, or each dict entry by name), ``action_mask``, each ``state`` entry, and
+    ``is_init`` (``[B]`` bool, required with state). ``outputs`` in order: ``action`` (or
+    ``action.<leaf>`` per leaf of a composite action), optionally ``action_value``, ``log_prob``
+    (or ``log_prob.<leaf>`` per head, and ``log_prob`` of the whole action), then
+    ``next_<state>`` for each state entry. Every input and output has the batch first.
+    """
+
+    files: dict[Literal["deterministic", "random"], str]
+    inputs: list[str] = Field(min_length=1, max_length=64)
+    outputs: list[str] = Field(min_length=1, max_length=128)
+    state: dict[str, StateSpec] = Field(default_factory=dict, max_length=16)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ProgramSpec:
+        if "deterministic" not in self.files:
+            raise ValueError("program.files needs a 'deterministic' archive")
+        for mode, file in self.files.items():
+            if not PROGRAM_FILE_RE.match(file):
+                raise ValueError(f"program.files.{mode} {file[:40]!r}: a file name like 'deterministic.pt2'")
+        if len(set(self.files.values())) != len(self.files):
+            raise ValueError("program.files names one archive per mode")
+        for what, names in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if len(set(names)) != len(names):
+                raise ValueError(f"program.{what} lists a name twice")
+        for name in self.state:
+            if not ENTRY_NAME_RE.match(name) or name in (IS_INIT, "action_mask", "observation"):
+                raise ValueError(f"program.state name {name[:40]!r} is not a valid state name")
+            if name not in self.inputs or f"next_{name}" not in self.outputs:
+                raise ValueError(f"program.state {name!r} must be an input and 'next_{name}' an output")
+        if self.state and IS_INIT not in self.inputs:
+            raise ValueError("a program with state takes 'is_init' as an input")
+        return self
+
+
 class PolicySpec(_Strict):
     """What a policy is: enough to rebuild its TorchRL module and check its weights."""
 
@@ -323,12 +420,25 @@ class PolicySpec(_Strict):
         description="How an actor's output meets the box (kind 'actor'): scaled_tanh maps tanh onto "
         "[low, high]; tanh is a plain tanh then clipped into the box; clip clips the raw output.",
     )
+    program: ProgramSpec | None = Field(
+        None, description="Served as torch.export programs (PT2 archives), not built from network."
+    )
     env_id: str | None = Field(None, max_length=128)
     exploration: ExplorationDefaults = Field(default_factory=ExplorationDefaults)
     provenance: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _kind_fits(self) -> PolicySpec:
+        if self.program is not None:
+            self._program_fits()
+            return self
+        if self.action.type not in ("discrete", "box"):
+            raise ValueError(
+                f"action type {self.action.type!r} is served by exported programs only "
+                "(policy.json 'program')"
+            )
+        if isinstance(self.observation, DictObservationSpec):
+            self.observation.check_vectors()
         discrete = self.action.type == "discrete"
         if self.kind == "qvalue" and not discrete:
             raise ValueError("kind 'qvalue' needs a discrete action space")
@@ -352,10 +462,61 @@ class PolicySpec(_Strict):
             raise ValueError("preprocess may hold one cat_frames")
         return self
 
+    def observation_names(self) -> list[str]:
+        obs = self.observation
+        return list(obs.entries) if isinstance(obs, DictObservationSpec) else ["observation"]
+
+    def action_outputs(self) -> list[str]:
+        """The program outputs that make the action: ``action``, or one per composite leaf."""
+        if isinstance(self.action, CompositeActionSpec):
+            return [f"action.{leaf}" for leaf in self.action.entries]
+        return ["action"]
+
+    def _program_fits(self) -> None:
+        program = self.program
+        if self.recurrent is not None or self.preprocess or self.network.conv is not None:
+            raise ValueError(
+                "a program policy holds its whole network: recurrent, preprocess and network.conv "
+                "do not apply (put them inside the program)"
+            )
+        if self.distribution is not None:
+            raise ValueError("distribution does not apply to a program policy (it is inside the program)")
+        if self.kind == "qvalue" and self.action.type != "discrete":
+            raise ValueError("kind 'qvalue' needs a discrete action space")
+        expected = self.observation_names()
+        if self.action.type == "discrete":
+            expected.append("action_mask")
+        names = set(program.inputs)
+        missing = [n for n in expected if n not in names and n != "action_mask"]
+        allowed = {*expected, *program.state, IS_INIT}
+        unknown = [n for n in program.inputs if n not in allowed]
+        if missing or unknown:
+            raise ValueError(
+                f"program.inputs {program.inputs} must name the observation {self.observation_names()}"
+                + (", 'action_mask'" if self.action.type == "discrete" else "")
+                + ", the state entries and 'is_init'"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {unknown}" if unknown else "")
+            )
+        actions = self.action_outputs()
+        missing = [n for n in actions if n not in program.outputs]
+        heads = [a.replace("action", "log_prob", 1) for a in actions]
+        allowed = {*actions, "action_value", "log_prob", *heads, *(f"next_{n}" for n in program.state)}
+        unknown = [n for n in program.outputs if n not in allowed]
+        if missing or unknown:
+            raise ValueError(
+                f"program.outputs {program.outputs} must name the action {actions}, and may name "
+                f"'action_value', 'log_prob'{', ' + str(heads) if len(heads) > 1 else ''} and the next state"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {unknown}" if unknown else "")
+            )
+        if "action_value" in program.outputs and self.action.type != "discrete":
+            raise ValueError("'action_value' is an output of discrete policies")
+
     def summary(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "recurrent": self.recurrent is not None,
+            "recurrent": self.recurrent is not None or bool(self.program and self.program.state),
             "observation": self.observation.model_dump(),
             "action": self.action.model_dump(),
             "env_id": self.env_id,

@@ -1,4 +1,5 @@
-"""The model repository on disk: ``<root>/<name>/<version>/{policy.json,weights.safetensors}``.
+"""The model repository on disk: ``<root>/<name>/<version>/policy.json`` and the version's
+files: ``weights.safetensors`` (a declarative policy) or the PT2 archives it names (a program).
 
 Writes are atomic: a version is assembled (and fsynced) in ``<root>/.staging`` and renamed into
 place in one step, so a reader sees a whole version or none, also after a crash. Nothing here
@@ -11,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,6 +29,8 @@ WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_FILE = "default"
 MAX_SPEC_BYTES = 1024 * 1024
 STAGING = ".staging"
+# the files a version may hold besides policy.json (never a path)
+FILE_RE = re.compile(r"^(weights\.safetensors|[a-z][a-z0-9_]{0,31}\.pt2)$")
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -102,12 +106,22 @@ class ModelStore:
         return json.loads(f.read_text(encoding="utf-8"))
 
     def read_weights(self, name: str, version: int) -> bytes:
-        return (self._version_dir(name, version) / WEIGHTS_FILE).read_bytes()
+        return self.read_file(name, version, WEIGHTS_FILE)
 
-    def write_version(self, name: str, spec_json: dict, weights: bytes) -> int:
-        """Write a new version (highest + 1) and return its number.
+    def read_file(self, name: str, version: int, filename: str, limit: int | None = None) -> bytes:
+        """One of a version's files (``FILE_RE``), refused past ``limit`` bytes before reading."""
+        if not FILE_RE.match(filename):
+            raise ValueError(f"invalid file name {filename[:40]!r}")
+        f = self._version_dir(name, version) / filename
+        if limit is not None and f.stat().st_size > limit:
+            raise ValueError(too_large(filename, limit))
+        return f.read_bytes()
 
-        The version directory appears complete or not at all: both files are written and
+    def write_version(self, name: str, spec_json: dict, files: bytes | dict[str, bytes]) -> int:
+        """Write a new version (highest + 1) and return its number; ``files`` are the version's
+        files by name (bytes alone: ``weights.safetensors``).
+
+        The version directory appears complete or not at all: every file is written and
         fsynced in a staging directory, which one ``rename`` turns into ``<name>/<version>``
         (a rename onto a version another process took fails, and the next number is tried).
         A crash at any point leaves at most a staging directory, swept at the next start.
@@ -115,8 +129,13 @@ class ModelStore:
         staging = self._staging_dir()
         staging.mkdir(parents=True)
         try:
+            if isinstance(files, bytes):
+                files = {WEIGHTS_FILE: files}
             _write_synced(staging / SPEC_FILE, json.dumps(spec_json, indent=2).encode("utf-8"))
-            _write_synced(staging / WEIGHTS_FILE, weights)
+            for filename, data in files.items():
+                if not FILE_RE.match(filename):
+                    raise ValueError(f"invalid file name {filename[:40]!r}")
+                _write_synced(staging / filename, data)
             _fsync_dir(staging)
             pdir = self._policy_dir(name)
             pdir.mkdir(exist_ok=True)

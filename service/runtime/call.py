@@ -49,6 +49,15 @@ def stack_observations(parts: list[Observations]) -> torch.Tensor | TensorDict:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def as_list(values: torch.Tensor | TensorDict) -> list:
+    """A batch as Python values, a row each: numbers or lists, or for a TensorDict (a composite
+    action, per-head log-probs) one ``{leaf: value}`` object per row."""
+    if isinstance(values, TensorDict):
+        columns = {key: as_list(values.get(key)) for key in values.keys()}
+        return [{k: col[i] for k, col in columns.items()} for i in range(values.batch_size[0])]
+    return values.tolist()
+
+
 _tickets = itertools.count(1)
 
 
@@ -133,7 +142,8 @@ class ActResult:
     """What one forward pass produced for a batch of ``B`` observations.
 
     Attributes:
-        action: ``[B]`` int64 (discrete) or ``[B, d]`` float32 (box).
+        action: ``[B]`` int64 (discrete), ``[B, d]`` float32 (box), ``[B, k]`` int64
+            (multi-discrete) or a ``[B]`` TensorDict of leaves (composite).
         info: per-observation extras (``action_value``, ``log_prob``…) when asked for.
         exploration: the exploration type actually used.
         state: the next per-env state (``PolicyRuntime.zero_state``'s layout), or None.
@@ -164,7 +174,7 @@ def split(result: ActResult, calls: list[ActCall]) -> list[ActResult]:
     if len(calls) == 1:
         return [result]
     out, start = [], 0
-    actions = result.action.tolist()  # once for the batch: each caller's payload slices it
+    actions = as_list(result.action)  # once for the batch: each caller's payload slices it
     for call in calls:
         stop = start + len(call.obs)
         out.append(result.rows(start, stop, call.return_info, actions))

@@ -25,7 +25,7 @@ from service.registry.spec import (
     PolicySpec,
 )
 from service.runtime.arrays import decode as decode_array
-from service.runtime.call import ActResult, Observations, VectorRows
+from service.runtime.call import ActResult, Observations, VectorRows, as_list
 
 
 class Codec:
@@ -113,14 +113,14 @@ class Codec:
     @staticmethod
     def encode(result: ActResult, single: bool) -> dict:
         """The JSON-ready body: ``action`` (single) or ``actions``, ``exploration``, ``info``."""
-        actions = result.actions if result.actions is not None else result.action.tolist()
+        actions = result.actions if result.actions is not None else as_list(result.action)
         out: dict = {"exploration": result.exploration.value}
         if single:
             out["action"] = actions[0]
         else:
             out["actions"] = actions
         if result.info is not None:
-            columns = {k: v.tolist() for k, v in result.info.items()}
+            columns = {k: as_list(v) for k, v in result.info.items()}
             rows = [{k: col[i] for k, col in columns.items()} for i in range(len(actions))]
             out["info"] = rows[0] if single else rows
         return out

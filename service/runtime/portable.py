@@ -38,6 +38,7 @@ from service.registry.build import ACTION_MASK
 from service.registry.preprocess import ApplyTransforms
 from service.registry.spec import DictObservationSpec
 from service.runtime.policy import PolicyRuntime
+from service.runtime.program import ProgramRuntime
 
 FORMATS = ("onnx", "pt2")
 EXAMPLE_BATCH = 2
@@ -201,6 +202,8 @@ def export_bytes(runtime: PolicyRuntime, fmt: str) -> bytes:
     """The version as a PT2 archive (``torch.export.load``) or an ONNX model (onnxruntime)."""
     if fmt not in FORMATS:
         raise InvalidInput(f"format {fmt[:16]!r}: one of {list(FORMATS)} is expected")
+    if isinstance(runtime, ProgramRuntime):
+        return _program_bytes(runtime, fmt)
     program, module = export_program(runtime)
     buffer = io.BytesIO()
     if fmt == "pt2":
@@ -211,6 +214,23 @@ def export_bytes(runtime: PolicyRuntime, fmt: str) -> bytes:
         module.example(),
         input_names=module.input_names,
         output_names=module.output_names,
+        dynamo=True,
+        verbose=False,
+    )
+    return onnx_program.model_proto.SerializeToString()
+
+
+def _program_bytes(runtime: ProgramRuntime, fmt: str) -> bytes:
+    """A program policy's deterministic program: its archive as uploaded (``pt2``), or that
+    program through the ONNX exporter, inputs and outputs named as in policy.json."""
+    deterministic = runtime.programs.modes["deterministic"]
+    if fmt == "pt2":
+        return deterministic.data
+    onnx_program = torch.onnx.export(
+        deterministic.module.program,
+        runtime.example(),
+        input_names=runtime.inputs,
+        output_names=runtime.outputs,
         dynamo=True,
         verbose=False,
     )

@@ -109,21 +109,8 @@ class TensorCodec:
         self.inputs = [_leaf(name, leaf) for name, leaf in leaves.items()]
         self.discrete = spec.action.type == "discrete"
         if self.discrete:
-            n = spec.action.n
-            self.inputs.append(TensorSpec(ACTION_MASK, "BOOL", [-1, n]))
-            self.outputs = [TensorSpec("action", "INT64", [-1])]
-        else:
-            self.outputs = [TensorSpec("action", "FP32", [-1, *spec.action.shape])]
-        if spec.kind == "qvalue":
-            self.outputs += [
-                TensorSpec("action_value", "FP32", [-1, spec.action.n]),
-                TensorSpec("chosen_action_value", "FP32", [-1]),
-            ]
-        elif spec.kind == "probabilistic":
-            self.outputs.append(TensorSpec("log_prob", "FP32", [-1]))
-            if not self.discrete:
-                d = list(spec.action.shape)
-                self.outputs += [TensorSpec("loc", "FP32", [-1, *d]), TensorSpec("scale", "FP32", [-1, *d])]
+            self.inputs.append(TensorSpec(ACTION_MASK, "BOOL", [-1, spec.action.n]))
+        self.outputs = _program_outputs(spec) if spec.program is not None else _outputs(spec)
         self._inputs = {t.name: t for t in self.inputs}
         self._outputs = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
@@ -206,10 +193,10 @@ class TensorCodec:
         names = self.output_names if wanted is None else wanted
         out: dict[str, np.ndarray] = {}
         for name in names:
-            if name == "action":
-                tensor = result.action
-            else:
-                tensor = result.info[name]
+            head, _, leaf = name.partition(".")
+            tensor = result.action if head == "action" else result.info[head]
+            if leaf:  # a composite action's leaf, a head's log-prob
+                tensor = tensor.get(leaf)
             array = tensor.detach().cpu().numpy()
             out[name] = array.astype(DATATYPES[self._outputs[name].datatype], copy=False)
         return out
@@ -220,6 +207,55 @@ class TensorCodec:
             raise InvalidInput(
                 f"output {unknown[0][:64]!r} is not one of policy {policy}'s outputs {self.output_names}"
             )
+
+
+def _outputs(spec: PolicySpec) -> list[TensorSpec]:
+    """A declarative version's outputs (what its kind and distribution give)."""
+    if spec.action.type == "discrete":
+        outputs = [TensorSpec("action", "INT64", [-1])]
+    else:
+        outputs = [TensorSpec("action", "FP32", [-1, *spec.action.shape])]
+    if spec.kind == "qvalue":
+        outputs += [
+            TensorSpec("action_value", "FP32", [-1, spec.action.n]),
+            TensorSpec("chosen_action_value", "FP32", [-1]),
+        ]
+    elif spec.kind == "probabilistic":
+        outputs.append(TensorSpec("log_prob", "FP32", [-1]))
+        if spec.action.type != "discrete":
+            d = list(spec.action.shape)
+            outputs += [TensorSpec("loc", "FP32", [-1, *d]), TensorSpec("scale", "FP32", [-1, *d])]
+    return outputs
+
+
+def _action_tensor(name: str, action) -> TensorSpec:
+    if action.type == "discrete":
+        return TensorSpec(name, "INT64", [-1])
+    if action.type == "multi_discrete":
+        return TensorSpec(name, "INT64", [-1, len(action.nvec)])
+    return TensorSpec(name, "FP32", [-1, *action.shape])
+
+
+def _program_outputs(spec: PolicySpec) -> list[TensorSpec]:
+    """A program version's outputs: the action (a tensor per leaf of a composite one, named
+    ``action.<leaf>``), ``action_value`` and ``chosen_action_value``, the log-probs it gives
+    (``log_prob.<leaf>`` per head; ``joint_log_prob`` for the whole action beside them)."""
+    declared = spec.program.outputs
+    action = spec.action
+    if action.type == "composite":
+        outputs = [_action_tensor(f"action.{leaf}", a) for leaf, a in action.entries.items()]
+    else:
+        outputs = [_action_tensor("action", action)]
+    if "action_value" in declared:
+        outputs += [
+            TensorSpec("action_value", "FP32", [-1, action.n]),
+            TensorSpec("chosen_action_value", "FP32", [-1]),
+        ]
+    heads = [n for n in declared if n.startswith("log_prob.")]
+    outputs += [TensorSpec(n, "FP32", [-1]) for n in heads]
+    if "log_prob" in declared:
+        outputs.append(TensorSpec("joint_log_prob" if heads else "log_prob", "FP32", [-1]))
+    return outputs
 
 
 def _leaf(name: str, leaf) -> TensorSpec:

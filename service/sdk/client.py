@@ -201,16 +201,19 @@ class PolicyClient:
         return self.request("GET", f"/v1/policies/{name}")
 
     def upload(self, name: str, path: str | Path) -> int:
-        """Publish the directory ``export_policy`` wrote as a new version; returns the version."""
+        """Publish the directory ``export_policy`` wrote as a new version (policy.json and its
+        weights, or its PT2 archives); returns the version."""
         folder = Path(path)
-        files = {
-            "spec": ("policy.json", (folder / "policy.json").read_bytes(), "application/json"),
-            "weights": (
-                "weights.safetensors",
-                (folder / "weights.safetensors").read_bytes(),
-                "application/octet-stream",
-            ),
-        }
+        spec = (folder / "policy.json").read_bytes()
+        files: list = [("spec", ("policy.json", spec, "application/json"))]
+        program = json.loads(spec).get("program")
+        if program:
+            for filename in program["files"].values():
+                data = (folder / filename).read_bytes()
+                files.append(("programs", (filename, data, "application/octet-stream")))
+        else:
+            data = (folder / "weights.safetensors").read_bytes()
+            files.append(("weights", ("weights.safetensors", data, "application/octet-stream")))
         return self.request("POST", f"/v1/policies/{name}/versions", files=files)["version"]
 
     def download(self, name: str, version: int, format: str = "onnx", path: str | Path | None = None) -> Path:

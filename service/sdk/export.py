@@ -1,5 +1,6 @@
-"""``export_policy``: a TorchRL policy built from the library's standard blocks, as the
-``policy.json`` + ``weights.safetensors`` the server serves.
+"""``export_policy``: any TorchRL policy as a version the server serves — the declarative
+``policy.json`` + ``weights.safetensors`` when the module is built from the library's standard
+blocks (below), else ``policy.json`` + exported programs (``sdk/program_export``).
 
 The module is read, not assumed: its parts in order (an optional ``ConvNet``, an optional
 ``LSTMModule``, then a head: ``MLP`` + ``QValueModule``, an ``Actor`` over an ``MLP``, or a
@@ -22,7 +23,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule, TensorDictModuleBase, TensorDictSequential
 from torch import nn
-from torchrl.data import Binary, Bounded, Categorical, OneHot, TensorSpec
+from torchrl.data import Binary, Bounded, Categorical, MultiCategorical, OneHot, TensorSpec
 from torchrl.envs import (
     CatFrames,
     Compose,
@@ -229,6 +230,8 @@ def _read_head(parts: list[nn.Module], action: TensorSpec) -> dict[str, Any]:
 def _spec_json_of(spec: TensorSpec | dict, what: str) -> dict[str, Any]:
     if isinstance(spec, dict):
         return spec
+    if isinstance(spec, MultiCategorical):
+        raise _refuse(f"{what} spec MultiCategorical", "one discrete value (or a vector)")
     if what == "action":
         if isinstance(spec, (Categorical, OneHot)):
             return {"type": "discrete", "n": int(spec.space.n)}
@@ -302,6 +305,9 @@ def _preprocess_of(env: Any, key: Any) -> list[dict[str, Any]]:
 
 
 # -- export ----------------------------------------------------------------------------------
+FORMS = ("auto", "declarative", "program")
+
+
 def export_policy(
     policy: TensorDictModuleBase,
     path: str | os.PathLike,
@@ -310,20 +316,69 @@ def export_policy(
     observation_spec: TensorSpec | dict | None = None,
     action_spec: TensorSpec | dict | None = None,
     env_id: str | None = None,
+    state_spec: dict | None = None,
+    form: str = "auto",
 ) -> Path:
-    """Write ``policy.json`` and ``weights.safetensors`` for ``policy`` into the directory ``path``.
+    """Write ``policy`` as a servable version into the directory ``path``: ``policy.json`` and
+    ``weights.safetensors`` when the declarative spec describes it (``SUPPORTED``), else
+    ``policy.json`` and one PT2 archive per exploration mode (``sdk/program_export``).
 
     Args:
-        policy: a TorchRL policy (see ``SUPPORTED``); exploration modules are dropped.
-        env: a TorchRL env the policy acts in: its observation (before transforms) and action
-            specs, and its observation transforms as ``preprocess``.
+        policy: a TorchRL policy; exploration modules are dropped from the declarative form.
+        env: a TorchRL env the policy acts in: its observation and action specs (and, for the
+            declarative form, its observation transforms as ``preprocess``; a program reads the
+            observation as the env's transforms leave it, recurrent state primers included).
         observation_spec, action_spec: TorchRL specs or policy.json dicts, instead of ``env``'s.
         env_id: the allow-listed env id the policy plays (rollouts), if any.
+        state_spec: a program's recurrent state shapes by key, where no env primer gives them.
+        form: ``auto`` (declarative when it can), ``declarative`` or ``program``.
 
     Raises:
-        ValueError: naming the module or transform that cannot be represented, or saying how the
-            served module would differ; nothing is written then.
+        ValueError: naming what cannot be represented in either form, or saying how the served
+            version would differ from the module; nothing is written then.
     """
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: one of {list(FORMS)}")
+    reason = None
+    if form != "program":
+        try:
+            return _export_declarative(
+                policy,
+                path,
+                env=env,
+                observation_spec=observation_spec,
+                action_spec=action_spec,
+                env_id=env_id,
+            )
+        except ValueError as exc:
+            if form == "declarative":
+                raise
+            reason = str(exc)
+    from service.sdk.program_export import export_programs, write_program_policy
+
+    obs = observation_spec if observation_spec is not None else getattr(env, "observation_spec", None)
+    act = action_spec if action_spec is not None else getattr(env, "action_spec", None)
+    if obs is None or act is None:
+        raise ValueError("no observation or action spec: pass env= or observation_spec= and action_spec=")
+    try:
+        spec_json, files = export_programs(policy, obs, act, state_spec=state_spec, env_id=env_id)
+    except ValueError as exc:
+        if reason is None:
+            raise
+        raise ValueError(f"{reason}\n... and as an exported program: {exc}") from None
+    return write_program_policy(path, spec_json, files)
+
+
+def _export_declarative(
+    policy: TensorDictModuleBase,
+    path: str | os.PathLike,
+    *,
+    env: Any = None,
+    observation_spec: TensorSpec | dict | None = None,
+    action_spec: TensorSpec | dict | None = None,
+    env_id: str | None = None,
+) -> Path:
+    """The declarative form (``SUPPORTED``), or ``ValueError``."""
     leaves = _leaves(policy)
     exploration: dict[str, float] = {}
     kept = []

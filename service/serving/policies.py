@@ -75,9 +75,10 @@ class PolicyService:
     def detail(self, name: str) -> dict[str, Any]:
         return policy_detail(self.registry.entry(name))
 
-    async def publish(self, name: str, spec_raw: bytes, weights: bytes) -> dict[str, Any]:
+    async def publish(self, name: str, spec_raw: bytes, files: bytes | dict[str, bytes]) -> dict[str, Any]:
+        """An uploaded version: policy.json and its weights, or its PT2 archives by file name."""
         spec_json = parse_spec_upload(spec_raw)
-        version = await asyncio.to_thread(self.registry.publish, name, spec_json, weights)
+        version = await asyncio.to_thread(self.registry.publish, name, spec_json, files)
         return {"name": name, "version": version}
 
     async def set_default(self, name: str, version: int) -> dict[str, Any]:
