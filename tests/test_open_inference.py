@@ -246,3 +246,12 @@ def test_sequences_step_sessions_as_v1_sessions_do(server, triton):
         assert closed.value.status() == "404" and "sequence_start" in closed.value.message()
     config = triton.get_model_config("cartpole-lstm-dqn")
     assert config["sequence_batching"]["max_sequence_idle_microseconds"] > 0
+
+
+def test_a_version_of_unicode_digits_is_refused_not_a_crash(server):
+    """``"¹".isdigit()`` is true but ``int("¹")`` raises: such a version once answered 500."""
+    for version in ("%C2%B9", "%E2%91%A0", "0"):
+        r = httpx.get(f"{server.url}/v2/models/cartpole-dqn/versions/{version}/ready", timeout=30)
+        assert r.status_code in (400, 404, 422), (version, r.status_code, r.text)
+        q = httpx.get(f"{server.url}/v2/models/cartpole-dqn/ready?version={version}", timeout=30)
+        assert 400 <= q.status_code < 500, (version, q.status_code, q.text)

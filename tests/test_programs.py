@@ -448,3 +448,25 @@ def test_neither_form_refuses_naming_both_reasons(tmp_path):
         )
     assert "head" in str(info.value) and "exported program" in str(info.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_refused_version_on_disk_is_listed_with_its_reason(exported, tmp_path):
+    path = exported["multi_discrete"]
+    good = tmp_path / "models" / "md" / "1"
+    bad = tmp_path / "models" / "md" / "2"
+    for target in (good, bad):
+        target.mkdir(parents=True)
+        for f in ("policy.json", "deterministic.pt2", "random.pt2"):
+            (target / f).write_bytes((path / f).read_bytes())
+    marker = tmp_path / "ran"
+    (bad / "random.pt2").write_bytes(_hostile((path / "random.pt2").read_bytes(), marker)["pickled weight"])
+    settings = Settings(
+        model_dir=tmp_path / "models", data_dir=tmp_path / "var", registry_poll_s=0, embedded_worker=False
+    )
+    with TestClient(create_app(settings)) as c:
+        detail = c.get("/v1/policies/md").json()
+        errors = {d["version"]: d["error"] for d in detail["version_details"]}
+        assert errors[1] is None and "random.pt2" in errors[2] and "pickled payload" in errors[2]
+        assert detail["default_version"] == 1
+        assert c.post("/v1/policies/md/act", json={"observation": [0.0] * 4}).status_code == 200
+    assert not marker.exists()

@@ -43,7 +43,7 @@ def _service(request: Request) -> InferService:
 def _version(version: str | None) -> int | None:
     if version is None or version == "":
         return None
-    if not version.isdigit() or int(version) < 1:
+    if not version.isdecimal() or int(version) < 1:
         raise InvalidInput(f"model version {version[:32]!r} is not a positive integer")
     return int(version)
 
@@ -125,7 +125,7 @@ def _parse(
     """The request's parameters and arrays, the outputs to send as binary, the request's id."""
     binary = memoryview(b"")
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not header_length.isdecimal() or int(header_length) > len(body):
             raise InvalidInput(
                 f"Inference-Header-Content-Length {header_length[:32]!r} is not a length within the "
                 f"body's {len(body)} bytes"

@@ -66,7 +66,7 @@ CONTENTS = {
 def _version(version: str) -> int | None:
     if version == "":
         return None
-    if not version.isdigit() or int(version) < 1:
+    if not version.isdecimal() or int(version) < 1:
         raise InvalidInput(f"model version {version[:32]!r} is not a positive integer")
     return int(version)
 

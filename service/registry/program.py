@@ -337,26 +337,51 @@ def _check_signature(module: torch.nn.Module, spec: PolicySpec) -> None:
             f"the graph takes {len(inputs)} input(s) and gives {len(outputs)} output(s); policy.json "
             f"names {len(declared_in)} inputs {declared_in} and {len(declared_out)} outputs {declared_out}"
         )
-    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name, s in zip(declared_in, inputs, strict=True):
-        value = nodes[s.arg.name].meta.get("val")
-        expected = _expected_input(spec, name)
+    nodes = {n.name: n for n in program.graph.nodes}
+    pairs = [("input", n, s, _expected_input(spec, n)) for n, s in zip(declared_in, inputs, strict=True)]
+    pairs += [("output", n, s, _expected_output(spec, n)) for n, s in zip(declared_out, outputs, strict=True)]
+    for what, name, s, expected in pairs:
+        node = nodes.get(getattr(s.arg, "name", None))
+        value = node.meta.get("val") if node is not None else None
         if expected is None or not isinstance(value, torch.Tensor):
             continue
-        dtype, shape = expected
+        dtypes, shape = expected
         got = list(value.shape[1:])
         if (
-            value.dtype != dtype
+            value.dtype not in dtypes
             or value.dim() != len(shape) + 1
             or any(isinstance(g, int) and g != e for g, e in zip(got, shape, strict=True))
         ):
             raise ProgramRefused(
-                f"graph input {name!r} is {value.dtype} {['B', *got]}; "
-                f"policy.json means {dtype} {['B', *shape]}"
+                f"graph {what} {name!r} is {value.dtype} {['B', *got]}; "
+                f"policy.json means {' or '.join(map(str, dtypes))} {['B', *shape]}"
             )
 
 
-def _expected_input(spec: PolicySpec, name: str) -> tuple[torch.dtype, list[int]] | None:
+_FLOAT = (torch.float32,)
+_INTEGER = (torch.int64, torch.int32)
+
+
+def _expected_output(spec: PolicySpec, name: str) -> tuple[tuple, list[int]] | None:
+    """The dtypes and per-row shape policy.json gives an output."""
+    head, _, leaf = name.partition(".")
+    if head == "action":
+        action = spec.action.entries[leaf] if leaf else spec.action
+        if action.type == "discrete":
+            return _INTEGER, []
+        if action.type == "multi_discrete":
+            return _INTEGER, [len(action.nvec)]
+        return _FLOAT, list(action.shape)
+    if name == "action_value":
+        return _FLOAT, [spec.action.n]
+    if head == "log_prob":
+        return _FLOAT, []
+    if name.startswith("next_") and name[5:] in spec.program.state:
+        return _FLOAT, list(spec.program.state[name[5:]].shape)
+    return None
+
+
+def _expected_input(spec: PolicySpec, name: str) -> tuple[tuple, list[int]] | None:
     """The dtype and per-row shape policy.json gives an input."""
     from service.registry.spec import DictObservationSpec
 
@@ -364,11 +389,11 @@ def _expected_input(spec: PolicySpec, name: str) -> tuple[torch.dtype, list[int]
     leaves = obs.entries if isinstance(obs, DictObservationSpec) else {"observation": obs}
     if name in leaves:
         leaf = leaves[name]
-        return (torch.int64, []) if leaf.discrete else (getattr(torch, leaf.dtype), list(leaf.shape))
+        return ((torch.int64,), []) if leaf.discrete else ((getattr(torch, leaf.dtype),), list(leaf.shape))
     if name == "action_mask":
-        return torch.bool, [spec.action.n]
+        return (torch.bool,), [spec.action.n]
     if name == "is_init":
-        return torch.bool, []
+        return (torch.bool,), []
     if name in spec.program.state:
-        return torch.float32, list(spec.program.state[name].shape)
+        return _FLOAT, list(spec.program.state[name].shape)
     return None

@@ -84,7 +84,7 @@ class ModelStore:
             return []
         out = []
         for p in d.iterdir():
-            if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"):
+            if p.is_dir() and p.name.isdecimal() and not p.name.startswith("0"):
                 out.append(int(p.name))
         return sorted(out)
 
@@ -94,7 +94,7 @@ class ModelStore:
             text = f.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
-        if not text.isdigit() or int(text) < 1:
+        if not text.isdecimal() or int(text) < 1:
             log.warning("ignoring default file of %s: %r is not a positive integer", name, text)
             return None
         return int(text)
@@ -169,7 +169,7 @@ class ModelStore:
         if staging.is_dir():
             for d in staging.iterdir():
                 owner_host, _, rest = d.name.rpartition("-")[0].rpartition("-")
-                pid = int(rest) if rest.isdigit() else None
+                pid = int(rest) if rest.isdecimal() else None
                 dead = owner_host == host and pid is not None and not _pid_alive(pid)
                 try:
                     old = time.time() - d.stat().st_mtime > max_age_s
