@@ -84,8 +84,8 @@ async def measure(model_dir: Path, requests: int, rounds: int) -> dict:
                 for name in (DECLARATIVE, PROGRAM):
                     scope = http_scope(f"/v1/policies/{name}/act", body)
 
-                    async def client(scope: dict = scope) -> None:
-                        for _ in range(per_task):
+                    async def client(scope: dict = scope, n: int = per_task) -> None:
+                        for _ in range(n):
                             await app(dict(scope), receive, send)
 
                     t = time.perf_counter()

@@ -324,6 +324,9 @@ def _deserialize(graph_json: dict, state_dict: dict, constants: dict) -> torch.n
             f"the graph does not deserialize: {type(exc).__name__}: {str(exc)[:300]}"
         ) from None
     module.program = program  # ONNX export reads the program
+    # the module's own input check (pytree and shape guards per call) would double the cost of a
+    # small program's call; the codecs check every input against policy.json before it runs
+    module.validate_inputs = False
     return module
 
 

@@ -45,7 +45,10 @@ class ProgramRuntime:
         self.n_actions = spec.action.n if self.discrete else None
         self.composite = isinstance(spec.action, CompositeActionSpec)
         self.dict_obs = isinstance(spec.observation, DictObservationSpec)
-        self.light = False  # a program's graph costs more than the event loop should carry
+        # small observations (what a declarative vector policy reads): run on the event loop when
+        # the batch is small, as declarative vector policies do; images go to the executor
+        leaves = spec.observation.entries.values() if self.dict_obs else [spec.observation]
+        self.light = sum(1 if leaf.discrete else _numel(tuple(leaf.shape)) for leaf in leaves) <= 1024
         self.state_names = list(program.state)
         self.recurrent = bool(self.state_names)
         self.stateful = self.recurrent
