@@ -27,6 +27,7 @@ bench: $(BIN)/.installed
 	$(BIN)/policy-server bench
 	SDL_VIDEODRIVER=dummy $(BIN)/python -m benchmarks.pixels
 	$(BIN)/python -m benchmarks.oip
+	$(BIN)/python -m benchmarks.programs
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -180,7 +180,7 @@ def _progress_bar(total: int):
 
 
 def _upload(args: argparse.Namespace) -> int:
-    """Publish a directory ``export_policy`` wrote (policy.json + weights.safetensors)."""
+    """Publish a directory ``export_policy`` wrote (policy.json + weights, or its PT2 archives)."""
     from service.sdk.client import PolicyClient, PolicyServerError
 
     api_key = args.api_key or os.environ.get("POLICY_SERVER_API_KEY")
