@@ -470,3 +470,36 @@ def test_a_refused_version_on_disk_is_listed_with_its_reason(exported, tmp_path)
         assert detail["default_version"] == 1
         assert c.post("/v1/policies/md/act", json={"observation": [0.0] * 4}).status_code == 200
     assert not marker.exists()
+
+
+class _Counting(torch.nn.Module):
+    """Answers differently on every call (a Python counter): what tracing bakes in as a
+    constant is not what the module answers next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x) * self.calls
+
+
+def test_export_refuses_a_program_that_would_answer_differently(tmp_path):
+    from tensordict.nn import TensorDictModule, TensorDictSequential
+    from torchrl.modules import QValueModule
+
+    policy = TensorDictSequential(
+        TensorDictModule(_Counting(), in_keys=["observation"], out_keys=["action_value"]),
+        QValueModule(spec=Categorical(2)),
+    )
+    with pytest.raises(ValueError, match="answer 'action_value' differently"):
+        export_policy(
+            policy,
+            tmp_path / "x",
+            observation_spec=Unbounded(shape=(4,)),
+            action_spec=Categorical(2),
+            form="program",
+        )
+    assert not (tmp_path / "x").exists()
