@@ -349,7 +349,8 @@ class EnvList(BaseModel):
 class JobCreate(_In):
     algorithm: Algorithm = Field(
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
-        "policy) or td3 (box; deterministic actor)."
+        "policy), td3 (box; deterministic actor) or ppo (discrete or box, vector observations; "
+        "probabilistic categorical / TanhNormal policy)."
     )
     source: Literal["env", "sessions"] = Field(
         "env",

@@ -34,9 +34,10 @@ class JobService:
         check_env_id(env_id)
         space = env_specs(env_id)["action"]["type"]
         needs = ACTION_SPACE[algorithm]
-        if space != needs:
+        if space not in needs:
             raise InvalidInput(
-                f"algorithm {algorithm!r} needs a {needs} action space; {env_id} has a {space} action space"
+                f"algorithm {algorithm!r} needs a {' or '.join(needs)} action space; "
+                f"{env_id} has a {space} action space"
             )
         if request.recurrent and algorithm not in RECURRENT:
             raise InvalidInput(f"recurrent=true is available for {sorted(RECURRENT)} only, not {algorithm!r}")

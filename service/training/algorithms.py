@@ -8,9 +8,15 @@ from typing import Any, Literal
 from service.training.common import TrainConfig, TrainedPolicy
 from service.training.job import EnvJob, Job, JobRequest, SessionsJob
 
-Algorithm = Literal["dqn", "sac", "td3"]
-ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3")
-ACTION_SPACE: dict[str, str] = {"dqn": "discrete", "sac": "box", "td3": "box"}
+Algorithm = Literal["dqn", "sac", "td3", "ppo"]
+ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3", "ppo")
+# the action spaces each trains
+ACTION_SPACE: dict[str, tuple[str, ...]] = {
+    "dqn": ("discrete",),
+    "sac": ("box",),
+    "td3": ("box",),
+    "ppo": ("discrete", "box"),
+}
 RECURRENT: frozenset[str] = frozenset({"dqn"})
 
 
@@ -31,6 +37,10 @@ def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
                 experience_from=request.experience_from,
             )
         return DQNConfig.with_defaults(request.hyperparameters, recurrent=request.recurrent, **common)
+    if request.algorithm == "ppo":
+        from service.training.ppo import PPOConfig
+
+        return PPOConfig.with_defaults(request.hyperparameters, **common)
     from service.training.actor_critic import ActorCriticConfig
 
     return ActorCriticConfig.with_defaults(request.hyperparameters, algorithm=request.algorithm, **common)
@@ -43,6 +53,8 @@ def stored_config(job: Job, **extra: Any) -> TrainConfig:
         return build_config(job.request, **extra)
     if job.request.algorithm == "dqn":
         from service.training.dqn import DQNConfig as cls
+    elif job.request.algorithm == "ppo":
+        from service.training.ppo import PPOConfig as cls
     else:
         from service.training.actor_critic import ActorCriticConfig as cls
     return cls.model_validate({**job.config, **extra})
@@ -55,6 +67,8 @@ def trainer_for(algorithm: str) -> Trainer:
     """``train(config, on_progress, should_stop) -> TrainedPolicy`` of ``algorithm``."""
     if algorithm == "dqn":
         from service.training.dqn import train
+    elif algorithm == "ppo":
+        from service.training.ppo import train
     else:
         from service.training.actor_critic import train
     return train

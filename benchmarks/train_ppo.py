@@ -1,0 +1,92 @@
+"""PPO targets of issue 28, measured (not a test): CartPole-v1 success over seeds on held-out
+seeds, and training-loop speed against Stable-Baselines3's PPO in the same run.
+
+    python -m benchmarks.train_ppo --seeds 5 --frames 100000     # >= 475 in >= 4 of 5 seeds?
+    python -m benchmarks.train_ppo --speed --frames 20480        # frames/s vs SB3, same run
+
+SB3 (``pip install stable-baselines3``, the ``bench`` extra) runs with the same settings: 8 env
+copies, 256 steps each per rollout (2048 frames), 10 epochs of minibatches of 64, gamma 0.99,
+GAE lambda 0.95, clip 0.2, no entropy bonus, value coefficient 0.5, gradient norm 0.5, Adam
+3e-4, separate 64x64 tanh policy and value MLPs. Both are timed over the training loop only
+(collection + updates; no periodic evaluation), as ``benchmarks.train_dqn`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from service.process import configure_process
+from service.training.ppo import PPOConfig, train
+
+
+def ours(frames: int, seed: int, hp: dict | None = None) -> dict:
+    cfg = PPOConfig.with_defaults(hp or {}, env_id="CartPole-v1", total_frames=frames, seed=seed)
+    points: list[dict] = []
+    r = train(cfg, on_progress=points.append)
+    loop_s = points[-1]["time_s"]
+    return {
+        "heldout_eval": r.eval_mean_return,
+        "weights": r.spec.provenance["weights"],
+        "frames": r.frames,
+        "loop_s": round(loop_s, 1),
+        "fps": round(r.frames / loop_s, 1),
+    }
+
+
+def sb3(frames: int, seed: int) -> dict:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=256,
+        batch_size=64,
+        n_epochs=10,
+        learning_rate=3e-4,
+        gamma=0.99,
+        gae_lambda=0.95,
+        clip_range=0.2,
+        ent_coef=0.0,
+        vf_coef=0.5,
+        max_grad_norm=0.5,
+        policy_kwargs={"net_arch": [64, 64], "activation_fn": torch.nn.Tanh},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
+    t = time.perf_counter()
+    model.learn(total_timesteps=frames)
+    wall = time.perf_counter() - t
+    return {"frames": frames, "loop_s": round(wall, 1), "fps": round(frames / wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--frames", type=int, default=100_000)
+    ap.add_argument("--speed", action="store_true", help="frames/s against SB3, one seed each")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    configure_process(torch_threads=args.threads)
+    if args.speed:
+        a = ours(args.frames, 0, {"eval_every_frames": 0, "eval_episodes": 1})
+        b = sb3(args.frames, 0)
+        print(json.dumps({"ours": a, "sb3": b, "fps_ratio_ours_over_sb3": round(a["fps"] / b["fps"], 2)}))
+        return
+    runs = []
+    for seed in range(args.seeds):
+        r = ours(args.frames, seed)
+        runs.append(r)
+        print(json.dumps({"seed": seed, **r}), flush=True)
+    solved = sum(r["heldout_eval"] >= 475 for r in runs)
+    print(json.dumps({"solved_475_heldout": f"{solved}/{len(runs)}", "frames": args.frames}))
+
+
+if __name__ == "__main__":
+    main()

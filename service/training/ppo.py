@@ -1,0 +1,248 @@
+"""PPO for discrete and box action spaces, from TorchRL's parts: a ``Collector`` over env copies
+(``common.EnvSource``), ``GAE``, ``ClipPPOLoss``, epochs of shuffled minibatches over each batch.
+
+The policy is the ``probabilistic`` spec the registry serves (``categorical`` for discrete
+actions, ``tanh_normal`` bounded by the box); the critic is a ``ValueOperator`` beside it, never
+published. Read top to bottom: ``PPO`` (the parts), ``run_onpolicy`` (the loop), ``train``.
+Periodic evaluation on validation seeds, the final/best choice and the held-out report are
+``common``'s, as for DQN, SAC and TD3.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tensordict import TensorDictBase
+from torchrl.modules import MLP, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from service.envs import env_specs
+from service.registry.build import ACTIVATIONS, BuiltPolicy, build_policy
+from service.registry.spec import Activation, PolicySpec
+from service.training.common import (
+    RECENT,
+    EnvSource,
+    EvalEpisodes,
+    LayerSizes,
+    LearningRate,
+    LoopResult,
+    NumEnvs,
+    PeriodicEvaluation,
+    Progress,
+    StopCheck,
+    TrainConfig,
+    TrainedPolicy,
+    flushed_denormals,
+    package,
+)
+
+
+class PPOHyperparameters(BaseModel):
+    """Knobs of PPO; defaults as in TorchRL's and Stable-Baselines3's CartPole settings."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    num_cells: LayerSizes = [64, 64]
+    activation: Activation = Field("tanh", description="MLP activation (policy and critic).")
+    lr: LearningRate = 3e-4
+    gamma: float = Field(0.99, gt=0, le=1, description="Discount factor.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_epsilon: float = Field(0.2, gt=0, le=1, description="PPO's ratio clip.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    critic_coef: float = Field(0.5, ge=0, description="Value loss coefficient.")
+    max_grad_norm: float = Field(0.5, gt=0, description="Gradient norm clip.")
+    epochs: int = Field(10, ge=1, le=100, description="Passes over each batch.")
+    minibatch_size: int = Field(64, ge=1, le=65536, description="Transitions per gradient step.")
+    frames_per_batch: int = Field(2048, ge=1, le=65536, description="Frames collected per batch.")
+    num_envs: NumEnvs = 8
+    eval_episodes: EvalEpisodes = 10
+    eval_every_frames: int = Field(
+        10_000,
+        ge=0,
+        description="Periodic evaluation (5 episodes); the best weights are kept. 0 = only at the end.",
+    )
+
+    @property
+    def init_random_frames(self) -> int:  # what EnvSource's collector reads: PPO acts from the start
+        return 0
+
+    @model_validator(mode="after")
+    def _whole(self) -> PPOHyperparameters:
+        if self.frames_per_batch % self.num_envs:
+            raise ValueError(
+                f"frames_per_batch ({self.frames_per_batch}) must be a multiple of num_envs ({self.num_envs})"
+            )
+        if self.minibatch_size > self.frames_per_batch:
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) must not exceed "
+                f"frames_per_batch ({self.frames_per_batch})"
+            )
+        return self
+
+
+class PPOConfig(TrainConfig):
+    algorithm: Literal["ppo"] = "ppo"
+    hyperparameters: PPOHyperparameters = Field(default_factory=PPOHyperparameters)
+
+    @model_validator(mode="after")
+    def _vector_observation(self) -> PPOConfig:
+        if self.env_id is not None:
+            policy_spec_for(self)  # refused at submit, not when the job runs
+        return self
+
+
+def policy_spec_for(config: PPOConfig) -> PolicySpec:
+    """The served spec: a categorical or tanh-normal ``ProbabilisticActor`` over an MLP."""
+    hp = config.hyperparameters
+    specs = env_specs(config.env_id)
+    obs = specs["observation"]
+    if obs.get("type") is not None or len(obs.get("shape", [])) != 1:
+        raise ValueError(f"ppo trains on vector observations; {config.env_id} has {obs}")
+    distribution = "categorical" if specs["action"]["type"] == "discrete" else "tanh_normal"
+    return PolicySpec.model_validate(
+        {
+            "kind": "probabilistic",
+            "distribution": distribution,
+            **specs,
+            "env_id": config.env_id,
+            "network": {"type": "mlp", "num_cells": hp.num_cells, "activation": hp.activation},
+        }
+    )
+
+
+class PPO:
+    """The parts of one PPO run: the served policy, its critic, GAE, the loss and the optimiser
+    (what ``common.EnvSource`` and ``common.PeriodicEvaluation`` read of an algorithm)."""
+
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig) -> None:
+        hp = self.hyperparameters = config.hyperparameters
+        device = torch.device(config.device)
+        self.spec = policy_spec_for(config)
+        self.built: BuiltPolicy = build_policy(self.spec, device)
+        self.stored_preprocess = []
+        self.act_policy = self.built.core
+        self.collect_policy = self.built.core  # samples in the collector's RANDOM mode
+        actor = self.built.core.module[0]  # the ProbabilisticActor
+        critic = ValueOperator(
+            MLP(
+                in_features=self.spec.observation.dim,
+                out_features=1,
+                num_cells=hp.num_cells,
+                activation_class=ACTIVATIONS[hp.activation],
+            ),
+            in_keys=["observation"],
+        ).to(device)
+        self.advantage = GAE(gamma=hp.gamma, lmbda=hp.gae_lambda, value_network=critic, average_gae=True)
+        self.loss_fn = ClipPPOLoss(
+            actor,
+            critic,
+            clip_epsilon=hp.clip_epsilon,
+            entropy_bonus=hp.entropy_coef > 0,
+            entropy_coeff=hp.entropy_coef if hp.entropy_coef > 0 else None,
+            critic_coeff=hp.critic_coef,
+            loss_critic_type="l2",
+        )
+        self.optim = torch.optim.Adam(self.loss_fn.parameters(), lr=hp.lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
+        """GAE over the batch as collected (``[envs, time]``): advantages and value targets."""
+        with torch.no_grad():
+            return self.advantage(batch)
+
+    def update(self, batch: TensorDictBase) -> tuple[torch.Tensor, int]:
+        """``epochs`` passes of shuffled minibatches over one batch; the last loss and the steps."""
+        hp = self.hyperparameters
+        n = batch.shape[0]
+        steps, loss = 0, torch.zeros(())
+        for _ in range(hp.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n - hp.minibatch_size + 1, hp.minibatch_size):
+                parts = self.loss_fn(batch[order[start : start + hp.minibatch_size]])
+                loss = parts["loss_objective"] + parts["loss_critic"]
+                if "loss_entropy" in parts.keys():
+                    loss = loss + parts["loss_entropy"]
+                self.optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.loss_fn.parameters(), hp.max_grad_norm)
+                self.optim.step()
+                steps += 1
+        return loss.detach(), steps
+
+    def after_batch(self, frames: int) -> dict[str, Any]:
+        return {}
+
+
+def run_onpolicy(
+    algo: PPO,
+    source: EnvSource,
+    choice: PeriodicEvaluation,
+    *,
+    total_frames: int,
+    on_progress: Progress | None = None,
+    should_stop: StopCheck | None = None,
+) -> LoopResult:
+    """The on-policy loop: a batch (advantages computed), ``update`` on it, the collector told,
+    progress, evaluation; until ``total_frames`` or ``should_stop``. The progress points are
+    the off-policy loop's."""
+    should_stop = should_stop or (lambda: False)
+    start = time.perf_counter()
+    frames = updates = episodes = 0
+    recent: list[float] = []
+    cancelled = False
+    for batch in source.batches(should_stop):
+        frames += batch.frames
+        if batch.finished:
+            episodes += len(batch.finished)
+            recent = (recent + batch.finished)[-RECENT:]
+        loss, steps = algo.update(batch.store[0])
+        updates += steps
+        source.after_updates(frames, updates, {})
+        now = time.perf_counter() - start
+        point: dict[str, Any] = {
+            "frames": frames,
+            "total_frames": total_frames,
+            "episodes": episodes,
+            "mean_return": sum(recent) / len(recent) if recent else None,
+            "loss": float(loss),
+            "epsilon": None,
+            "fps": frames / now,
+            "time_s": now,
+        }
+        choice.observe(frames, point, recent)
+        if on_progress:
+            on_progress(point)
+        if should_stop():
+            cancelled = True
+            break
+    return LoopResult(frames, updates, cancelled, recent)
+
+
+def train(
+    config: PPOConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
+) -> TrainedPolicy:
+    """Train PPO and return the policy ready to publish."""
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    algo = PPO(config)
+    with flushed_denormals():
+        source = EnvSource(algo, config)
+        choice = PeriodicEvaluation(algo, config)
+        try:
+            loop = run_onpolicy(
+                algo,
+                source,
+                choice,
+                total_frames=config.total_frames,
+                on_progress=on_progress,
+                should_stop=should_stop,
+            )
+        finally:
+            source.close()
+        return package(algo, config, loop, choice.choose(loop), start)
