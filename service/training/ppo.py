@@ -147,8 +147,12 @@ class PPO:
             entropy_coeff=hp.entropy_coef if hp.entropy_coef > 0 else None,
             critic_coeff=hp.critic_coef,
             loss_critic_type="l2",
+            # the modules as they are, not functionalised copies: PPO needs no target networks,
+            # and loading the parameters into the modules on every call costs ~1 ms a step
+            functional=False,
         )
-        self.optim = torch.optim.Adam(self.loss_fn.parameters(), lr=hp.lr)
+        self.params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.optim = torch.optim.Adam(self.params, lr=hp.lr, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
@@ -159,6 +163,8 @@ class PPO:
     def update(self, batch: TensorDictBase) -> tuple[torch.Tensor, int]:
         """``epochs`` passes of shuffled minibatches over one batch; the last loss and the steps."""
         hp = self.hyperparameters
+        # only what the loss reads: each minibatch indexes these few tensors, not the whole batch
+        batch = batch.select("observation", "action", "action_log_prob", "advantage", "value_target")
         n = batch.shape[0]
         steps, loss = 0, torch.zeros(())
         for _ in range(hp.epochs):
@@ -170,7 +176,7 @@ class PPO:
                     loss = loss + parts["loss_entropy"]
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.loss_fn.parameters(), hp.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm, foreach=True)
                 self.optim.step()
                 steps += 1
         return loss.detach(), steps
