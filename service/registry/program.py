@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -292,6 +293,8 @@ def _payloads(members: dict[str, bytes], directory: str, config_name: str, prefi
             strides
         ):
             raise ProgramRefused(f"{where}: invalid sizes or strides")
+        if math.prod(sizes) > MAX_ARCHIVE_BYTES:  # stride-0 views of a few bytes included
+            raise ProgramRefused(f"{where}: {sizes} is larger than the archive limit")
         blob = members.get(directory + path)
         if blob is None:
             raise ProgramRefused(f"{where}: its file {path!r} is missing")
