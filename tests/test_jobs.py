@@ -90,7 +90,7 @@ def test_job_records_survive_a_restart(settings):
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"algorithm": "ppo"}, "dqn"),
+        ({"algorithm": "a2c"}, "ppo"),  # not one of the algorithms, which the answer lists
         ({"env_id": "Nope-v0"}, "not allowed"),
         ({"env_id": "os:system"}, "not allowed"),
         ({"env_id": "Pendulum-v1"}, "discrete action space"),
