@@ -10,6 +10,7 @@ hands each caller its rows of the ``ActResult``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -100,6 +101,18 @@ class ActCall:
     def batch_key(self, runtime: object) -> BatchKey:
         ticket = next(_tickets) if self.seed is not None else 0
         return BatchKey(runtime, self.exploration, self.epsilon, self.noise_std, self.seed, ticket)
+
+
+def episode_state(
+    call: ActCall, batch: int, zero_state: Callable[[int], State | None]
+) -> tuple[State | None, torch.Tensor | None]:
+    """A stateful policy's state and ``is_init`` for ``call``: without a state every row starts
+    an episode (``zero_state``, all ``is_init``); without ``is_init`` none does."""
+    if call.state is None:
+        return zero_state(batch), torch.ones(batch, dtype=torch.bool)
+    if call.is_init is None:
+        return call.state, torch.zeros(batch, dtype=torch.bool)
+    return call.state, call.is_init
 
 
 def join(calls: list[ActCall], n_actions: int | None) -> ActCall:

@@ -28,7 +28,7 @@ from service.registry.preprocess import (
     split_at_frames,
 )
 from service.registry.spec import PolicySpec
-from service.runtime.call import ActCall, ActResult, State, as_tensor
+from service.runtime.call import ActCall, ActResult, State, as_tensor, episode_state
 from service.runtime.codec import Codec
 from service.runtime.fast import FastPath
 from service.runtime.tensors import TensorCodec
@@ -123,11 +123,7 @@ class PolicyRuntime:
         batch = observation.shape[0]
         state, is_init = call.state, call.is_init
         if self.stateful:
-            if state is None:
-                state = self.zero_state(batch)
-                is_init = torch.ones(batch, dtype=torch.bool)
-            elif is_init is None:
-                is_init = torch.zeros(batch, dtype=torch.bool)
+            state, is_init = episode_state(call, batch, self.zero_state)
         history = None
         if not self.light:
             with torch.inference_mode():

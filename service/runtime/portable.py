@@ -209,13 +209,15 @@ def export_bytes(runtime: PolicyRuntime, fmt: str) -> bytes:
     if fmt == "pt2":
         torch.export.save(program, buffer)
         return buffer.getvalue()
+    return _onnx(program, module.example(), module.input_names, module.output_names)
+
+
+def _onnx(
+    program: torch.export.ExportedProgram, example: tuple, inputs: list[str], outputs: list[str]
+) -> bytes:
+    """``program`` as an ONNX model (torch's dynamo exporter), inputs and outputs named."""
     onnx_program = torch.onnx.export(
-        program,
-        module.example(),
-        input_names=module.input_names,
-        output_names=module.output_names,
-        dynamo=True,
-        verbose=False,
+        program, example, input_names=inputs, output_names=outputs, dynamo=True, verbose=False
     )
     return onnx_program.model_proto.SerializeToString()
 
@@ -226,12 +228,4 @@ def _program_bytes(runtime: ProgramRuntime, fmt: str) -> bytes:
     deterministic = runtime.programs.modes["deterministic"]
     if fmt == "pt2":
         return deterministic.data
-    onnx_program = torch.onnx.export(
-        deterministic.module.program,
-        runtime.example(),
-        input_names=runtime.inputs,
-        output_names=runtime.outputs,
-        dynamo=True,
-        verbose=False,
-    )
-    return onnx_program.model_proto.SerializeToString()
+    return _onnx(deterministic.module.program, runtime.example(), runtime.inputs, runtime.outputs)

@@ -19,7 +19,7 @@ from service.errors import InvalidInput
 from service.exploration import Exploration
 from service.registry.program import Programs
 from service.registry.spec import IS_INIT, CompositeActionSpec, DictObservationSpec, PolicySpec
-from service.runtime.call import ActCall, ActResult, State, as_tensor
+from service.runtime.call import ActCall, ActResult, State, as_tensor, episode_state
 from service.runtime.codec import Codec
 from service.runtime.policy import PolicyRuntime, seeded
 from service.runtime.tensors import TensorCodec
@@ -107,11 +107,7 @@ class ProgramRuntime:
         batch = observation.shape[0]
         state, is_init = call.state, call.is_init
         if self.stateful:
-            if state is None:
-                state = self.zero_state(batch)
-                is_init = torch.ones(batch, dtype=torch.bool)
-            elif is_init is None:
-                is_init = torch.zeros(batch, dtype=torch.bool)
+            state, is_init = episode_state(call, batch, self.zero_state)
         given: dict[str, torch.Tensor] = {}
         if self.dict_obs:
             given.update({k: observation.get(k) for k in self.spec.observation.entries})

@@ -328,17 +328,10 @@ def run_offpolicy(
         extra = algo.after_batch(batch.frames)
         source.after_updates(frames, updates, extra)
         now = time.perf_counter() - start
-        point: dict[str, Any] = {
-            "frames": frames,
-            "total_frames": total_frames,
-            "episodes": episodes,
-            "mean_return": sum(recent) / len(recent) if recent else None,
-            "loss": None if last_loss is None else float(last_loss),
-            "epsilon": None,
-            "fps": (frames - source.start_frames) / now,
-            "time_s": now,
-            **extra,
-        }
+        point = progress_point(
+            frames, total_frames, episodes, recent, last_loss, frames - source.start_frames, now
+        )
+        point.update(extra)
         choice.observe(frames, point, recent)
         if on_progress:
             on_progress(point)
@@ -348,6 +341,28 @@ def run_offpolicy(
     else:
         cancelled = should_stop() and frames < total_frames  # stopped while waiting for data
     return LoopResult(frames, updates, cancelled, recent)
+
+
+def progress_point(
+    frames: int,
+    total_frames: int,
+    episodes: int,
+    recent: list[float],
+    loss: torch.Tensor | None,
+    new_frames: int,
+    now: float,
+) -> dict[str, Any]:
+    """One progress point of a training loop (what jobs record and the dashboard plots)."""
+    return {
+        "frames": frames,
+        "total_frames": total_frames,
+        "episodes": episodes,
+        "mean_return": sum(recent) / len(recent) if recent else None,
+        "loss": None if loss is None else float(loss),
+        "epsilon": None,
+        "fps": new_frames / now,
+        "time_s": now,
+    }
 
 
 class EnvSource:
@@ -534,16 +549,19 @@ def train_offpolicy(
     start: float | None = None,
     source: DataSource | None = None,
     choice: WeightChoice | None = None,
+    run: Callable[..., LoopResult] | None = None,
 ) -> TrainedPolicy:
     """The loop over ``source`` (default: a collector over the job's env), the weights
     ``choice`` picks (default: periodic evaluation, held-out report), packaged: the same for
-    every algorithm and data source."""
+    every algorithm and data source. ``run`` is the loop (default ``run_offpolicy``; PPO passes
+    its on-policy loop)."""
+    run = run or run_offpolicy
     start = time.perf_counter() if start is None else start
     with flushed_denormals():
         source = source or EnvSource(algo, config)
         choice = choice or PeriodicEvaluation(algo, config)
         try:
-            loop = run_offpolicy(
+            loop = run(
                 algo,
                 source,
                 choice,

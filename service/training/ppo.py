@@ -36,8 +36,8 @@ from service.training.common import (
     StopCheck,
     TrainConfig,
     TrainedPolicy,
-    flushed_denormals,
-    package,
+    progress_point,
+    train_offpolicy,
 )
 
 
@@ -210,17 +210,9 @@ def run_onpolicy(
         loss, steps = algo.update(batch.store[0])
         updates += steps
         source.after_updates(frames, updates, {})
-        now = time.perf_counter() - start
-        point: dict[str, Any] = {
-            "frames": frames,
-            "total_frames": total_frames,
-            "episodes": episodes,
-            "mean_return": sum(recent) / len(recent) if recent else None,
-            "loss": float(loss),
-            "epsilon": None,
-            "fps": frames / now,
-            "time_s": now,
-        }
+        point = progress_point(
+            frames, total_frames, episodes, recent, loss, frames, time.perf_counter() - start
+        )
         choice.observe(frames, point, recent)
         if on_progress:
             on_progress(point)
@@ -233,22 +225,8 @@ def run_onpolicy(
 def train(
     config: PPOConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
 ) -> TrainedPolicy:
-    """Train PPO and return the policy ready to publish."""
+    """Train PPO and return the policy ready to publish (``common.train_offpolicy``'s source,
+    evaluation and packaging around the on-policy loop)."""
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    algo = PPO(config)
-    with flushed_denormals():
-        source = EnvSource(algo, config)
-        choice = PeriodicEvaluation(algo, config)
-        try:
-            loop = run_onpolicy(
-                algo,
-                source,
-                choice,
-                total_frames=config.total_frames,
-                on_progress=on_progress,
-                should_stop=should_stop,
-            )
-        finally:
-            source.close()
-        return package(algo, config, loop, choice.choose(loop), start)
+    return train_offpolicy(PPO(config), config, on_progress, should_stop, start, run=run_onpolicy)
