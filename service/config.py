@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_session_envs: int = Field(1024, ge=1, description="Largest num_envs of one session.")
     max_rollout_episodes: int = Field(100, ge=1)
     max_rollout_steps: int = Field(10_000, ge=1)
+    shadow_queue: int = Field(
+        256, ge=1, description="Act calls waiting for a shadow version; a full queue drops copies (counted)."
+    )
     max_concurrent_rollouts: int = Field(2, ge=1, description="Rollouts at once (429 beyond).")
     rollout_timeout_s: float = Field(120.0, gt=0)
     max_total_frames: int = Field(2_000_000, ge=1, description="Largest training job.")

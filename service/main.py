@@ -31,6 +31,7 @@ from service.serving.policies import PolicyService
 from service.serving.rllib import RLlibService
 from service.serving.rollouts import RolloutService
 from service.serving.sessions import SessionService
+from service.serving.stats import PolicyStats
 from service.training.job_system import build_jobs
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,19 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         state.session_store = make_session_store(settings.session_store)
         await asyncio.to_thread(registry.load_all)
         queue, worker = build_jobs(settings, registry.publish)
-        state.act_service = ActService(registry, state.batcher, settings)
+        stats = PolicyStats()
+        state.metrics.registry.register(stats)
+        state.act_service = ActService(registry, state.batcher, settings, stats)
         state.job_feeds = JobFeeds(
             settings.data_dir / "experience", queue.store, resolve_device(settings.device)
         )
         state.session_service = SessionService(
-            state.session_store, registry, state.batcher, settings, state.job_feeds
+            state.session_store, registry, state.batcher, settings, state.job_feeds, stats
         )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
         state.infer_service = InferService(registry, state.act_service, state.session_service, settings)
         state.rllib_service = RLlibService(state.session_service, registry)
-        state.policy_service = PolicyService(registry, state.session_service)
+        state.policy_service = PolicyService(registry, state.session_service, stats)
         state.job_service = JobService(queue.store, queue, settings)
         state.job_worker = worker
         if settings.embedded_worker:
@@ -91,6 +94,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
                 t.cancel()
             if grpc_server is not None:
                 await grpc_server.stop()
+            await state.act_service.shadows.close()
             if settings.embedded_worker:
                 await asyncio.to_thread(worker.stop)
             state.executor.shutdown()

@@ -190,6 +190,9 @@ class PolicyPublic(BaseModel):
     observation: dict[str, Any] | None
     action: dict[str, Any] | None
     env_id: str | None
+    routing: dict[str, float] | None = Field(
+        None, description="The served split (PUT …/routing): each version's share; null: the default serves"
+    )
 
 
 class PolicyDetail(PolicyPublic):
@@ -207,6 +210,55 @@ class PublishedVersion(BaseModel):
 
 class DefaultVersionIn(_In):
     version: int = Field(ge=1)
+
+
+class RoutingIn(_In):
+    weights: dict[str, float] = Field(
+        min_length=1,
+        max_length=16,
+        description='Each version\'s share of the traffic, e.g. {"3": 0.9, "4": 0.1} '
+        "(any non-negative numbers)",
+    )
+    shadow: int | None = Field(None, ge=1, description="A version that gets a copy of the routed traffic")
+
+
+class ReturnStats(BaseModel):
+    mean: float | None
+    std: float | None
+    ci95: list[float] | None = Field(description="95% interval of the mean (Student t)")
+
+
+class VersionStats(BaseModel):
+    version: int
+    requests: int = Field(description="Act calls answered (a batch is one)")
+    observations: int
+    sessions: int = Field(description="Sessions created on this version")
+    episodes: int = Field(description="Episodes clients ended (terminated/truncated) in sessions")
+    return_: ReturnStats = Field(alias="return")
+
+
+class ShadowStats(BaseModel):
+    version: int
+    compared: int = Field(description="Observations the shadow answered")
+    agreement: float | None = Field(description="Share of them it answered as the primary did")
+    dropped: int = Field(description="Copies dropped because the shadow queue was full")
+
+
+class VersionStatsOut(BaseModel):
+    policy: str
+    routing: dict[str, float] | None
+    versions: list[VersionStats]
+    shadow: ShadowStats | None
+
+
+class RoutingOut(BaseModel):
+    name: str
+    weights: dict[str, float] | None = Field(description="The split asked for (routing.json)")
+    shadow: int | None
+    split: dict[str, float] | None = Field(
+        description="What is served of it: the servable versions and their shares (null: the default serves)"
+    )
+    left_out: list[int] = Field(description="Versions it names that are not servable now")
 
 
 # -- sessions --------------------------------------------------------------------------------

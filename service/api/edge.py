@@ -198,7 +198,8 @@ class ServiceApp(FastAPI):
             try:
                 self._check_key(scope)
                 body = await _read_body(receive, limit)
-                status, payload, headers = await hot.answer(self.state, route, body)
+                key = header(scope, b"x-routing-key") if route.kind is RouteKind.act else None
+                status, payload, headers = await hot.answer(self.state, route, body, key)
             except (BodyTooLarge, TimeoutError):
                 raise
             except ServiceError as exc:  # the key

@@ -11,7 +11,7 @@ forward pass of a small policy.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from pydantic import ValidationError
 
 from service.api.asgi import Route, RouteKind
@@ -23,11 +23,14 @@ from service.schemas import ActRequest, ActResponse, SessionActRequest, SessionA
 Answer = tuple[int, dict, dict[str, str] | None]
 
 
-async def answer(state, route: Route, body: bytes) -> Answer:
-    """``(status, payload, headers)`` of a hot HTTP route: schema → params → service."""
+async def answer(state, route: Route, body: bytes, routing_key: bytes | None = None) -> Answer:
+    """``(status, payload, headers)`` of a hot HTTP route: schema → params → service;
+    ``routing_key``: the act call's ``X-Routing-Key`` header."""
     try:
         if route.kind is RouteKind.act:
             params = ActRequest.model_validate_json(body).params(route.policy)
+            if routing_key is not None:
+                params.routing_key = routing_key.decode("latin-1")
         else:
             params = SessionActRequest.model_validate_json(body).params(route.session_id)
     except ValidationError as exc:
@@ -56,7 +59,15 @@ DOCUMENTED = APIRouter()
 
 
 @DOCUMENTED.post("/v1/policies/{name}/act", response_model=ActResponse, tags=["policies"])
-async def act(name: PolicyName, body: ActRequest) -> None:
+async def act(
+    name: PolicyName,
+    body: ActRequest,
+    x_routing_key: str | None = Header(
+        None,
+        description="Without 'version', calls with the same key land on the same version of the "
+        "policy's split (PUT /v1/policies/{name}/routing)",
+    ),
+) -> None:
     """Act on one observation or a batch (answered by ``service.api.hot.answer``)."""
 
 

@@ -15,6 +15,9 @@ from service.schemas import (
     PolicyDetail,
     PolicyList,
     PublishedVersion,
+    RoutingIn,
+    RoutingOut,
+    VersionStatsOut,
 )
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
@@ -71,6 +74,32 @@ async def upload_version(
 @router.put("/{name}/default", dependencies=[Admin])
 async def set_default(entry: PolicyDep, body: DefaultVersionIn, policies: PoliciesDep) -> dict:
     return await policies.set_default(entry.name, body.version)
+
+
+@router.get("/{name}/stats", response_model=VersionStatsOut)
+def get_stats(entry: PolicyDep, policies: PoliciesDep) -> dict:
+    """Per version: act calls, sessions, episodes and the mean, std and 95% interval of the
+    episode returns clients reported in sessions; the shadow's agreement with the primary."""
+    return policies.version_stats(entry.name)
+
+
+@router.get("/{name}/routing", response_model=RoutingOut)
+def get_routing(entry: PolicyDep, policies: PoliciesDep) -> dict:
+    return policies.routing(entry.name)
+
+
+@router.put("/{name}/routing", response_model=RoutingOut, dependencies=[Admin])
+async def set_routing(entry: PolicyDep, body: RoutingIn, policies: PoliciesDep) -> dict:
+    """Split the traffic of calls without ``version`` (and new sessions) between versions by
+    weight, sticky per ``X-Routing-Key``; ``shadow`` gets a copy of it. ``PUT …/default`` or
+    ``DELETE …/routing`` ends the split."""
+    return await policies.set_routing(entry.name, body.model_dump())
+
+
+@router.delete("/{name}/routing", status_code=204, dependencies=[Admin])
+async def clear_routing(entry: PolicyDep, policies: PoliciesDep) -> Response:
+    await policies.set_routing(entry.name, None)
+    return Response(status_code=204)
 
 
 @router.delete("/{name}/versions/{version}", status_code=204, dependencies=[Admin])

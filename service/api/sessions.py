@@ -6,7 +6,7 @@ an act body, each reply an act response or ``{"status", "detail"}``), are ``serv
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 
 from service.api.deps import Inference, SessionsDep
 from service.schemas import (
@@ -24,8 +24,16 @@ async def session_summary(sessions: SessionsDep) -> dict:
 
 
 @router.post("", status_code=201, response_model=SessionPublic)
-async def create_session(body: SessionCreate, sessions: SessionsDep) -> dict:
-    return await sessions.create(body.params())
+async def create_session(
+    body: SessionCreate,
+    sessions: SessionsDep,
+    x_routing_key: str | None = Header(
+        None, description="Lands the session on the same version of a split as other calls with this key"
+    ),
+) -> dict:
+    params = body.params()
+    params.routing_key = x_routing_key
+    return await sessions.create(params)
 
 
 @router.get("/{session_id}", response_model=SessionPublic)

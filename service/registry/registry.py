@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from service.errors import InvalidInput, NotFound, validation_sentence
 from service.registry.build import BuiltPolicy, build_policy, load_weights
 from service.registry.program import MAX_ARCHIVE_BYTES, ProgramRefused, Programs, read_programs
+from service.registry.routing import Routing, RoutingRefused, Split
 from service.registry.spec import PolicySpec, is_valid_name
 from service.registry.store import WEIGHTS_FILE, ModelStore
 
@@ -71,6 +72,22 @@ class PolicyEntry:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     default_file: int | None = None
+    routing: Routing | None = None  # what routing.json asks for
+    split: Split | None = None  # what is served of it (``routed``): its servable versions
+
+    def with_routing(self, routing: Routing | None, before: PolicyEntry | None = None) -> PolicyEntry:
+        """This entry with ``routing`` applied to its servable versions; the versions it leaves
+        out are logged when they change (not at every rescan)."""
+        split, left_out = (None, []) if routing is None else routing.servable(self.versions)
+        was = before.routing.servable(before.versions)[1] if before and before.routing else []
+        if left_out and (left_out != was or before.routing != routing):
+            log.warning(
+                "routing of %s leaves out versions %s (not servable); split now %s",
+                self.name,
+                left_out,
+                split.shares() if split else "none (the default version serves)",
+            )
+        return replace(self, routing=routing, split=split)
 
     @cached_property  # entries are replaced, never changed: computed once, not per act call
     def default_version(self) -> int | None:
@@ -88,6 +105,7 @@ class PolicyEntry:
         return {
             "name": self.name,
             "default_version": d,
+            "routing": None if self.split is None else {str(v): w for v, w in self.split.shares().items()},
             "versions": sorted(self.versions),
             **base,
         }
@@ -167,6 +185,22 @@ class Registry:
             raise PolicyNotFound(f"policy {name!r} not found")
         return entry
 
+    def routed(self, name: str, version: int | None = None, key: str | None = None) -> LoadedVersion:
+        """The version traffic goes to: ``version`` when asked for, else by the policy's split
+        (sticky per ``key``), else the default."""
+        if version is None:
+            entry = self._entries.get(name)
+            if entry is not None and entry.split is not None:
+                version = entry.split.choose(key)
+        return self.resolve(name, version)
+
+    def shadow(self, name: str) -> LoadedVersion | None:
+        """The servable shadow version of the policy's split, if it has one."""
+        entry = self._entries.get(name)
+        if entry is None or entry.split is None or entry.split.shadow is None:
+            return None
+        return entry.versions.get(entry.split.shadow)
+
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         entry = self.entry(name)
         if version is None:
@@ -222,7 +256,16 @@ class Registry:
             except InvalidPolicy as exc:
                 errors[v] = str(exc)
                 log.error("policy %s version %d failed to load: %s", name, v, exc)
-        self._entries[name] = PolicyEntry(name, versions, errors, self.store.read_default(name))
+        entry = PolicyEntry(name, versions, errors, self.store.read_default(name))
+        self._entries[name] = entry.with_routing(self._read_routing(name), old)
+
+    def _read_routing(self, name: str) -> Routing | None:
+        try:
+            raw = self.store.read_routing(name)
+            return None if raw is None else Routing.parse(raw)
+        except (ValueError, OSError) as exc:  # a hand-edited file gone wrong: the default serves
+            log.error("ignoring routing of %s: %s", name, exc)
+            return None
 
     def _drop(self, name: str) -> None:
         self._entries.pop(name, None)
@@ -244,7 +287,7 @@ class Registry:
             version = self.store.write_version(name, spec.model_dump(mode="json"), _files_of(spec, files))
             old = self._entries.get(name, PolicyEntry(name))
             versions = {**old.versions, version: LoadedVersion(name, version, spec, runtime)}
-            self._entries[name] = replace(old, versions=versions)
+            self._entries[name] = replace(old, versions=versions).with_routing(old.routing, old)
         log.info("published policy %s version %d", name, version)
         return version
 
@@ -256,7 +299,32 @@ class Registry:
                     f"policy {name!r} has no servable version {version}; servable: {sorted(entry.versions)}"
                 )
             self.store.write_default(name, version)
-            self._entries[name] = replace(entry, default_file=version)
+            if entry.routing is not None:  # a new default takes all the traffic
+                self.store.write_routing(name, None)
+                log.info("routing of %s cleared: version %d is the default", name, version)
+            self._entries[name] = replace(entry, default_file=version, routing=None, split=None)
+
+    def set_routing(self, name: str, routing: Routing | dict | None) -> PolicyEntry:
+        """Split the policy's traffic (``None``: the default version takes it all again). Every
+        version it names must be servable now."""
+        with self._write_lock:
+            entry = self.entry(name)
+            if routing is not None and not isinstance(routing, Routing):
+                try:
+                    routing = Routing.parse(routing)
+                except RoutingRefused as exc:
+                    raise InvalidInput(str(exc)) from None
+            if routing is not None:
+                named = sorted({*routing.weights, *([routing.shadow] if routing.shadow else [])})
+                missing = [v for v in named if v not in entry.versions]
+                if missing:
+                    raise VersionNotFound(
+                        f"policy {name!r} has no servable version {missing[0]}; "
+                        f"servable: {sorted(entry.versions)}"
+                    )
+            self.store.write_routing(name, None if routing is None else routing.to_json())
+            self._entries[name] = entry = entry.with_routing(routing, entry)
+            return entry
 
     def delete_version(self, name: str, version: int) -> None:
         with self._write_lock:
@@ -268,6 +336,7 @@ class Registry:
             errors = {v: e for v, e in entry.errors.items() if v != version}
             default = entry.default_file if entry.default_file != version else None
             if versions or errors:
-                self._entries[name] = PolicyEntry(name, versions, errors, default)
+                after = PolicyEntry(name, versions, errors, default)
+                self._entries[name] = after.with_routing(entry.routing, entry)
             else:
                 self._entries.pop(name, None)

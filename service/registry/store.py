@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "policy.json"
 WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_FILE = "default"
+ROUTING_FILE = "routing.json"
 MAX_SPEC_BYTES = 1024 * 1024
 STAGING = ".staging"
 # the files a version may hold besides policy.json (never a path)
@@ -98,6 +99,20 @@ class ModelStore:
             log.warning("ignoring default file of %s: %r is not a positive integer", name, text)
             return None
         return int(text)
+
+    def read_routing(self, name: str) -> dict | None:
+        """``routing.json``'s content (checked by the registry), or ``None`` without one."""
+        f = self._policy_dir(name) / ROUTING_FILE
+        try:
+            if f.stat().st_size > MAX_SPEC_BYTES:
+                raise ValueError(too_large(ROUTING_FILE, MAX_SPEC_BYTES))
+            return json.loads(f.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def write_routing(self, name: str, routing: dict | None) -> None:
+        """Replace (atomically) or remove the policy's ``routing.json``."""
+        self._replace(self._policy_dir(name) / ROUTING_FILE, None if routing is None else json.dumps(routing))
 
     def read_spec_json(self, name: str, version: int) -> dict:
         f = self._version_dir(name, version) / SPEC_FILE
@@ -189,12 +204,16 @@ class ModelStore:
         return removed
 
     def write_default(self, name: str, version: int | None) -> None:
-        f = self._policy_dir(name) / DEFAULT_FILE
-        if version is None:
+        self._replace(self._policy_dir(name) / DEFAULT_FILE, None if version is None else f"{version}\n")
+
+    @staticmethod
+    def _replace(f: Path, text: str | None) -> None:
+        """A small file replaced in one step (readers see the old or the new), or removed."""
+        if text is None:
             f.unlink(missing_ok=True)
             return
-        tmp = f.with_name(f".{DEFAULT_FILE}.{uuid.uuid4().hex}")
-        tmp.write_text(f"{version}\n", encoding="utf-8")
+        tmp = f.with_name(f".{f.name}.{uuid.uuid4().hex}")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, f)
 
     def delete_version(self, name: str, version: int) -> None:

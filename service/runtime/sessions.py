@@ -58,6 +58,8 @@ class Session:
     # (job sessions) reward reported ahead of the next step (``SessionService.report``: RLlib's
     # LOG_RETURNS), the previous action's until a step with ``reported`` takes it
     reward_due: float = 0.0
+    # (policy sessions) per env: the running return of the episode clients report rewards for
+    returns: list[float] | None = None
     indexed_until: float = 0.0  # (Redis) the expiry its index entries hold
 
     def __post_init__(self) -> None:
@@ -79,6 +81,7 @@ class Session:
         self.state = None
         self.pending = None
         self.reward_due = 0.0
+        self.returns = None
 
     def public(self) -> dict:
         return {
@@ -110,6 +113,7 @@ class Session:
                 "pending": None if self.pending is None else [_layout(t) for t in self.pending],
                 "job": self.job,
                 "reward_due": self.reward_due,
+                "returns": self.returns,
                 "indexed_until": self.indexed_until,
             }
         )

@@ -122,7 +122,7 @@ class InferService:
         """``{model_name, model_version, outputs: {name: array}}`` of one infer call."""
         if p.sequence is not None:
             return await self._sequence_step(p)
-        loaded = self._loaded(p.policy, p.version)
+        loaded = self.registry.routed(p.policy, p.version)
         runtime = loaded.runtime
         codec = runtime.tensors
         if p.outputs is not None:
@@ -143,7 +143,11 @@ class InferService:
         the version resolved now, with as many envs as the request has rows; ``sequence_end``
         closes it after the step. A step of a sequence that is not open → 404."""
         seq = p.sequence
-        loaded = self._loaded(p.policy, p.version)
+        # a new sequence lands on a version of the split by its id, as a session would by its key
+        if seq.start:
+            loaded = self.registry.routed(p.policy, p.version, seq.id)
+        else:
+            loaded = self._loaded(p.policy, p.version)
         codec = loaded.runtime.tensors
         if p.outputs is not None:
             codec.check_outputs(p.outputs, p.policy)

@@ -27,6 +27,7 @@ class ActParams:
     seed: int | None = None
     return_info: bool = False
     masks: list[list[bool]] | None = None  # one action mask per row (discrete policies)
+    routing_key: str | None = None  # X-Routing-Key: the same key, the same version of a split
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class SessionCreateParams:
     ttl_s: float | None = None
     job: str | None = None  # bound to a source-sessions job instead of a served policy
     session_id: str | None = None  # chosen by the server's own protocols (a /v2 sequence); else new
+    routing_key: str | None = None  # X-Routing-Key: the version of a split it lands on
 
 
 @dataclass(slots=True)

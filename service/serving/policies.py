@@ -11,6 +11,7 @@ from service.errors import InvalidInput
 from service.registry.registry import PolicyEntry, Registry
 from service.runtime.portable import export_bytes
 from service.serving.sessions import SessionService
+from service.serving.stats import PolicyStats
 
 
 def parse_spec_upload(raw: bytes) -> dict[str, Any]:
@@ -41,13 +42,27 @@ def policy_detail(entry: PolicyEntry) -> dict[str, Any]:
     return {**entry.summary(), "version_details": details}
 
 
+def routing_public(entry: PolicyEntry) -> dict[str, Any]:
+    asked, split = entry.routing, entry.split
+    return {
+        "name": entry.name,
+        "weights": None if asked is None else asked.to_json()["weights"],
+        "shadow": None if asked is None else asked.shadow,
+        "split": None if split is None else {str(v): w for v, w in split.shares().items()},
+        "left_out": [] if asked is None else asked.servable(entry.versions)[1],
+    }
+
+
 EXPORT_CACHE = 8  # exported files kept (a version never changes: its export neither)
 
 
 class PolicyService:
-    def __init__(self, registry: Registry, sessions: SessionService) -> None:
+    def __init__(
+        self, registry: Registry, sessions: SessionService, stats: PolicyStats | None = None
+    ) -> None:
         self.registry = registry
         self.sessions = sessions
+        self.stats = stats or PolicyStats()
         # (name, version, format) -> (the loaded version it was made from, the file): a number
         # deleted and published again is another version, exported afresh
         self._exports: OrderedDict[tuple[str, int, str], tuple[object, bytes]] = OrderedDict()
@@ -85,7 +100,24 @@ class PolicyService:
         await asyncio.to_thread(self.registry.set_default, name, version)
         return {"name": name, "default_version": version}
 
+    def routing(self, name: str) -> dict[str, Any]:
+        return routing_public(self.registry.entry(name))
+
+    async def set_routing(self, name: str, routing: dict[str, Any] | None) -> dict[str, Any]:
+        entry = await asyncio.to_thread(self.registry.set_routing, name, routing)
+        return routing_public(entry)
+
     async def delete_version(self, name: str, version: int) -> None:
         """Delete a version; sessions pinned to it are closed."""
         await asyncio.to_thread(self.registry.delete_version, name, version)
+        self.stats.forget(name, version)
         await self.sessions.close_version(name, version)
+
+    def version_stats(self, name: str) -> dict[str, Any]:
+        """Per servable version: calls, sessions, client-reported episode returns; the shadow's
+        agreement with the primary (this process's figures: ``service.serving.stats``)."""
+        entry = self.registry.entry(name)
+        shadow = entry.split.shadow if entry.split is not None else None
+        report = self.stats.report(name, sorted(entry.versions), shadow)
+        report["routing"] = entry.summary()["routing"]
+        return report

@@ -1,4 +1,4 @@
-"""What a client reports on a job session's step — ``reward``, ``terminated``, ``truncated``:
+"""What a client reports on a session's step — ``reward``, ``terminated``, ``truncated``:
 the outcome of each env's previous action — checked before anything changes, then turned into
 transitions ``(previous observation, previous action, reward, this observation, terminated,
 truncated)`` for the job's learner.
@@ -172,3 +172,64 @@ class Report:
             pending += (h, c, is_init.clone(), steps)
         session.pending = pending
         return transitions
+
+
+@dataclass
+class Outcome:
+    """What a served policy's session step reports: per env the previous action's reward and
+    whether it ended the episode (``terminated`` or ``truncated``). Rewards add up into the
+    env's running episode return, which an end credits to the session's version; an env that
+    ends starts its next episode at its next step, as with ``reset``."""
+
+    reward: list[float]
+    ends: list[bool]
+
+    @classmethod
+    def nothing(cls, num_envs: int) -> Outcome:
+        return cls([0.0] * num_envs, [False] * num_envs)
+
+    @classmethod
+    def check(cls, p, num_envs: int) -> Outcome | None:
+        """The step's report (``None``: it reports nothing), or 422 saying what does not fit."""
+        if p.reward is None:
+            if p.terminated is not None or p.truncated is not None:
+                raise InvalidInput(
+                    "terminated/truncated describe the previous action's outcome: send its reward too"
+                )
+            return None
+        raw = p.reward if isinstance(p.reward, list) else [p.reward] * num_envs
+        if len(raw) != num_envs:
+            raise InvalidInput(f"reward has {len(raw)} values; the session has num_envs={num_envs}")
+        ends = [False] * num_envs
+        for name in ("terminated", "truncated"):
+            flags = getattr(p, name)
+            if flags is None:
+                continue
+            flags = flags if isinstance(flags, list) else [flags] * num_envs
+            if len(flags) != num_envs:
+                raise InvalidInput(f"{name} has {len(flags)} values; the session has num_envs={num_envs}")
+            ends = [e or bool(f) for e, f in zip(ends, flags, strict=True)]
+        reward = []
+        for i, (r, end) in enumerate(zip(raw, ends, strict=True)):
+            if r is None and end:
+                raise InvalidInput("an env that terminated or was truncated needs its reward (not null)")
+            if r is not None and not math.isfinite(r):
+                raise InvalidInput(f"reward of env {i} is not a finite number")
+            reward.append(0.0 if r is None else float(r))
+        return cls(reward, ends)
+
+    def apply(self, session: Session, resets: torch.Tensor | None) -> list[float]:
+        """The session's running returns moved on; the returns of the episodes that ended."""
+        returns = list(session.returns or [0.0] * session.num_envs)
+        finished = []
+        for i, (r, end) in enumerate(zip(self.reward, self.ends, strict=True)):
+            returns[i] += r
+            if end:
+                finished.append(returns[i])
+                returns[i] = 0.0
+        if resets is not None:  # an episode abandoned without an end is not credited
+            returns = [0.0 if reset else ret for ret, reset in zip(returns, resets.tolist(), strict=True)]
+        session.returns = returns
+        if finished:
+            session.needs_init = session.needs_init | torch.tensor(self.ends, dtype=torch.bool)
+        return finished

@@ -10,6 +10,7 @@ as a name and a dict of plain values and arrays; answers are dicts the client un
   (a job's off-policy experience); on a served policy it moves the recurrent state on
 - ``LOG_RETURNS`` {episode_id, reward} -> added to the previous action's reward
 - ``END_EPISODE`` {episode_id, observation} -> the last transition (terminated), session closed
+  (a served policy's: the returns logged since START_EPISODE credited to its version's stats)
 - the local-inference commands (GET_WORKER_ARGS, GET_WEIGHTS, REPORT_SAMPLES) and the space
   queries -> 422 saying to use ``inference_mode="remote"``.
 """
@@ -107,6 +108,8 @@ class RLlibService:
             await self.sessions.step(
                 SessionStepParams(session_id, [observation], single=True, reported=True, terminated=True)
             )
+        else:  # the logged returns, credited to the served version
+            await self.sessions.end_episode(session_id)
         await self.sessions.delete(session_id)
 
     async def _known(self, call, message: dict):

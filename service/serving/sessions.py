@@ -18,8 +18,9 @@ from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import Session, SessionStore
 from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
-from service.serving.reports import Report
+from service.serving.reports import Outcome, Report
 from service.serving.reports import pending_bytes as _pending_bytes
+from service.serving.stats import PolicyStats
 
 
 def _not_found(session_id: str) -> NotFound:
@@ -49,12 +50,14 @@ class SessionService:
         batcher: MicroBatcher,
         settings: Settings,
         feeds: JobFeeds | None = None,
+        stats: PolicyStats | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.batcher = batcher
         self.settings = settings
         self.feeds = feeds
+        self.stats = stats or PolicyStats()
 
     async def summary(self) -> dict[str, Any]:
         """How many sessions are live, and the limit (the dashboard shows both)."""
@@ -75,7 +78,7 @@ class SessionService:
             # the previous observation and action per env, kept to make transitions
             per_env = runtime.state_bytes_per_env + _pending_bytes(runtime)
         else:
-            loaded = self.registry.resolve(p.policy, p.version)
+            loaded = self.registry.routed(p.policy, p.version, p.routing_key)
             runtime, name, version = loaded.runtime, loaded.name, loaded.version
             per_env = runtime.state_bytes_per_env
         session = Session(
@@ -91,6 +94,8 @@ class SessionService:
             **({"session_id": p.session_id} if p.session_id is not None else {}),
         )
         await self.store.create(session, s.max_sessions, s.max_session_state_bytes)
+        if p.job is None:
+            self.stats.session(name, version)
         return session.public()
 
     async def _load(self, session_id: str) -> Session:
@@ -121,16 +126,31 @@ class SessionService:
 
     async def report(self, session_id: str, reward: float) -> None:
         """A reward for a job session's previous action, reported ahead of its next step (which
-        takes it with ``reported``); rewards add up until then. A served policy's session
-        learns nothing from it: accepted, kept nowhere."""
+        takes it with ``reported``); rewards add up until then. A served policy's session (of
+        one env) adds it to the running episode return its version is credited with."""
         if not math.isfinite(reward):
             raise InvalidInput("reward must be a finite number")
         async with self.store.lock(session_id):
             session = await self._load(session_id)
             if session.job is None:
-                return
-            session.reward_due += reward
+                if session.num_envs != 1:
+                    raise InvalidInput("rewards reported ahead of a step go to sessions of one env")
+                session.returns = [(session.returns or [0.0])[0] + reward]
+            else:
+                session.reward_due += reward
             await self.store.save(session)
+
+    async def end_episode(self, session_id: str) -> None:
+        """A served policy's one-env session: the running episode ends here (RLlib's
+        END_EPISODE), its return credited to the session's version."""
+        async with self.store.lock(session_id):
+            session = await self._load(session_id)
+            if session.job is not None or session.returns is None:
+                return
+            ret = session.returns[0]
+            session.returns = None
+            await self.store.save(session)
+        self.stats.episode(session.policy, session.version, ret)
 
     async def close_version(self, policy: str, version: int) -> int:
         """Close the sessions pinned to a version that is no longer served."""
@@ -152,15 +172,18 @@ class SessionService:
     async def _policy_step(self, p: SessionStepParams, session: Session) -> dict[str, Any]:
         """A step of a session pinned to a served policy version: decode, act, keep the state."""
         runtime = await self._served(session)
-        if p.reward is not None or p.terminated is not None or p.truncated is not None:
-            raise InvalidInput(
-                "reward, terminated and truncated go to sessions bound to a job "
-                '(POST /v1/sessions {"job": ...}); this session serves a policy'
-            )
+        outcome = Outcome.check(p, session.num_envs)  # the previous actions' rewards, if any
         obs, mask = self._decode(runtime, p, session)
         resets = reset_mask(p.reset, session.num_envs)
         call = _step_call(runtime, session, obs, mask, resets, p.explore.over(session.explore), p.return_info)
-        result = await self._act(runtime, session, call)
+        result = await self.batcher.submit(runtime, call)
+        _advance(session, call, result)
+        episodes = ()
+        if outcome is not None or (resets is not None and session.returns is not None):
+            episodes = (outcome or Outcome.nothing(session.num_envs)).apply(session, resets)
+        await self.store.save(session)
+        for ret in episodes:  # credited once the step is kept
+            self.stats.episode(session.policy, session.version, ret)
         return _answer(runtime, p, session, result)
 
     async def step_tensors(

@@ -54,6 +54,7 @@ function describeAction(a) {
 // -- the index page ----------------------------------------------------------------------------
 async function loadPolicies() {
   const { policies } = await api("GET", "/v1/policies");
+  policyNames = policies.map((p) => p.name);
   const details = await Promise.all(policies.map((p) => api("GET", `/v1/policies/${encodeURIComponent(p.name)}`)));
   const rows = details.map((p) => {
     const versions = p.version_details
@@ -81,6 +82,45 @@ async function loadPolicies() {
     return row([node("strong", p.name), kind, describeObservation(p.observation), describeAction(p.action), p.env_id, versions, select]);
   });
   document.querySelector("#policies tbody").replaceChildren(...rows);
+}
+
+// -- versions side by side: what each earned with real clients (GET …/stats) ---------------------
+let policyNames = [];
+
+function intervalBar(ret, lo, hi) {
+  // the interval as a line, the mean as a dot, on a scale shared by the policy's versions
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 160 14");
+  svg.setAttribute("class", "interval");
+  if (ret.mean === null) return svg;
+  const span = hi - lo || 1;
+  const x = (v) => 4 + ((v - lo) / span) * 152;
+  const [a, b] = ret.ci95 || [ret.mean, ret.mean];
+  el("line", { x1: x(a), y1: 7, x2: x(b), y2: 7, stroke: "#1a56c4", "stroke-width": 2 }, svg);
+  el("circle", { cx: x(ret.mean), cy: 7, r: 3, fill: "#1a56c4" }, svg);
+  return svg;
+}
+
+async function loadVersionStats() {
+  const all = await Promise.all(policyNames.map((n) => api("GET", `/v1/policies/${encodeURIComponent(n)}/stats`)));
+  const rows = [];
+  for (const s of all) {
+    const shown = s.versions.filter((v) => v.requests || v.sessions || v.episodes || (s.routing && s.routing[v.version]));
+    const ends = shown.flatMap((v) => (v.return.ci95 ? v.return.ci95 : v.return.mean === null ? [] : [v.return.mean]));
+    const [lo, hi] = [Math.min(...ends), Math.max(...ends)];
+    for (const v of shown) {
+      const r = v.return;
+      const text = r.mean === null ? "–" : `${num(r.mean)}` + (r.ci95 ? ` [${num(r.ci95[0])}, ${num(r.ci95[1])}]` : "");
+      const share = s.routing ? (s.routing[v.version] !== undefined ? `${num(100 * s.routing[v.version], 0)}%` : "0%") : "default";
+      rows.push(row([node("strong", s.policy), `v${v.version}`, share, v.requests, v.sessions, v.episodes, text, intervalBar(r, lo, hi)]));
+    }
+    if (s.shadow) {
+      const sh = s.shadow;
+      const agreement = sh.agreement === null ? "–" : `${num(100 * sh.agreement, 1)}% agree`;
+      rows.push(row([node("strong", s.policy), `v${sh.version}`, "shadow", sh.compared, "", "", `${agreement} · ${sh.dropped} dropped`, ""]));
+    }
+  }
+  document.querySelector("#version-stats tbody").replaceChildren(...rows);
 }
 
 async function loadJobs() {
@@ -148,12 +188,13 @@ async function indexPage() {
   setUpJobForm();
   const refresh = async () => {
     try {
-      await Promise.all([loadJobs(), loadSessions()]);
+      await Promise.all([loadJobs(), loadSessions(), loadVersionStats()]);
     } catch (e) {
       console.warn("refresh failed", e);
     }
   };
-  await Promise.all([loadPolicies(), loadEnvs(), refresh()]);
+  await Promise.all([loadPolicies(), loadEnvs()]);
+  await refresh();
   setInterval(refresh, 2000);
   setInterval(loadPolicies, 15000);
 }
