@@ -126,9 +126,10 @@ def test_reports_are_checked_and_turned_into_transitions(client, settings):
         r = step(reward=[1.0, None if t == 10 else 2.0], terminated=ends, reset=[False, t == 10])
         assert r.status_code == 200, r.text
         answers.append(r.json()["actions"])
+    # a served policy's session takes rewards too (its version's stats), and feeds no job
     policy = client.post("/v1/sessions", json={"policy": "q"}).json()["session_id"]
     r = client.post(f"/v1/sessions/{policy}/act", json={"observation": obs[0], "reward": 1.0})
-    assert r.status_code == 422 and "bound to a job" in r.json()["detail"]
+    assert r.status_code == 200, r.text
 
     client.app.state.job_feeds.flush_all()
     channel = ExperienceDir(settings.data_dir / "experience" / job_id)
