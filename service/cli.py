@@ -65,9 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _publisher(settings):
     from service.registry.registry import Registry
-    from service.registry.store import ModelStore
+    from service.registry.store import open_store
 
-    return Registry(ModelStore(settings.model_dir)).publish
+    return Registry(open_store(settings.model_dir, settings.s3_endpoint_url)).publish
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -23,7 +23,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="POLICY_SERVER_", env_file=".env", extra="ignore")
 
-    model_dir: Path = Field(Path("models"), description="The model repository.")
+    model_dir: Path | str = Field(
+        Path("models"), description="The model repository: a directory, or s3://bucket/prefix."
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="An S3-compatible server for an s3:// model_dir (credentials: the AWS variables).",
+    )
     data_dir: Path = Field(Path("var"), description="Job records, queue and scratch space.")
     api_key: str | None = Field(None, description="Bearer key for admin endpoints.")
     protect_inference: bool = Field(False, description="Also require the key for act/sessions.")

@@ -19,7 +19,7 @@ from service.config import Settings, resolve_device
 from service.observability import Metrics
 from service.process import configure_process, freeze_loaded_objects
 from service.registry.registry import Registry
-from service.registry.store import ModelStore
+from service.registry.store import open_store
 from service.runtime.batching import InferenceExecutor, MicroBatcher
 from service.runtime.program import serving_runtime
 from service.runtime.sessions import make_session_store
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = ModelStore(settings.model_dir)
+        store = open_store(settings.model_dir, settings.s3_endpoint_url)
         await asyncio.to_thread(store.sweep)  # what a crashed publisher left
         registry = Registry(store, resolve_device(settings.device), prepare=serving_runtime)
         state.registry = registry

@@ -26,7 +26,7 @@ from service.registry.build import BuiltPolicy, build_policy, load_weights
 from service.registry.program import MAX_ARCHIVE_BYTES, ProgramRefused, Programs, read_programs
 from service.registry.routing import Routing, RoutingRefused, Split
 from service.registry.spec import PolicySpec, is_valid_name
-from service.registry.store import WEIGHTS_FILE, ModelStore
+from service.registry.store import WEIGHTS_FILE, Repository
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Registry:
     """
 
     def __init__(
-        self, store: ModelStore, device: torch.device | str = "cpu", prepare: Prepare = keep_built
+        self, store: Repository, device: torch.device | str = "cpu", prepare: Prepare = keep_built
     ) -> None:
         self.store = store
         self.device = torch.device(device)
@@ -256,6 +256,9 @@ class Registry:
             except InvalidPolicy as exc:
                 errors[v] = str(exc)
                 log.error("policy %s version %d failed to load: %s", name, v, exc)
+        if not versions and not errors:  # a name left without versions (an object store's prefix)
+            self._entries.pop(name, None)
+            return
         entry = PolicyEntry(name, versions, errors, self.store.read_default(name))
         self._entries[name] = entry.with_routing(self._read_routing(name), old)
 

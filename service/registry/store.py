@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 from service.errors import too_large
 from service.registry.spec import is_valid_name
@@ -57,6 +58,35 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+class Repository(Protocol):
+    """What the registry needs of a model repository: ``ModelStore`` (a directory) or
+    ``registry.s3store.S3ModelStore`` (a bucket)."""
+
+    root: object
+
+    def names(self) -> list[str]: ...
+    def versions(self, name: str) -> list[int]: ...
+    def read_default(self, name: str) -> int | None: ...
+    def read_routing(self, name: str) -> dict | None: ...
+    def read_spec_json(self, name: str, version: int) -> dict: ...
+    def read_weights(self, name: str, version: int) -> bytes: ...
+    def read_file(self, name: str, version: int, filename: str, limit: int | None = None) -> bytes: ...
+    def write_version(self, name: str, spec_json: dict, files: bytes | dict[str, bytes]) -> int: ...
+    def write_default(self, name: str, version: int | None) -> None: ...
+    def write_routing(self, name: str, routing: dict | None) -> None: ...
+    def delete_version(self, name: str, version: int) -> None: ...
+    def sweep(self, max_age_s: float = 24 * 3600) -> list[str]: ...
+
+
+def open_store(location: str | Path, s3_endpoint_url: str | None = None) -> Repository:
+    """The repository at ``location``: ``s3://bucket/prefix``, else a directory."""
+    if isinstance(location, str) and location.startswith("s3://"):
+        from service.registry.s3store import S3ModelStore  # boto3 only where it is used
+
+        return S3ModelStore(location, s3_endpoint_url)
+    return ModelStore(Path(location))
 
 
 class ModelStore:
