@@ -61,7 +61,9 @@ class S3ModelStore:
             "s3",
             endpoint_url=endpoint_url,
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30
+            ),
         )
         self.root = url  # what logs and errors name
 
