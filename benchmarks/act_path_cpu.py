@@ -16,6 +16,9 @@ as under a load generator with C connections.
 
 ``--store redis://…``: sessions in Redis (a running redis-server).
 
+``--routing``: also measure this checkout with ``--policy`` split 50/50 between two versions
+(``PUT …/routing``), each request carrying an ``X-Routing-Key``: the cost of choosing a version.
+
 ``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``, or
 of ``--policy`` (``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of
 act calls.
@@ -36,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OBS = [0.01, -0.02, 0.03, 0.04]
 
 
-def http_scope(path: str, body: bytes) -> dict:
-    return {
+def http_scope(path: str, body: bytes, key: bytes | None = None) -> dict:
+    scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -55,16 +58,63 @@ def http_scope(path: str, body: bytes) -> dict:
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
+    if key is not None:
+        scope["headers"].append((b"x-routing-key", key))
+    return scope
+
+
+def split_models(policy: str) -> Path:
+    """A copy of ``models/`` where ``policy`` has a second version (the same files) and a 50/50
+    split between the two."""
+    import shutil
+
+    from service.registry.store import ModelStore
+
+    root = Path(tempfile.mkdtemp()) / "models"
+    shutil.copytree(ROOT / "models", root)
+    store = ModelStore(root)
+    (v,) = store.versions(policy)
+    spec = store.read_spec_json(policy, v)
+    other = store.write_version(policy, spec, store.read_weights(policy, v))
+    store.write_routing(policy, {"weights": {str(v): 1.0, str(other): 1.0}, "shadow": None})
+    return root
+
+
+def choose_cost(policy: str, n: int = 200_000) -> dict[str, float]:
+    """µs per ``Registry.routed`` call (what the act call does to pick its version): without a
+    split, with a 50/50 split and a routing key, with one and no key. The steady part of what
+    ``--routing`` adds, free of the whole-stack noise."""
+    import timeit
+
+    from service.registry.registry import Registry
+    from service.registry.store import ModelStore
+
+    registry = Registry(ModelStore(split_models(policy)))
+    registry.load_all()
+    plain = Registry(ModelStore(ROOT / "models"))
+    plain.load_all()
+    cases = {
+        "no split": lambda: plain.routed(policy, None, None),
+        "split, key": lambda: registry.routed(policy, None, "client-17"),
+        "split, no key": lambda: registry.routed(policy, None, None),
+    }
+    return {k: min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6 for k, f in cases.items()}
 
 
 async def measure(
-    requests: int, rounds: int, policy: str, session: bool, concurrency: int = 1, store: str = "memory"
+    requests: int,
+    rounds: int,
+    policy: str,
+    session: bool,
+    concurrency: int = 1,
+    store: str = "memory",
+    routing: bool = False,
 ) -> list[float]:
     from service.config import Settings
     from service.main import create_app
 
     settings = Settings(
-        model_dir=Path("models"),
+        model_dir=split_models(policy) if routing else Path("models"),
         data_dir=Path(tempfile.mkdtemp()),
         registry_poll_s=0,
         embedded_worker=False,
@@ -93,7 +143,8 @@ async def measure(
         else:
             paths = [f"/v1/policies/{policy}/act"] * concurrency
             body = json.dumps({"observation": OBS}).encode()
-        scopes = [http_scope(path, body) for path in paths]
+        keys = [f"client-{i}".encode() if routing else None for i in range(len(paths))]
+        scopes = [http_scope(path, body, key) for path, key in zip(paths, keys, strict=True)]
         for _ in range(2000):  # warm-up
             await app(dict(scopes[0]), receive, send)
         assert b'"action"' in last[0], last[0]
@@ -111,7 +162,7 @@ async def measure(
     return out
 
 
-def run_in(checkout: Path, args: argparse.Namespace) -> float:
+def run_in(checkout: Path, args: argparse.Namespace, routing: bool = False) -> float:
     """Best round (µs per request) of this script run with ``checkout`` as the code under test."""
     cmd = [
         sys.executable,
@@ -128,6 +179,7 @@ def run_in(checkout: Path, args: argparse.Namespace) -> float:
         "--store",
         args.store,
         *(["--session"] if args.session else []),
+        *(["--routing"] if routing else []),
     ]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True).stdout
     return min(json.loads(out.strip().splitlines()[-1])["us_per_request"])
@@ -143,6 +195,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (batches form from 2)")
     ap.add_argument("--store", default="memory", help="the session store: memory or redis://…")
     ap.add_argument("--against", type=Path, help="another checkout to measure in alternation")
+    ap.add_argument("--routing", action="store_true", help="also this checkout with a 50/50 split")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.policy = args.policy or ("cartpole-lstm-dqn" if args.session else "cartpole-dqn")
@@ -155,20 +208,37 @@ def main() -> None:
 
             configure_process(torch_threads=1)
         rounds = uvloop.run(
-            measure(args.requests, args.rounds, args.policy, args.session, args.concurrency, args.store)
+            measure(
+                args.requests,
+                args.rounds,
+                args.policy,
+                args.session,
+                args.concurrency,
+                args.store,
+                args.routing,
+            )
         )
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
         return
-    checkouts = {"this": ROOT} | ({"against": args.against.resolve()} if args.against else {})
+    checkouts = {"this": (ROOT, False)}
+    if args.routing:
+        checkouts["routed"] = (ROOT, True)
+    if args.against:
+        checkouts["against"] = (args.against.resolve(), False)
     best: dict[str, list[float]] = {k: [] for k in checkouts}
     for _ in range(args.runs):
-        for name, path in checkouts.items():
-            best[name].append(run_in(path, args))
+        for name, (path, routing) in checkouts.items():
+            best[name].append(run_in(path, args, routing))
             print(f"{name:8} {path}: best round {best[name][-1]:.1f} µs/request", flush=True)
     summary = {k: min(v) for k, v in best.items()}
     print(json.dumps({"best_us_per_request": summary}))
     if args.against:
         print(f"this / against (µs per request, lower is faster): {summary['this'] / summary['against']:.3f}")
+    if args.routing:
+        picks = {k: round(v, 3) for k, v in choose_cost(args.policy).items()}
+        print(json.dumps({"registry_routed_us": picks}))
+        cost = summary["routed"] - summary["this"]
+        print(f"routed / this: {summary['routed'] / summary['this']:.3f} ({cost:+.1f} µs per request)")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,23 @@ def test_assets_are_an_allow_list_and_pages_forbid_other_origins(live):
     assert httpx.get(live.url + "/ui/static/chart.js").status_code == 200
     assert httpx.get(live.url + "/ui/static/..%2F..%2Fconfig.py").status_code == 404
     assert httpx.get(live.url + "/ui/static/index.html").status_code == 404
+
+
+def test_versions_that_served_clients_are_shown_side_by_side_with_their_intervals(live, browser):
+    name = "cartpole-dqn"
+    sid = httpx.post(f"{live.url}/v1/sessions", json={"policy": name}).json()["session_id"]
+    obs = [0.01, 0.0, 0.02, 0.0]
+    httpx.post(f"{live.url}/v1/sessions/{sid}/act", json={"observation": obs, "reset": True})
+    for ret in (10.0, 20.0, 30.0):  # three episodes with these returns
+        r = httpx.post(
+            f"{live.url}/v1/sessions/{sid}/act", json={"observation": obs, "reward": ret, "terminated": True}
+        )
+        assert r.status_code == 200, r.text
+    page, errors, _ = open_page(browser, live.url + "/")
+    row = page.locator("#version-stats tbody tr", has_text=name)
+    row.first.wait_for(timeout=WAIT_MS)
+    text = row.first.inner_text()
+    assert "v1" in text and "20.0 [" in text, text  # the mean and its interval
+    assert row.first.locator("svg.interval line").count() == 1
+    assert errors == []
+    page.close()

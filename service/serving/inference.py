@@ -132,6 +132,7 @@ class InferService:
         wanted = codec.output_names if p.outputs is None else p.outputs
         info = any(name != "action" for name in wanted)
         result = await self.acting.forward(runtime, obs, mask, p.explore, p.seed, info)
+        self.acting.stats.served(p.policy, loaded.version, rows)
         return {
             "model_name": p.policy,
             "model_version": str(loaded.version),
