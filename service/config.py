@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_session_envs: int = Field(1024, ge=1, description="Largest num_envs of one session.")
     max_rollout_episodes: int = Field(100, ge=1)
     max_rollout_steps: int = Field(10_000, ge=1)
+    max_dataset_bytes: int = Field(
+        1024**3, ge=1024, description="Largest offline dataset on disk; recording past it is refused (422)."
+    )
+    max_datasets: int = Field(100, ge=1, description="Datasets recording sessions may create (422 beyond).")
     shadow_queue: int = Field(
         256, ge=1, description="Act calls waiting for a shadow version; a full queue drops copies (counted)."
     )

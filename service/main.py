@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import dashboard, envs, health, jobs, oip, policies, rllib, sessions
+from service.api import dashboard, datasets, envs, health, jobs, oip, policies, rllib, sessions
 from service.api.edge import ServiceApp
 from service.api.errors import install_error_handlers
 from service.api.oip_grpc import GrpcServer
 from service.config import Settings, resolve_device
+from service.datasets.store import DatasetStore
 from service.observability import Metrics
 from service.process import configure_process, freeze_loaded_objects
 from service.registry.registry import Registry
@@ -24,10 +25,12 @@ from service.runtime.batching import InferenceExecutor, MicroBatcher
 from service.runtime.program import serving_runtime
 from service.runtime.sessions import make_session_store
 from service.serving.acting import ActService
+from service.serving.datasets import DatasetService
 from service.serving.feeds import JobFeeds
 from service.serving.inference import InferService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
+from service.serving.recording import Recorder
 from service.serving.rllib import RLlibService
 from service.serving.rollouts import RolloutService
 from service.serving.sessions import SessionService
@@ -66,13 +69,16 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         state.job_feeds = JobFeeds(
             settings.data_dir / "experience", queue.store, resolve_device(settings.device)
         )
+        state.dataset_store = DatasetStore(settings.data_dir / "datasets", settings.max_dataset_bytes)
+        recorder = Recorder(state.dataset_store, settings.max_session_ttl_s, settings.max_datasets)
         state.session_service = SessionService(
-            state.session_store, registry, state.batcher, settings, state.job_feeds, stats
+            state.session_store, registry, state.batcher, settings, state.job_feeds, stats, recorder
         )
         state.rollout_service = RolloutService(registry, state.batcher, settings)
         state.infer_service = InferService(registry, state.act_service, state.session_service, settings)
         state.rllib_service = RLlibService(state.session_service, registry)
         state.policy_service = PolicyService(registry, state.session_service, stats)
+        state.dataset_service = DatasetService(state.dataset_store)
         state.job_service = JobService(queue.store, queue, settings)
         state.job_worker = worker
         if settings.embedded_worker:
@@ -112,7 +118,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
     app.state.metrics = Metrics()
     app.configure_edge(settings, app.state.metrics)
     install_error_handlers(app)
-    for router in (health, policies, envs, sessions, jobs, oip, rllib, dashboard):
+    for router in (health, policies, envs, sessions, jobs, datasets, oip, rllib, dashboard):
         app.include_router(router.router)
     return app
 

@@ -212,6 +212,26 @@ class DefaultVersionIn(_In):
     version: int = Field(ge=1)
 
 
+class DatasetPublic(BaseModel):
+    dataset_id: str
+    episodes: int
+    steps: int
+    observation_space: str
+    action_space: str
+    env_id: str | None
+    algorithm_name: str | None = None
+    description: str | None = None
+    minari_version: str | None = None
+    propensities: bool = Field(
+        description="Whether its episodes log each action's log-probability (infos.log_prob): WIS needs it"
+    )
+    size_bytes: int
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetPublic]
+
+
 class RoutingIn(_In):
     weights: dict[str, float] = Field(
         min_length=1,
@@ -270,6 +290,13 @@ class SessionCreate(ExplorationFields):
     version: int | None = Field(None, ge=1)
     num_envs: int = Field(1, ge=1)
     ttl_s: float | None = Field(None, gt=0)
+    record: str | None = Field(
+        None,
+        max_length=300,
+        description="A dataset id (Minari's [namespace/]name-vN): the session's episodes, with each "
+        "action's log-propensity, are recorded into it (created with the policy's spaces if new); "
+        "steps report reward, terminated, truncated",
+    )
 
     @model_validator(mode="after")
     def _policy_or_job(self):
@@ -279,6 +306,8 @@ class SessionCreate(ExplorationFields):
             )
         if self.job is not None and self.version is not None:
             raise ValueError("'version' goes with 'policy'; a job's sessions act with its latest weights")
+        if self.job is not None and self.record is not None:
+            raise ValueError("'record' goes with 'policy'; a job records its sessions' transitions itself")
         return self
 
     def params(self) -> SessionCreateParams:
@@ -289,6 +318,7 @@ class SessionCreate(ExplorationFields):
             self.explore,
             self.ttl_s,
             self.job,
+            record=self.record,
         )
 
 

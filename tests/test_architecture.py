@@ -23,6 +23,7 @@ ROUTERS = {
     "service.api.oip",
     "service.api.rllib",
     "service.api.dashboard",
+    "service.api.datasets",
 }
 # Top to bottom: a module imports from its own package and the layers below it, never from a
 # layer above or from a sibling of its own row.
@@ -35,7 +36,7 @@ LAYERS = [
     ("service.runtime", "service.training"),  # serving's runtime; jobs and trainers
     ("service.process",),  # process-wide settings (registers the envs)
     ("service.envs",),  # the allow-listed environments (read the registry's spec)
-    ("service.registry",),
+    ("service.registry", "service.datasets"),  # the model repository; offline datasets
     ("service.redis_outage",),
     # leaves: nothing of the service (exploration: torch-free, read by schemas and sessions)
     ("service.errors", "service.config", "service.exploration", "service.observability"),

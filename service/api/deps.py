@@ -11,6 +11,7 @@ from service.api.auth import check_admin, check_inference
 from service.config import Settings
 from service.registry.registry import PolicyEntry, Registry
 from service.registry.spec import NAME_PATTERN
+from service.serving.datasets import DatasetService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
 from service.serving.rollouts import RolloutService
@@ -31,6 +32,7 @@ SessionsDep = Annotated[SessionService, _state("session_service")]
 RolloutsDep = Annotated[RolloutService, _state("rollout_service")]
 PoliciesDep = Annotated[PolicyService, _state("policy_service")]
 JobsDep = Annotated[JobService, _state("job_service")]
+DatasetsDep = Annotated[DatasetService, _state("dataset_service")]
 PolicyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="Policy name")]
 
 

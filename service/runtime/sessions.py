@@ -60,6 +60,7 @@ class Session:
     reward_due: float = 0.0
     # (policy sessions) per env: the running return of the episode clients report rewards for
     returns: list[float] | None = None
+    record: str | None = None  # (policy sessions) the dataset its episodes are recorded into
     indexed_until: float = 0.0  # (Redis) the expiry its index entries hold
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ class Session:
                 "job": self.job,
                 "reward_due": self.reward_due,
                 "returns": self.returns,
+                "record": self.record,
                 "indexed_until": self.indexed_until,
             }
         )

@@ -40,6 +40,7 @@ class SessionCreateParams:
     job: str | None = None  # bound to a source-sessions job instead of a served policy
     session_id: str | None = None  # chosen by the server's own protocols (a /v2 sequence); else new
     routing_key: str | None = None  # X-Routing-Key: the version of a split it lands on
+    record: str | None = None  # a dataset id: the session's episodes are recorded into it
 
 
 @dataclass(slots=True)

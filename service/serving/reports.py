@@ -183,10 +183,14 @@ class Outcome:
 
     reward: list[float]
     ends: list[bool]
+    terminated: list[bool]
+    truncated: list[bool]
+    reported: list[float | None]  # as sent: None for an env that reported nothing
 
     @classmethod
     def nothing(cls, num_envs: int) -> Outcome:
-        return cls([0.0] * num_envs, [False] * num_envs)
+        no = [False] * num_envs
+        return cls([0.0] * num_envs, no, no, no, [None] * num_envs)
 
     @classmethod
     def check(cls, p, num_envs: int) -> Outcome | None:
@@ -200,15 +204,15 @@ class Outcome:
         raw = p.reward if isinstance(p.reward, list) else [p.reward] * num_envs
         if len(raw) != num_envs:
             raise InvalidInput(f"reward has {len(raw)} values; the session has num_envs={num_envs}")
-        ends = [False] * num_envs
+        flags = {}
         for name in ("terminated", "truncated"):
-            flags = getattr(p, name)
-            if flags is None:
-                continue
-            flags = flags if isinstance(flags, list) else [flags] * num_envs
-            if len(flags) != num_envs:
-                raise InvalidInput(f"{name} has {len(flags)} values; the session has num_envs={num_envs}")
-            ends = [e or bool(f) for e, f in zip(ends, flags, strict=True)]
+            value = getattr(p, name)
+            value = [False] * num_envs if value is None else value
+            value = value if isinstance(value, list) else [value] * num_envs
+            if len(value) != num_envs:
+                raise InvalidInput(f"{name} has {len(value)} values; the session has num_envs={num_envs}")
+            flags[name] = [bool(f) for f in value]
+        ends = [a or b for a, b in zip(flags["terminated"], flags["truncated"], strict=True)]
         reward = []
         for i, (r, end) in enumerate(zip(raw, ends, strict=True)):
             if r is None and end:
@@ -216,7 +220,7 @@ class Outcome:
             if r is not None and not math.isfinite(r):
                 raise InvalidInput(f"reward of env {i} is not a finite number")
             reward.append(0.0 if r is None else float(r))
-        return cls(reward, ends)
+        return cls(reward, ends, flags["terminated"], flags["truncated"], list(raw))
 
     def apply(self, session: Session, resets: torch.Tensor | None) -> list[float]:
         """The session's running returns moved on; the returns of the episodes that ended."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from service.config import Settings
+from service.datasets.store import check_id
 from service.errors import InvalidInput, NotFound, check_limit
 from service.exploration import Exploration, ExplorationParams
 from service.registry.registry import Registry
@@ -18,6 +19,7 @@ from service.runtime.policy import PolicyRuntime
 from service.runtime.sessions import Session, SessionStore
 from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
+from service.serving.recording import Recorder
 from service.serving.reports import Outcome, Report
 from service.serving.reports import pending_bytes as _pending_bytes
 from service.serving.stats import PolicyStats
@@ -51,6 +53,7 @@ class SessionService:
         settings: Settings,
         feeds: JobFeeds | None = None,
         stats: PolicyStats | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -58,6 +61,7 @@ class SessionService:
         self.settings = settings
         self.feeds = feeds
         self.stats = stats or PolicyStats()
+        self.recorder = recorder
 
     async def summary(self) -> dict[str, Any]:
         """How many sessions are live, and the limit (the dashboard shows both)."""
@@ -81,6 +85,8 @@ class SessionService:
             loaded = self.registry.routed(p.policy, p.version, p.routing_key)
             runtime, name, version = loaded.runtime, loaded.name, loaded.version
             per_env = runtime.state_bytes_per_env
+            if p.record is not None:
+                await self._recorder().open(check_id(p.record), runtime, name, version)
         session = Session(
             policy=name,
             version=version,
@@ -91,6 +97,7 @@ class SessionService:
             noise_std=p.explore.noise_std,
             state_bytes=per_env * p.num_envs,
             job=p.job,
+            record=p.record,
             **({"session_id": p.session_id} if p.session_id is not None else {}),
         )
         await self.store.create(session, s.max_sessions, s.max_session_state_bytes)
@@ -111,6 +118,8 @@ class SessionService:
         async with self.store.lock(session_id):
             if not await self.store.delete(session_id):
                 raise _not_found(session_id)
+        if self.recorder is not None:
+            self.recorder.drop(session_id)  # its open episodes are not recorded
 
     async def discard(self, session_id: str) -> None:
         """Delete the session if there is one (a sequence restarting under its id)."""
@@ -122,6 +131,8 @@ class SessionService:
             session = await self._load(session_id)
             session.reset()
             await self.store.save(session)
+        if self.recorder is not None:
+            self.recorder.drop(session_id)
         return session.public()
 
     async def report(self, session_id: str, reward: float) -> None:
@@ -156,6 +167,11 @@ class SessionService:
         """Close the sessions pinned to a version that is no longer served."""
         return await self.store.close_version(policy, version)
 
+    def _recorder(self) -> Recorder:
+        if self.recorder is None:
+            raise InvalidInput("this server records no datasets")
+        return self.recorder
+
     def _feeds(self) -> JobFeeds:
         if self.feeds is None:
             raise InvalidInput("this server has no job feeds: sessions cannot bind to jobs here")
@@ -175,7 +191,15 @@ class SessionService:
         outcome = Outcome.check(p, session.num_envs)  # the previous actions' rewards, if any
         obs, mask = self._decode(runtime, p, session)
         resets = reset_mask(p.reset, session.num_envs)
-        call = _step_call(runtime, session, obs, mask, resets, p.explore.over(session.explore), p.return_info)
+        recording = session.record is not None
+        if recording:  # refused before anything moves
+            reported = outcome.reported if outcome is not None else None
+            await self._recorder().check(
+                session.session_id, session.record, session.num_envs, obs, reported, resets
+            )
+        explore = p.explore.over(session.explore)
+        # a recorded step needs the action values / log-probs behind its propensities
+        call = _step_call(runtime, session, obs, mask, resets, explore, p.return_info or recording)
         result = await self.batcher.submit(runtime, call)
         _advance(session, call, result)
         episodes = ()
@@ -184,6 +208,14 @@ class SessionService:
         await self.store.save(session)
         for ret in episodes:  # credited once the step is kept
             self.stats.episode(session.policy, session.version, ret)
+        if recording:
+            o = outcome or Outcome.nothing(session.num_envs)
+            await self.recorder.record(
+                session.session_id, session.record, obs, call, result, runtime, o.reported,
+                (o.terminated, o.truncated), resets,
+            )  # fmt: skip
+            if not p.return_info:
+                result.info = None
         return _answer(runtime, p, session, result)
 
     async def step_tensors(

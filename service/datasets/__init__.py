@@ -1,0 +1,1 @@
+"""Offline datasets (Minari): the store beside the model repository."""
