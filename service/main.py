@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         state.rllib_service = RLlibService(state.session_service, registry)
         state.policy_service = PolicyService(registry, state.session_service, stats)
         state.dataset_service = DatasetService(state.dataset_store)
-        state.job_service = JobService(queue.store, queue, settings)
+        state.job_service = JobService(queue.store, queue, settings, state.dataset_store)
         state.job_worker = worker
         if settings.embedded_worker:
             worker.start()

@@ -17,7 +17,7 @@ from service.serving.params import (
     SessionStepParams,
 )
 from service.training.algorithms import Algorithm
-from service.training.job import EnvJob, JobProgress, JobRequest, JobStatus, SessionsJob
+from service.training.job import DatasetJob, EnvJob, JobProgress, JobRequest, JobStatus, SessionsJob
 
 Number = Annotated[float, Strict()]
 # A float vector, an integer for a discrete observation (one-hot encoded by the policy), or an
@@ -431,14 +431,17 @@ class EnvList(BaseModel):
 class JobCreate(_In):
     algorithm: Algorithm = Field(
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
-        "policy), td3 (box; deterministic actor) or ppo (discrete or box, vector observations; "
-        "probabilistic categorical / TanhNormal policy)."
+        "policy), td3 (box; deterministic actor), ppo (discrete or box, vector observations; "
+        "probabilistic categorical / TanhNormal policy); from a dataset (source 'dataset'): bc "
+        "(behaviour cloning; probabilistic policy) or discrete_cql (conservative Q-learning; qvalue)."
     )
-    source: Literal["env", "sessions"] = Field(
+    source: Literal["env", "sessions", "dataset"] = Field(
         "env",
         description="env: the server steps env_id; sessions: clients report transitions through "
-        "sessions bound to the job (dqn; give observation and action instead of env_id).",
+        "sessions bound to the job (dqn; give observation and action instead of env_id); dataset: "
+        "learn from an offline dataset (bc, discrete_cql; env_id optional, for evaluation).",
     )
+    dataset: str | None = Field(None, max_length=300, description="source dataset: the dataset id.")
     env_id: str | None = Field(None, max_length=128, description="An allow-listed environment id.")
     observation: dict[str, Any] | None = Field(None, description="source sessions: policy.json's observation")
     action: dict[str, Any] | None = Field(None, description="source sessions: policy.json's action")
@@ -459,6 +462,22 @@ class JobCreate(_In):
 
     @model_validator(mode="after")
     def _source(self):
+        offline = self.algorithm in ("bc", "discrete_cql")
+        if (self.source == "dataset") != offline:
+            raise ValueError(
+                "bc and discrete_cql learn from a dataset (source 'dataset' with 'dataset'); "
+                "source 'dataset' trains bc or discrete_cql"
+            )
+        if self.source == "dataset":
+            if self.dataset is None:
+                raise ValueError("source 'dataset' needs 'dataset' (a dataset id, GET /v1/datasets)")
+            if self.observation is not None or self.action is not None or self.experience_from:
+                raise ValueError("a dataset has its own spaces: no observation, action or experience_from")
+            if self.recurrent:
+                raise ValueError("offline jobs train feed-forward policies (recurrent=false)")
+            return self
+        if self.dataset is not None:
+            raise ValueError("'dataset' goes with source 'dataset'")
         if self.source == "env":
             if self.env_id is None:
                 raise ValueError("env_id is required (or source 'sessions' with observation and action)")
@@ -480,6 +499,10 @@ class JobCreate(_In):
     def request(self) -> JobRequest:
         """The typed request the service, the record and the trainer use."""
         fields = self.model_dump(exclude_none=True)
+        if self.source == "dataset":
+            for key in ("observation", "action", "experience_from"):
+                fields.pop(key, None)
+            return DatasetJob(**fields)
         if self.source == "env":
             for key in ("observation", "action", "experience_from"):
                 fields.pop(key, None)

@@ -9,20 +9,24 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.datasets.store import DatasetStore, check_id
 from service.envs import check_env_id, env_specs
 from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit, validation_sentence
-from service.training.algorithms import ACTION_SPACE, RECURRENT, build_config, client_policy_spec
+from service.training.algorithms import ACTION_SPACE, OFFLINE, RECURRENT, build_config, client_policy_spec
 from service.training.common import TrainConfig
-from service.training.job import Job, JobRequest, JobStatus, SessionsJob
+from service.training.job import DatasetJob, Job, JobRequest, JobStatus, SessionsJob
 from service.training.job_store import JobStore
 from service.training.queue import JobQueue
 
 
 class JobService:
-    def __init__(self, store: JobStore, queue: JobQueue, settings: Settings) -> None:
+    def __init__(
+        self, store: JobStore, queue: JobQueue, settings: Settings, datasets: DatasetStore | None = None
+    ) -> None:
         self.store = store
         self.queue = queue
         self.settings = settings
+        self.datasets = datasets
 
     def check_request(self, request: JobRequest) -> TrainConfig:
         """Everything a job request must satisfy, checked before anything is recorded; the
@@ -30,6 +34,8 @@ class JobService:
         check_limit("total_frames", request.total_frames, self.settings.max_total_frames)
         if isinstance(request, SessionsJob):
             return self._check_sessions_source(request)
+        if isinstance(request, DatasetJob):
+            return self._check_dataset_source(request)
         algorithm, env_id = request.algorithm, request.env_id
         check_env_id(env_id)
         space = env_specs(env_id)["action"]["type"]
@@ -43,6 +49,44 @@ class JobService:
             raise InvalidInput(f"recurrent=true is available for {sorted(RECURRENT)} only, not {algorithm!r}")
         try:
             return build_config(request)
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
+            ) from None
+
+    def _check_dataset_source(self, request: DatasetJob) -> TrainConfig:
+        """The dataset exists and its spaces fit the algorithm (and the env it is evaluated in)."""
+        from service.training.offline import space_specs
+
+        if request.algorithm not in OFFLINE:
+            raise InvalidInput(f"source 'dataset' trains {list(OFFLINE)}, not {request.algorithm!r}")
+        if self.datasets is None or not self.datasets.exists(check_id(request.dataset)):
+            raise InvalidInput(f"dataset {request.dataset!r} not found (GET /v1/datasets lists them)")
+        ds = self.datasets.open(request.dataset)
+        try:
+            observation, action = space_specs(ds.observation_space, ds.action_space)
+        except ValueError as exc:
+            raise InvalidInput(f"dataset {request.dataset!r}: {exc}") from None
+        needs = ACTION_SPACE[request.algorithm]
+        if action["type"] not in needs:
+            raise InvalidInput(
+                f"algorithm {request.algorithm!r} needs a {' or '.join(needs)} action space; "
+                f"dataset {request.dataset!r} has {ds.action_space}"
+            )
+        if request.env_id is not None:
+            check_env_id(request.env_id)
+            env = env_specs(request.env_id)
+            fits = env["observation"].get("shape") == observation.get("shape") and (
+                env["action"].get("n"),
+                env["action"].get("shape"),
+            ) == (action.get("n"), action.get("shape"))
+            if not fits:
+                raise InvalidInput(
+                    f"dataset {request.dataset!r} ({ds.observation_space} / {ds.action_space}) does not "
+                    f"fit {request.env_id} ({env['observation']} / {env['action']})"
+                )
+        try:
+            return build_config(request, observation=observation, action=action)
         except ValidationError as exc:
             raise InvalidInput(
                 f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
@@ -89,7 +133,7 @@ class JobService:
                 )
 
     async def submit(self, request: JobRequest) -> Job:
-        config = self.check_request(request)
+        config = await asyncio.to_thread(self.check_request, request)  # a dataset's files are read
         await asyncio.to_thread(self.check_experience_from, request)
         limit = self.settings.max_queued_jobs
         if await asyncio.to_thread(self.store.count, JobStatus.queued) >= limit:

@@ -6,16 +6,19 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from service.training.common import TrainConfig, TrainedPolicy
-from service.training.job import EnvJob, Job, JobRequest, SessionsJob
+from service.training.job import DatasetJob, EnvJob, Job, JobRequest, SessionsJob
 
-Algorithm = Literal["dqn", "sac", "td3", "ppo"]
-ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3", "ppo")
+Algorithm = Literal["dqn", "sac", "td3", "ppo", "bc", "discrete_cql"]
+ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3", "ppo")  # trained in an env
+OFFLINE: tuple[str, ...] = ("bc", "discrete_cql")  # trained from a dataset (source "dataset")
 # the action spaces each trains
 ACTION_SPACE: dict[str, tuple[str, ...]] = {
     "dqn": ("discrete",),
     "sac": ("box",),
     "td3": ("box",),
     "ppo": ("discrete", "box"),
+    "bc": ("discrete", "box"),
+    "discrete_cql": ("discrete",),
 }
 RECURRENT: frozenset[str] = frozenset({"dqn"})
 
@@ -24,8 +27,13 @@ def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
     """The trainer's config for a job request, defaults resolved (raises pydantic's
     ValidationError on bad input). Built once at submit and kept in the job's record."""
     common = {"env_id": None, "total_frames": request.total_frames, "seed": request.seed or 0, **extra}
-    if isinstance(request, EnvJob):
+    if isinstance(request, EnvJob | DatasetJob):
         common["env_id"] = request.env_id
+    if request.algorithm in OFFLINE:
+        from service.training.offline import OfflineConfig
+
+        common.setdefault("dataset", getattr(request, "dataset", None))
+        return OfflineConfig.with_defaults(request.hyperparameters, algorithm=request.algorithm, **common)
     if request.algorithm == "dqn":
         from service.training.dqn import DQNConfig
 
@@ -51,7 +59,9 @@ def stored_config(job: Job, **extra: Any) -> TrainConfig:
     id…); for records of older releases, built from the request."""
     if job.config is None:
         return build_config(job.request, **extra)
-    if job.request.algorithm == "dqn":
+    if job.request.algorithm in OFFLINE:
+        from service.training.offline import OfflineConfig as cls
+    elif job.request.algorithm == "dqn":
         from service.training.dqn import DQNConfig as cls
     elif job.request.algorithm == "ppo":
         from service.training.ppo import PPOConfig as cls
@@ -67,6 +77,8 @@ def trainer_for(algorithm: str) -> Trainer:
     """``train(config, on_progress, should_stop) -> TrainedPolicy`` of ``algorithm``."""
     if algorithm == "dqn":
         from service.training.dqn import train
+    elif algorithm in OFFLINE:
+        from service.training.offline import train
     elif algorithm == "ppo":
         from service.training.ppo import train
     else:

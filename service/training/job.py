@@ -66,13 +66,24 @@ class SessionsJob(_JobRequest):
     experience_from: list[str] = Field(default_factory=list)
 
 
+class DatasetJob(_JobRequest):
+    """A job that learns from an offline (Minari) dataset, evaluated in ``env_id`` if given."""
+
+    source: Literal["dataset"] = "dataset"
+    dataset: str
+    env_id: str | None = None
+
+
 def _source(value: Any) -> str:
     source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
     return source or "env"  # records of older releases may not say
 
 
 JobRequest = Annotated[
-    Annotated[EnvJob, Tag("env")] | Annotated[SessionsJob, Tag("sessions")], Discriminator(_source)
+    Annotated[EnvJob, Tag("env")]
+    | Annotated[SessionsJob, Tag("sessions")]
+    | Annotated[DatasetJob, Tag("dataset")],
+    Discriminator(_source),
 ]
 
 

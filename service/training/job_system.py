@@ -19,6 +19,7 @@ def build_jobs(settings: Settings, publish: Publisher) -> tuple[JobQueue, JobWor
         timeout_s=settings.job_timeout_s,
         log_dir=settings.data_dir / "jobs",
         experience_root=settings.data_dir / "experience",
+        dataset_root=settings.data_dir / "datasets",
     )
     task = register_run_job(huey, ctx)
     worker = JobWorker(huey, ctx)

@@ -30,6 +30,7 @@ from service.training.common import TrainedPolicy
 from service.training.job import (
     POINT_FIELDS,
     PROGRESS_FIELDS,
+    DatasetJob,
     Job,
     JobStatus,
     SessionsJob,
@@ -62,6 +63,7 @@ class JobContext:
     stopping: threading.Event = field(default_factory=threading.Event)  # set at shutdown
     log_dir: Path | None = None  # per-job CSV/TensorBoard scalars (tracking.JobLog) go under it
     experience_root: Path | None = None  # source "sessions" jobs: <root>/<job_id> (experience.py)
+    dataset_root: Path | None = None  # source "dataset" jobs: <root>/<dataset id> (datasets.store)
 
 
 # -- one job: start / progress / finish -----------------------------------------------------
@@ -161,6 +163,8 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         if isinstance(req, SessionsJob):
             root = ctx.experience_root or Path("var") / "experience"
             extra["experience_dir"] = str(root / job_id)
+        if isinstance(req, DatasetJob):
+            extra["dataset_dir"] = str((ctx.dataset_root or Path("var") / "datasets") / req.dataset)
         config = stored_config(
             job,
             device=device,
