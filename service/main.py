@@ -26,6 +26,7 @@ from service.runtime.program import serving_runtime
 from service.runtime.sessions import make_session_store
 from service.serving.acting import ActService
 from service.serving.datasets import DatasetService
+from service.serving.evaluation import EvaluationService
 from service.serving.feeds import JobFeeds
 from service.serving.inference import InferService
 from service.serving.jobs import JobService
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         state.rllib_service = RLlibService(state.session_service, registry)
         state.policy_service = PolicyService(registry, state.session_service, stats)
         state.dataset_service = DatasetService(state.dataset_store)
+        state.evaluation_service = EvaluationService(registry, state.dataset_store)
         state.job_service = JobService(queue.store, queue, settings, state.dataset_store)
         state.job_worker = worker
         if settings.embedded_worker:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Strict
 from service.exploration import Exploration, ExplorationParams
 from service.registry.spec import NAME_PATTERN
 from service.runtime.arrays import EncodedArray
+from service.serving.evaluation import EvaluateParams
 from service.serving.params import (
     ActParams,
     RolloutParams,
@@ -230,6 +231,36 @@ class DatasetPublic(BaseModel):
 
 class DatasetList(BaseModel):
     datasets: list[DatasetPublic]
+
+
+class EvaluateIn(_In):
+    dataset: str = Field(max_length=300, description="A dataset id with logged propensities (infos.log_prob)")
+    version: int | None = Field(None, ge=1, description="Default: the default version")
+    method: Literal["wis"] = Field("wis", description="wis: weighted importance sampling")
+    exploration: Exploration = Field(
+        Exploration.deterministic, description="The exploration the version would act with"
+    )
+    epsilon: float | None = Field(None, ge=0.0, le=1.0, description="Q-value + random; default from its spec")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of the returns (1: episode returns)")
+    bootstrap: int = Field(1000, ge=0, le=10_000, description="Bootstrap resamples behind ci95")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the resampling")
+
+    def params(self) -> EvaluateParams:
+        return EvaluateParams(**self.model_dump())
+
+
+class EvaluateOut(BaseModel):
+    policy: str
+    version: int
+    dataset: str
+    method: str
+    estimate: float = Field(description="The version's estimated return on the logged episodes")
+    ci95: list[float] = Field(description="Bootstrap 95% interval of the estimate")
+    episodes: int
+    effective_sample_size: float = Field(description="(sum w)^2 / sum w^2 of the episodes' weights")
+    dataset_mean_return: float = Field(description="The logging policy's mean return in the data")
+    exploration: str
+    gamma: float
 
 
 class RoutingIn(_In):

@@ -12,6 +12,7 @@ from service.config import Settings
 from service.registry.registry import PolicyEntry, Registry
 from service.registry.spec import NAME_PATTERN
 from service.serving.datasets import DatasetService
+from service.serving.evaluation import EvaluationService
 from service.serving.jobs import JobService
 from service.serving.policies import PolicyService
 from service.serving.rollouts import RolloutService
@@ -33,6 +34,7 @@ RolloutsDep = Annotated[RolloutService, _state("rollout_service")]
 PoliciesDep = Annotated[PolicyService, _state("policy_service")]
 JobsDep = Annotated[JobService, _state("job_service")]
 DatasetsDep = Annotated[DatasetService, _state("dataset_service")]
+EvaluationDep = Annotated[EvaluationService, _state("evaluation_service")]
 PolicyName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64, description="Policy name")]
 
 

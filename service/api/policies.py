@@ -7,11 +7,21 @@ from typing import Literal
 
 from fastapi import APIRouter, File, Query, Response, UploadFile
 
-from service.api.deps import Admin, PoliciesDep, PolicyDep, PolicyName, SettingsDep
+from service.api.deps import (
+    Admin,
+    EvaluationDep,
+    Inference,
+    PoliciesDep,
+    PolicyDep,
+    PolicyName,
+    SettingsDep,
+)
 from service.errors import InvalidInput, too_large
 from service.registry.store import MAX_SPEC_BYTES
 from service.schemas import (
     DefaultVersionIn,
+    EvaluateIn,
+    EvaluateOut,
     PolicyDetail,
     PolicyList,
     PublishedVersion,
@@ -74,6 +84,13 @@ async def upload_version(
 @router.put("/{name}/default", dependencies=[Admin])
 async def set_default(entry: PolicyDep, body: DefaultVersionIn, policies: PoliciesDep) -> dict:
     return await policies.set_default(entry.name, body.version)
+
+
+@router.post("/{name}/evaluate", response_model=EvaluateOut, dependencies=[Inference])
+async def evaluate(entry: PolicyDep, body: EvaluateIn, evaluation: EvaluationDep) -> dict:
+    """An off-policy estimate of the version's return on a logged dataset, with its bootstrap
+    95% interval: how it would have done on that traffic, before it goes live."""
+    return await evaluation.evaluate(entry.name, body.params())
 
 
 @router.get("/{name}/stats", response_model=VersionStatsOut)

@@ -7,7 +7,9 @@ Per env a ``Draft`` holds the open episode in this process's memory (recording s
 the process that holds their drafts: the memory session store, or a load balancer that keeps a
 session on one replica). Drafts of sessions gone idle past the session ttl are dropped, and the
 drafts of one dataset together with what it holds on disk stay within ``MAX_DATASET_BYTES``:
-past it the step is refused (422) and what the dataset holds is kept.
+past it the step is refused (422) and what the dataset holds is kept. An env's episode is
+recorded when a step ends it (``terminated`` / ``truncated`` with its reward); one that is reset,
+or whose action gets no reward on the next step (``null``: an idle env), is dropped unrecorded.
 """
 
 from __future__ import annotations
@@ -180,16 +182,6 @@ class Recorder:
     ) -> None:
         """Before the step's forward pass: 422 when it cannot be recorded (nothing changed)."""
         self._sweep(time.monotonic())
-        drafts = self._drafts.get(session_id) or [None] * num_envs
-        reset = resets.tolist() if resets is not None else [False] * num_envs
-        for i, d in enumerate(drafts):
-            if d is not None and len(d.actions) > len(d.rewards) and not reset[i]:
-                if reward is None or reward[i] is None:
-                    raise InvalidInput(
-                        f"env {i} of this recording session has an action without its reward: a "
-                        "recording session reports each action's reward (and the episode's end) on "
-                        "the next step"
-                    )
         grows = _step_bytes(obs) * num_envs
         on_disk = await asyncio.to_thread(self.store.size, dataset_id)
         if on_disk + self._pending.get(dataset_id, 0) + grows > self.store.max_bytes:
@@ -225,7 +217,8 @@ class Recorder:
         finished: list[Draft] = []
         for i in range(num_envs):
             d = drafts[i]
-            if d is not None and reset[i]:  # abandoned without an end: not recorded
+            unreported = reward is None or reward[i] is None
+            if d is not None and (reset[i] or unreported):  # abandoned without an end: not recorded
                 pending -= d.nbytes
                 d = None
             if d is not None and len(d.actions) > len(d.rewards):
