@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.datasets.store import PROPENSITY, DatasetStore
+from service.datasets.store import EPISODE_OVERHEAD, PROPENSITY, DatasetStore
 from service.errors import Conflict, InvalidInput
 from service.exploration import Exploration
 from service.runtime.call import ActCall, ActResult, Observations, as_tensor
@@ -182,7 +182,9 @@ class Recorder:
     ) -> None:
         """Before the step's forward pass: 422 when it cannot be recorded (nothing changed)."""
         self._sweep(time.monotonic())
-        grows = _step_bytes(obs) * num_envs
+        drafts = self._drafts.get(session_id) or [None] * num_envs
+        step = _step_bytes(obs)
+        grows = sum(step if d is not None else step + _new_draft_bytes(obs) for d in drafts)
         on_disk = await asyncio.to_thread(self.store.size, dataset_id)
         if on_disk + self._pending.get(dataset_id, 0) + grows > self.store.max_bytes:
             raise InvalidInput(
@@ -231,7 +233,9 @@ class Recorder:
                     finished.append(d)
                     drafts[i] = None
                     continue
-            d = d or Draft()
+            if d is None:
+                d = Draft(nbytes=_new_draft_bytes(obs))
+                pending += d.nbytes
             d.observations.append(x[i])
             d.actions.append(actions[i])
             d.log_probs.append(log_probs[i])
@@ -251,3 +255,9 @@ def _step_bytes(obs: Observations) -> int:
     """What one env's step adds to a draft: its observation, action, propensity and report."""
     x = as_tensor(obs)
     return x[0].numel() * x.element_size() + 8 * 5
+
+
+def _new_draft_bytes(obs: Observations) -> int:
+    """What an episode costs beyond its steps: the file's overhead and its last observation."""
+    x = as_tensor(obs)
+    return EPISODE_OVERHEAD + x[0].numel() * x.element_size()

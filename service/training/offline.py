@@ -168,7 +168,6 @@ class _Offline:
         self.buffer = TensorDictReplayBuffer(
             storage=LazyTensorStorage(max(1, data.numel()), device=self.device),
             sampler=RandomSampler(),
-            batch_size=self.sample_size,
         )
         self.buffer.extend(data.to(self.device))
 
