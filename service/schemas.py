@@ -236,7 +236,11 @@ class DatasetList(BaseModel):
 class EvaluateIn(_In):
     dataset: str = Field(max_length=300, description="A dataset id with logged propensities (infos.log_prob)")
     version: int | None = Field(None, ge=1, description="Default: the default version")
-    method: Literal["wis"] = Field("wis", description="wis: weighted importance sampling")
+    method: Literal["wis", "fqe"] = Field(
+        "wis",
+        description="wis: weighted importance sampling (needs logged propensities); fqe: fitted Q "
+        "evaluation (discrete actions, gamma < 1)",
+    )
     exploration: Exploration = Field(
         Exploration.deterministic, description="The exploration the version would act with"
     )
@@ -459,6 +463,11 @@ class EnvList(BaseModel):
 # -- jobs ------------------------------------------------------------------------------------
 
 
+class ImitationIn(_In):
+    dataset: str = Field(max_length=300, description="A dataset id of expert transitions")
+    weight: float = Field(1.0, gt=0, le=100, description="Weight of the supervised term in the loss")
+
+
 class JobCreate(_In):
     algorithm: Algorithm = Field(
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
@@ -473,6 +482,11 @@ class JobCreate(_In):
         "learn from an offline dataset (bc, discrete_cql; env_id optional, for evaluation).",
     )
     dataset: str | None = Field(None, max_length=300, description="source dataset: the dataset id.")
+    imitation: ImitationIn | None = Field(
+        None,
+        description="dqn in an env: a supervised term on a dataset's expert transitions, weighted "
+        "(the cross-entropy of the expert's actions under the Q-values as logits)",
+    )
     env_id: str | None = Field(None, max_length=128, description="An allow-listed environment id.")
     observation: dict[str, Any] | None = Field(None, description="source sessions: policy.json's observation")
     action: dict[str, Any] | None = Field(None, description="source sessions: policy.json's action")
@@ -509,6 +523,8 @@ class JobCreate(_In):
             return self
         if self.dataset is not None:
             raise ValueError("'dataset' goes with source 'dataset'")
+        if self.imitation is not None and (self.source != "env" or self.algorithm != "dqn" or self.recurrent):
+            raise ValueError("imitation goes with dqn jobs in an env (not recurrent)")
         if self.source == "env":
             if self.env_id is None:
                 raise ValueError("env_id is required (or source 'sessions' with observation and action)")

@@ -291,6 +291,15 @@ def test_offline_job_refusals(offline):
     ]:
         r = offline.post("/v1/jobs", json=body)
         assert r.status_code == 422 and why in str(r.json()["detail"]), (body, r.text)
+    dqn = {"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "x", "total_frames": 1000}
+    for body, why in [
+        ({**dqn, "imitation": {"dataset": "nope-v0"}}, "not found"),
+        ({**dqn, "env_id": "Acrobot-v1", "imitation": {"dataset": "cartpole/tiny-v0"}}, "does not fit"),
+        ({**dqn, "recurrent": True, "imitation": {"dataset": "cartpole/tiny-v0"}}, "imitation goes with"),
+        ({**dqn, "imitation": {"dataset": "cartpole/tiny-v0", "weight": 0}}, "greater than 0"),
+    ]:
+        r = offline.post("/v1/jobs", json=body)
+        assert r.status_code == 422 and why in str(r.json()["detail"]), (body, r.text)
     store = offline.app.state.dataset_store
     store.create("box/data-v0", gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-2, 2, (1,)))
     r = offline.post("/v1/jobs", json={**base, "algorithm": "discrete_cql", "dataset": "box/data-v0"})
@@ -334,3 +343,61 @@ def test_wis_of_the_logging_policy_is_its_logged_return_and_refusals(offline):
     assert r.status_code == 422 and "no propensities" in r.json()["detail"]
     assert offline.post(url, json={"dataset": "missing-v0"}).status_code == 422
     assert offline.post(url, json={"dataset": "cartpole/ope-v0", "version": 9}).status_code == 404
+
+
+@pytest.mark.slow
+def test_the_imitation_term_makes_dqn_act_like_the_expert(offline):
+    """With the supervised term and next to no RL (2,000 frames), DQN's greedy actions agree
+    with the expert's on the expert's own states far more often than without it."""
+    play(offline, "cartpole/expert-v0", episodes=4, num_envs=4, epsilon=0.0)
+    data = read_transitions(offline.app.state.settings.data_dir / "datasets" / "cartpole/expert-v0")
+    rows = data["observation"][::7]
+    expert = data["action"][::7].tolist()
+    agreement = {}
+    for name, extra in (
+        ("plain", {}),
+        ("imitation", {"imitation": {"dataset": "cartpole/expert-v0", "weight": 5.0}}),
+    ):
+        r = offline.post(
+            "/v1/jobs",
+            json={
+                "algorithm": "dqn",
+                "env_id": "CartPole-v1",
+                "policy_name": f"dqn-{name}",
+                "total_frames": 2048,
+                "seed": 0,
+                "hyperparameters": {"eval_every_frames": 0, "eval_episodes": 1, "init_random_frames": 512},
+                **extra,
+            },
+        )
+        assert r.status_code == 202, r.text
+        assert _wait(offline, r.json()["job_id"])["status"] == "succeeded"
+        answer = offline.post(f"/v1/policies/dqn-{name}/act", json={"observations": rows.tolist()}).json()
+        agreement[name] = sum(a == b for a, b in zip(answer["actions"], expert, strict=True)) / len(expert)
+    assert agreement["imitation"] > 0.9 and agreement["imitation"] > agreement["plain"] + 0.15, agreement
+
+
+def test_fqe_refusals(offline):
+    play(offline, "cartpole/fqe-small-v0", episodes=2, num_envs=2)
+    url = "/v1/policies/cartpole-dqn/evaluate"
+    r = offline.post(url, json={"dataset": "cartpole/fqe-small-v0", "method": "fqe"})
+    assert r.status_code == 422 and "gamma < 1" in r.json()["detail"]
+    r = offline.post(
+        url, json={"dataset": "cartpole/fqe-small-v0", "method": "fqe", "gamma": 0.99, "extra": 1}
+    )
+    assert r.status_code == 422
+
+
+@pytest.mark.slow
+def test_fqe_of_the_greedy_policy_matches_its_measured_discounted_return(offline):
+    """From epsilon-greedy (0.3) traffic, FQE values cartpole-dqn's greedy policy, which keeps
+    CartPole up for all 500 steps: its discounted return is (1 - 0.99^500) / 0.01 = 99.3."""
+    play(offline, "cartpole/fqe-v0", episodes=10, num_envs=10)
+    r = offline.post(
+        "/v1/policies/cartpole-dqn/evaluate",
+        json={"dataset": "cartpole/fqe-v0", "method": "fqe", "gamma": 0.99},
+    )
+    assert r.status_code == 200, r.text
+    truth = (1 - 0.99**500) / 0.01
+    assert abs(r.json()["estimate"] - truth) < 0.1 * truth, r.json()
+    assert r.json()["dataset_mean_return"] < truth  # the logging policy did worse than the greedy one

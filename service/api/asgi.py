@@ -25,6 +25,7 @@ class RouteKind(str, Enum):
     infer = "infer"  # POST /v2/models/{name}[/versions/{version}]/infer: answered by service.api.oip
     rollout = "rollout"  # its own ROLLOUT_TIMEOUT_S, not the request timeout
     upload = "upload"  # MAX_UPLOAD_BYTES, not MAX_BODY_BYTES; no request timeout
+    evaluate = "evaluate"  # off-policy evaluation (fits a Q-network): no request timeout, one at a time
     other = "other"
 
 
@@ -36,7 +37,12 @@ class Route(NamedTuple):
 
 
 _OTHER = Route(RouteKind.other)
-_TAILS = {"act": RouteKind.act, "rollout": RouteKind.rollout, "versions": RouteKind.upload}
+_TAILS = {
+    "act": RouteKind.act,
+    "rollout": RouteKind.rollout,
+    "versions": RouteKind.upload,
+    "evaluate": RouteKind.evaluate,
+}
 
 
 @lru_cache(maxsize=4096)  # bounded: paths are client-made; a hit costs ~0.2 µs, a miss ~2.5 µs

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 UNKNOWN = "unknown"
 _HOT = (RouteKind.act, RouteKind.session_act)
-_UNTIMED = (RouteKind.rollout, RouteKind.upload)  # rollouts have their own timeout
+# rollouts have their own timeout; evaluations run one at a time (429 beyond)
+_UNTIMED = (RouteKind.rollout, RouteKind.upload, RouteKind.evaluate)
 
 
 class BodyTooLarge(Exception):

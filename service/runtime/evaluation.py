@@ -30,7 +30,9 @@ def check_evaluable(runtime: PolicyRuntime, policy: str) -> None:
             "or discrete observations without preprocessing (not recurrent, pixel or program policies)"
         )
     if spec.kind == "actor":
-        raise InvalidInput(f"policy {policy} is a deterministic actor (box actions): use method 'fqe'")
+        raise InvalidInput(
+            f"policy {policy} is a deterministic actor: off-policy evaluation takes discrete policies"
+        )
 
 
 def greedy_actions(runtime: PolicyRuntime, obs: torch.Tensor) -> torch.Tensor:
@@ -83,3 +85,30 @@ def action_log_probs(
                 a = a.clamp(low + margin, high - margin)
             out.append(actor.get_dist(td).log_prob(a).to(torch.float64).reshape(a.shape[0], -1).sum(-1))
     return torch.cat(out).cpu()
+
+
+def action_probs(
+    runtime: PolicyRuntime, obs: torch.Tensor, exploration: Exploration, epsilon: float | None
+) -> torch.Tensor:
+    """pi(. | s) of a discrete policy for each observation: ``[N, n]`` float32."""
+    spec = runtime.spec
+    if spec.action.type != "discrete":
+        raise InvalidInput("fitted Q evaluation here takes discrete actions")
+    n = spec.action.n
+    used = runtime.effective(exploration)
+    if spec.kind == "qvalue" or used is not Exploration.random:
+        one_hot = torch.nn.functional.one_hot(greedy_actions(runtime, obs).reshape(-1).long(), n).float()
+        if spec.kind == "qvalue" and used is Exploration.random:
+            eps = spec.exploration.epsilon if epsilon is None else epsilon
+            return eps / n + (1 - eps) * one_hot
+        return one_hot
+    out = []
+    actor = list(runtime.core.module)[-1]
+    with torch.inference_mode():
+        for i in range(0, obs.shape[0], CHUNK):
+            x = obs[i : i + CHUNK].to(runtime.device)
+            td = TensorDict({"observation": x}, batch_size=[x.shape[0]])
+            for module in list(runtime.core.module)[:-1]:
+                td = module(td)
+            out.append(actor.get_dist(td).probs.float().cpu())
+    return torch.cat(out)

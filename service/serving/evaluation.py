@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from service.datasets.store import PROPENSITY, DatasetStore, check_id
-from service.errors import InvalidInput
+from service.errors import Busy, InvalidInput
 from service.exploration import Exploration
 from service.registry.registry import Registry
-from service.runtime.evaluation import action_log_probs, check_evaluable
+from service.runtime.evaluation import action_log_probs, action_probs, check_evaluable
 
 
 @dataclass(slots=True)
@@ -48,15 +48,22 @@ class Logged:
     log_mu: np.ndarray
     returns: np.ndarray
     bounds: np.ndarray  # episode i is steps bounds[i]:bounds[i+1]
+    next_obs: torch.Tensor
+    rewards: torch.Tensor  # [N] float32
+    terminated: torch.Tensor  # [N] bool
 
 
 def read_logged(store: DatasetStore, dataset_id: str, gamma: float) -> Logged:
     obs, actions, log_mu, returns, bounds = [], [], [], [], [0]
+    next_obs, rewards, terminated = [], [], []
     for ep in store.open(dataset_id).iterate_episodes():
         steps = len(ep.rewards)
         if steps == 0:
             continue
         obs.append(np.asarray(ep.observations)[:-1])
+        next_obs.append(np.asarray(ep.observations)[1:])
+        rewards.append(np.asarray(ep.rewards, np.float32))
+        terminated.append(np.asarray(ep.terminations, bool))
         actions.append(np.asarray(ep.actions))
         infos = ep.infos or {}
         logged_mu = infos.get(PROPENSITY)
@@ -67,15 +74,58 @@ def read_logged(store: DatasetStore, dataset_id: str, gamma: float) -> Logged:
         bounds.append(bounds[-1] + steps)
     if not returns:
         raise InvalidInput(f"dataset {dataset_id!r} holds no episodes")
-    x = torch.from_numpy(np.concatenate(obs))
-    a = torch.from_numpy(np.concatenate(actions))
+
+    def typed(parts: list) -> torch.Tensor:
+        x = torch.from_numpy(np.concatenate(parts))
+        return x.float() if x.is_floating_point() else x.long()
+
     return Logged(
-        x.float() if x.is_floating_point() else x.long(),
-        a.float() if a.is_floating_point() else a.long(),
+        typed(obs),
+        typed(actions),
         np.concatenate(log_mu),
         np.asarray(returns),
         np.asarray(bounds),
+        typed(next_obs),
+        torch.from_numpy(np.concatenate(rewards)),
+        torch.from_numpy(np.concatenate(terminated)),
     )
+
+
+FQE_ROUNDS, FQE_STEPS, FQE_BATCH = 500, 20, 512  # target refreshes (gamma^500 < 1%), steps each, batch
+
+
+def _features(obs: torch.Tensor, spec) -> torch.Tensor:
+    """The Q-network's input: the observation (one-hot for a discrete one)."""
+    if spec.observation.discrete:
+        return torch.nn.functional.one_hot(obs.long(), spec.observation.n).float()
+    return obs.float()
+
+
+def fit_q(logged: Logged, pi_next: torch.Tensor, spec, gamma: float, seed: int) -> torch.nn.Module:
+    """FQE's Q-network, fitted to the logged transitions (a 256x256 MLP, Adam, Huber loss)."""
+    from torchrl.modules import MLP
+
+    torch.manual_seed(seed)
+    n = spec.action.n
+    x, x_next = _features(logged.obs, spec), _features(logged.next_obs, spec)
+    q = MLP(in_features=x.shape[-1], out_features=n, num_cells=[256, 256])
+    target = MLP(in_features=x.shape[-1], out_features=n, num_cells=[256, 256])
+    optim = torch.optim.Adam(q.parameters(), lr=1e-3)
+    actions = logged.actions.long()
+    keep = (~logged.terminated).float()
+    size = x.shape[0]
+    for _ in range(FQE_ROUNDS):
+        target.load_state_dict(q.state_dict())
+        with torch.no_grad():
+            y = logged.rewards + gamma * keep * (target(x_next) * pi_next).sum(-1)
+        for _ in range(FQE_STEPS):
+            idx = torch.randint(0, size, (min(FQE_BATCH, size),))
+            pred = q(x[idx]).gather(-1, actions[idx].unsqueeze(-1)).squeeze(-1)
+            loss = torch.nn.functional.smooth_l1_loss(pred, y[idx])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+    return q.eval()
 
 
 def wis(log_w: np.ndarray, returns: np.ndarray) -> float:
@@ -87,6 +137,7 @@ class EvaluationService:
     def __init__(self, registry: Registry, datasets: DatasetStore) -> None:
         self.registry = registry
         self.datasets = datasets
+        self._running = False  # one evaluation at a time: each takes a core for seconds
 
     async def evaluate(self, name: str, p: EvaluateParams) -> dict[str, Any]:
         loaded = self.registry.resolve(name, p.version)
@@ -94,7 +145,14 @@ class EvaluationService:
         check_id(p.dataset)
         if not self.datasets.exists(p.dataset):
             raise InvalidInput(f"dataset {p.dataset!r} not found (GET /v1/datasets lists them)")
-        out = await asyncio.to_thread(self._wis, loaded, p)
+        method = self._wis if p.method == "wis" else self._fqe
+        if self._running:
+            raise Busy("an off-policy evaluation is running; retry when it is done", retry_after_s=10)
+        self._running = True
+        try:
+            out = await asyncio.to_thread(method, loaded, p)
+        finally:
+            self._running = False
         return {"policy": name, "version": loaded.version, "dataset": p.dataset, "method": p.method, **out}
 
     def _wis(self, loaded, p: EvaluateParams) -> dict[str, Any]:
@@ -131,6 +189,38 @@ class EvaluationService:
             "ci95": [float(lo), float(hi)],
             "episodes": n,
             "effective_sample_size": ess,
+            "dataset_mean_return": float(np.mean(logged.returns)),
+            "exploration": p.exploration.value,
+            "gamma": p.gamma,
+        }
+
+    def _fqe(self, loaded, p: EvaluateParams) -> dict[str, Any]:
+        """Fitted Q evaluation: Q(s, a) of the version fitted to the logged transitions by
+        repeated regression on r + gamma (1 - terminated) sum_a' pi(a'|s') Q_target(s', a')
+        (a truncation bootstraps), then averaged over the logged episodes' first states under
+        pi. Discrete actions; the interval resamples the first states (the fitted Q held fixed:
+        it leaves out the fit's own error)."""
+        runtime, spec = loaded.runtime, loaded.spec
+        logged = read_logged(self.datasets, p.dataset, p.gamma)
+        self._check_fits(spec, logged, p.dataset, loaded.name)
+        if p.gamma >= 1:
+            raise InvalidInput(
+                "fqe needs gamma < 1 (e.g. 0.99): an undiscounted Q of a time-limited task is not Markov"
+            )
+        pi_next = action_probs(runtime, logged.next_obs, p.exploration, p.epsilon)
+        first = logged.obs[torch.from_numpy(logged.bounds[:-1])]
+        pi_first = action_probs(runtime, first, p.exploration, p.epsilon)
+        q = fit_q(logged, pi_next, spec, p.gamma, p.seed)
+        with torch.no_grad():
+            values = (q(_features(first, spec)) * pi_first).sum(-1).numpy().astype(np.float64)
+        rng = np.random.default_rng(p.seed)
+        boots = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(p.bootstrap)]
+        lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan)
+        return {
+            "estimate": float(values.mean()),
+            "ci95": [float(lo), float(hi)],
+            "episodes": len(values),
+            "effective_sample_size": float(len(values)),
             "dataset_mean_return": float(np.mean(logged.returns)),
             "exploration": p.exploration.value,
             "gamma": p.gamma,

@@ -47,12 +47,34 @@ class JobService:
             )
         if request.recurrent and algorithm not in RECURRENT:
             raise InvalidInput(f"recurrent=true is available for {sorted(RECURRENT)} only, not {algorithm!r}")
+        if request.imitation is not None:
+            self._check_imitation(request.imitation.dataset, env_id)
         try:
             return build_config(request)
         except ValidationError as exc:
             raise InvalidInput(
                 f"invalid hyperparameters: {validation_sentence(exc.errors(), skip=('hyperparameters',))}"
             ) from None
+
+    def _check_imitation(self, dataset: str, env_id: str) -> None:
+        """The expert dataset exists and its spaces are the env's."""
+        from service.training.offline import space_specs
+
+        if self.datasets is None or not self.datasets.exists(check_id(dataset)):
+            raise InvalidInput(f"imitation dataset {dataset!r} not found (GET /v1/datasets lists them)")
+        ds = self.datasets.open(dataset)
+        try:
+            observation, action = space_specs(ds.observation_space, ds.action_space)
+        except ValueError as exc:
+            raise InvalidInput(f"imitation dataset {dataset!r}: {exc}") from None
+        env = env_specs(env_id)
+        if env["observation"].get("shape") != observation.get("shape") or env["action"].get(
+            "n"
+        ) != action.get("n"):
+            raise InvalidInput(
+                f"imitation dataset {dataset!r} ({ds.observation_space} / {ds.action_space}) does not fit "
+                f"{env_id} ({env['observation']} / {env['action']})"
+            )
 
     def _check_dataset_source(self, request: DatasetJob) -> TrainConfig:
         """The dataset exists and its spaces fit the algorithm (and the env it is evaluated in)."""

@@ -37,6 +37,10 @@ def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
     if request.algorithm == "dqn":
         from service.training.dqn import DQNConfig
 
+        if isinstance(request, EnvJob) and request.imitation is not None:
+            common.update(
+                imitation_dataset=request.imitation.dataset, imitation_weight=request.imitation.weight
+            )
         if isinstance(request, SessionsJob):
             common.update(
                 source="sessions",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -140,6 +141,10 @@ class DQNConfig(TrainConfig):
     action: dict[str, Any] | None = None
     experience_dir: str | None = None  # source sessions: where the transitions arrive
     experience_from: list[str] = Field(default_factory=list)  # earlier jobs' dirs (siblings) seed it
+    # imitation: a dataset of expert transitions and the weight of their supervised term
+    imitation_dataset: str | None = None
+    imitation_weight: float = Field(0.0, ge=0, le=100)
+    imitation_dir: str | None = None  # the dataset's directory (set by the worker)
 
     @model_validator(mode="after")
     def _source_fits(self) -> DQNConfig:
@@ -308,6 +313,13 @@ class DQN:
         self.params = list(self.loss_fn.parameters())  # walking the module tree per update costs ~90 µs
         self.optim = torch.optim.Adam(self.params, lr=hp.lr, fused=True)
         self.updates = 0
+        self.expert, self.imitation_weight = None, config.imitation_weight
+        if config.imitation_dir is not None:
+            from service.training.offline import read_transitions
+
+            self.expert = (
+                read_transitions(Path(config.imitation_dir)).select("observation", "action").to(device)
+            )
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
         batch = batch.exclude(PREPROCESSED, ("next", PREPROCESSED))  # float frames: recomputed
@@ -319,6 +331,8 @@ class DQN:
         if self.recurrent:
             sample = _as_sequences(sample, self.hyperparameters.slice_len)
         loss = self.loss_fn(sample)["loss"]
+        if self.expert is not None:
+            loss = loss + self.imitation_weight * self._imitation_loss(sample.shape[0])
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.hyperparameters.max_grad_norm)
@@ -327,6 +341,14 @@ class DQN:
         if self.updates % self.target_every == 0:
             self.target.step()
         return loss.detach()
+
+    def _imitation_loss(self, size: int) -> torch.Tensor:
+        """The RLlib seed's ``custom_loss``: the cross-entropy of the expert's actions under the
+        Q-values taken as logits, on ``size`` expert transitions drawn uniformly."""
+        idx = torch.randint(0, self.expert.shape[0], (size,), device=self.expert.device)
+        expert = self.expert[idx]
+        values = self.act_policy(expert.select("observation").copy())["action_value"]
+        return torch.nn.functional.cross_entropy(values, expert["action"])
 
     def after_batch(self, frames: int) -> dict[str, Any]:
         self.egreedy.step(frames)

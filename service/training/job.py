@@ -50,11 +50,19 @@ class _JobRequest(BaseModel):
     hyperparameters: dict[str, Any] | None = None
 
 
+class Imitation(BaseModel):
+    """A supervised term on expert transitions (a dataset) added to an off-policy job's loss."""
+
+    dataset: str
+    weight: float
+
+
 class EnvJob(_JobRequest):
     """A job that steps an allow-listed environment."""
 
     source: Literal["env"] = "env"
     env_id: str
+    imitation: Imitation | None = None
 
 
 class SessionsJob(_JobRequest):

@@ -31,6 +31,7 @@ from service.training.job import (
     POINT_FIELDS,
     PROGRESS_FIELDS,
     DatasetJob,
+    EnvJob,
     Job,
     JobStatus,
     SessionsJob,
@@ -163,8 +164,11 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         if isinstance(req, SessionsJob):
             root = ctx.experience_root or Path("var") / "experience"
             extra["experience_dir"] = str(root / job_id)
+        datasets = ctx.dataset_root or Path("var") / "datasets"
         if isinstance(req, DatasetJob):
-            extra["dataset_dir"] = str((ctx.dataset_root or Path("var") / "datasets") / req.dataset)
+            extra["dataset_dir"] = str(datasets / req.dataset)
+        if isinstance(req, EnvJob) and req.imitation is not None:
+            extra["imitation_dir"] = str(datasets / req.imitation.dataset)
         config = stored_config(
             job,
             device=device,
