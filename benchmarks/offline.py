@@ -119,7 +119,8 @@ def frames_to_475(seed: int, frames: int, every: int, imitation: tuple[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--frames", type=int, default=256 * 2000, help="offline: transitions drawn")
+    ap.add_argument("--frames", type=int, default=256 * 2000, help="bc: transitions drawn")
+    ap.add_argument("--cql-frames", type=int, default=256 * 20_000, help="discrete_cql: transitions drawn")
     ap.add_argument("--dqn-frames", type=int, default=40_000)
     ap.add_argument("--eval-every", type=int, default=2_000)
     ap.add_argument("--only", default="bc,cql,imitation,wis")
@@ -176,7 +177,7 @@ def main() -> None:
         print("bc expert30", bc, flush=True)
     if "cql" in only:
         bc_mixed = [offline(root, "mixed-v0", "bc", s, args.frames) for s in seeds]
-        cql_mixed = [offline(root, "mixed-v0", "discrete_cql", s, args.frames) for s in seeds]
+        cql_mixed = [offline(root, "mixed-v0", "discrete_cql", s, args.cql_frames) for s in seeds]
         out["mixed dataset (held-out)"] = {"bc": bc_mixed, "discrete_cql": cql_mixed}
         print("mixed", bc_mixed, cql_mixed, flush=True)
     if "imitation" in only:

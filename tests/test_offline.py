@@ -253,7 +253,7 @@ def test_behaviour_cloning_and_discrete_cql_learn_from_a_recorded_dataset(offlin
                 "dataset": "cartpole/expert-v0",
                 "env_id": "CartPole-v1",
                 "policy_name": f"cp-{algorithm}",
-                "total_frames": 256 * 600,
+                "total_frames": 256 * (600 if algorithm == "bc" else 4000),
                 "seed": 0,
                 "hyperparameters": {"eval_every_frames": 0, "eval_episodes": 5},
             },
