@@ -473,7 +473,8 @@ class JobCreate(_In):
         description="dqn (discrete actions; qvalue policy), sac (box; probabilistic TanhNormal "
         "policy), td3 (box; deterministic actor), ppo (discrete or box, vector observations; "
         "probabilistic categorical / TanhNormal policy); from a dataset (source 'dataset'): bc "
-        "(behaviour cloning; probabilistic policy) or discrete_cql (conservative Q-learning; qvalue)."
+        "(behaviour cloning; probabilistic policy), discrete_cql (conservative Q-learning; qvalue) "
+        "or dqn (offline DQN: the same loss without the conservative term)."
     )
     source: Literal["env", "sessions", "dataset"] = Field(
         "env",
@@ -507,12 +508,11 @@ class JobCreate(_In):
 
     @model_validator(mode="after")
     def _source(self):
-        offline = self.algorithm in ("bc", "discrete_cql")
-        if (self.source == "dataset") != offline:
-            raise ValueError(
-                "bc and discrete_cql learn from a dataset (source 'dataset' with 'dataset'); "
-                "source 'dataset' trains bc or discrete_cql"
-            )
+        offline_only = self.algorithm in ("bc", "discrete_cql")
+        if offline_only and self.source != "dataset":
+            raise ValueError("bc and discrete_cql learn from a dataset (source 'dataset' with 'dataset')")
+        if self.source == "dataset" and self.algorithm not in ("bc", "discrete_cql", "dqn"):
+            raise ValueError("source 'dataset' trains bc, discrete_cql or dqn (offline DQN)")
         if self.source == "dataset":
             if self.dataset is None:
                 raise ValueError("source 'dataset' needs 'dataset' (a dataset id, GET /v1/datasets)")

@@ -276,7 +276,7 @@ def test_offline_job_refusals(offline):
     base = {"source": "dataset", "policy_name": "x", "total_frames": 1000}
     for body, why in [
         ({**base, "algorithm": "bc", "dataset": "nope-v0"}, "not found"),
-        ({**base, "algorithm": "dqn", "dataset": "cartpole/tiny-v0"}, "source 'dataset' trains"),
+        ({**base, "algorithm": "sac", "dataset": "cartpole/tiny-v0"}, "source 'dataset' trains"),
         ({**base, "algorithm": "bc"}, "needs 'dataset'"),
         ({**base, "algorithm": "bc", "dataset": "cartpole/tiny-v0", "env_id": "Pendulum-v1"}, "does not fit"),
         ({**base, "algorithm": "bc", "dataset": "cartpole/tiny-v0", "recurrent": True}, "feed-forward"),
@@ -401,3 +401,33 @@ def test_fqe_of_the_greedy_policy_matches_its_measured_discounted_return(offline
     truth = (1 - 0.99**500) / 0.01
     assert abs(r.json()["estimate"] - truth) < 0.1 * truth, r.json()
     assert r.json()["dataset_mean_return"] < truth  # the logging policy did worse than the greedy one
+
+
+def test_offline_dqn_is_the_cql_setup_without_the_conservative_term(offline):
+    play(offline, "cartpole/dqn-v0", episodes=2, num_envs=2)
+    r = offline.post(
+        "/v1/jobs",
+        json={
+            "algorithm": "dqn",
+            "source": "dataset",
+            "dataset": "cartpole/dqn-v0",
+            "policy_name": "offline-dqn",
+            "total_frames": 256 * 20,
+            "hyperparameters": {"updates_per_batch": 10},
+        },
+    )
+    assert r.status_code == 202, r.text
+    job = _wait(offline, r.json()["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["eval_mean_return"] is None  # no env_id: nothing to evaluate in
+    served = offline.get("/v1/policies/offline-dqn").json()
+    prov = served["version_details"][0]["provenance"]
+    assert (
+        served["kind"] == "qvalue"
+        and prov["algorithm"] == "dqn"
+        and prov["hyperparameters"]["cql_weight"] == 0
+    )
+    assert (
+        offline.post("/v1/policies/offline-dqn/act", json={"observation": [0.0, 0.0, 0.0, 0.0]}).status_code
+        == 200
+    )

@@ -12,7 +12,13 @@ from service.config import Settings
 from service.datasets.store import DatasetStore, check_id
 from service.envs import check_env_id, env_specs
 from service.errors import Busy, Conflict, InvalidInput, NotFound, check_limit, validation_sentence
-from service.training.algorithms import ACTION_SPACE, OFFLINE, RECURRENT, build_config, client_policy_spec
+from service.training.algorithms import (
+    ACTION_SPACE,
+    FROM_DATASET,
+    RECURRENT,
+    build_config,
+    client_policy_spec,
+)
 from service.training.common import TrainConfig
 from service.training.job import DatasetJob, Job, JobRequest, JobStatus, SessionsJob
 from service.training.job_store import JobStore
@@ -80,8 +86,8 @@ class JobService:
         """The dataset exists and its spaces fit the algorithm (and the env it is evaluated in)."""
         from service.training.offline import space_specs
 
-        if request.algorithm not in OFFLINE:
-            raise InvalidInput(f"source 'dataset' trains {list(OFFLINE)}, not {request.algorithm!r}")
+        if request.algorithm not in FROM_DATASET:
+            raise InvalidInput(f"source 'dataset' trains {list(FROM_DATASET)}, not {request.algorithm!r}")
         if self.datasets is None or not self.datasets.exists(check_id(request.dataset)):
             raise InvalidInput(f"dataset {request.dataset!r} not found (GET /v1/datasets lists them)")
         ds = self.datasets.open(request.dataset)

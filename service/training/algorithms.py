@@ -10,7 +10,8 @@ from service.training.job import DatasetJob, EnvJob, Job, JobRequest, SessionsJo
 
 Algorithm = Literal["dqn", "sac", "td3", "ppo", "bc", "discrete_cql"]
 ALGORITHMS: tuple[str, ...] = ("dqn", "sac", "td3", "ppo")  # trained in an env
-OFFLINE: tuple[str, ...] = ("bc", "discrete_cql")  # trained from a dataset (source "dataset")
+OFFLINE: tuple[str, ...] = ("bc", "discrete_cql")  # trained from a dataset (source "dataset") only
+FROM_DATASET: tuple[str, ...] = (*OFFLINE, "dqn")  # what a dataset can train (dqn: offline DQN)
 # the action spaces each trains
 ACTION_SPACE: dict[str, tuple[str, ...]] = {
     "dqn": ("discrete",),
@@ -29,7 +30,7 @@ def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
     common = {"env_id": None, "total_frames": request.total_frames, "seed": request.seed or 0, **extra}
     if isinstance(request, EnvJob | DatasetJob):
         common["env_id"] = request.env_id
-    if request.algorithm in OFFLINE:
+    if isinstance(request, DatasetJob):
         from service.training.offline import OfflineConfig
 
         common.setdefault("dataset", getattr(request, "dataset", None))
@@ -63,7 +64,7 @@ def stored_config(job: Job, **extra: Any) -> TrainConfig:
     id…); for records of older releases, built from the request."""
     if job.config is None:
         return build_config(job.request, **extra)
-    if job.request.algorithm in OFFLINE:
+    if isinstance(job.request, DatasetJob):
         from service.training.offline import OfflineConfig as cls
     elif job.request.algorithm == "dqn":
         from service.training.dqn import DQNConfig as cls
@@ -77,12 +78,13 @@ def stored_config(job: Job, **extra: Any) -> TrainConfig:
 Trainer = Callable[..., TrainedPolicy]
 
 
-def trainer_for(algorithm: str) -> Trainer:
-    """``train(config, on_progress, should_stop) -> TrainedPolicy`` of ``algorithm``."""
-    if algorithm == "dqn":
-        from service.training.dqn import train
-    elif algorithm in OFFLINE:
+def trainer_for(algorithm: str, source: str = "env") -> Trainer:
+    """``train(config, on_progress, should_stop) -> TrainedPolicy`` of ``algorithm`` (learning
+    from ``source``)."""
+    if source == "dataset":
         from service.training.offline import train
+    elif algorithm == "dqn":
+        from service.training.dqn import train
     elif algorithm == "ppo":
         from service.training.ppo import train
     else:

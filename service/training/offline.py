@@ -4,6 +4,7 @@ should_stop) -> TrainedPolicy``.
 - ``bc``: behaviour cloning, the negative log-likelihood of the dataset's actions under a
   ``ProbabilisticActor`` (categorical for discrete actions, TanhNormal for box ones); published
   as a probabilistic policy (``deterministic`` takes the mode).
+- ``dqn``: offline DQN, the ``discrete_cql`` setup with ``cql_weight`` 0 (its TD loss alone).
 - ``discrete_cql``: TorchRL's ``DiscreteCQLLoss`` (TD loss plus the conservative term, weighted
   by ``cql_weight``) on the Q-network DQN serves, with its target network; published as a
   Q-value policy.
@@ -81,7 +82,7 @@ CQL_DEFAULTS: dict[str, Any] = {
 
 
 class OfflineConfig(TrainConfig):
-    algorithm: Literal["bc", "discrete_cql"]
+    algorithm: Literal["bc", "discrete_cql", "dqn"]
     dataset: str
     dataset_dir: str | None = None  # the dataset's directory (set by the worker)
     observation: dict[str, Any]  # the dataset's spaces, as policy.json writes them
@@ -90,6 +91,8 @@ class OfflineConfig(TrainConfig):
 
     @classmethod
     def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
+        if kw.get("algorithm") == "dqn":  # offline DQN: CQL's setup without the conservative term
+            return {**CQL_DEFAULTS, "cql_weight": 0.0}
         return dict(CQL_DEFAULTS) if kw.get("algorithm") == "discrete_cql" else {}
 
 
@@ -263,6 +266,7 @@ class DiscreteCQL(_Offline):
             }
         )
         super().__init__(config, spec)
+        self.name = config.algorithm  # "dqn" from a dataset: cql_weight 0
         self.loss_fn = DiscreteCQLLoss(self.built.core, action_space="categorical", delay_value=True)
         self.loss_fn.make_value_estimator(gamma=hp.gamma)
         if hp.target_update == "hard":
@@ -326,7 +330,7 @@ def train(
     config: OfflineConfig, on_progress: Progress | None = None, should_stop: StopCheck | None = None
 ) -> TrainedPolicy:
     start = time.perf_counter()
-    algo = BC(config) if config.algorithm == "bc" else DiscreteCQL(config)
+    algo = BC(config) if config.algorithm == "bc" else DiscreteCQL(config)  # dqn: cql_weight 0
     source = DatasetSource(algo, config)
     choice = PeriodicEvaluation(algo, config) if config.env_id else FinalWeights(algo)
     trained = train_offpolicy(algo, config, on_progress, should_stop, start, source=source, choice=choice)

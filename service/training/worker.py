@@ -192,7 +192,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
             return timed_out or ctx.stopping.is_set() or ctx.store.cancel_requested(job_id)
 
         with leased(ctx, job_id):
-            trained = trainer_for(req.algorithm)(config, on_progress, should_stop)
+            trained = trainer_for(req.algorithm, req.source)(config, on_progress, should_stop)
         finish_job(ctx, job, trained, timed_out)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, traceback.format_exc())
