@@ -177,10 +177,9 @@ class Recorder:
         dataset_id: str,
         num_envs: int,
         obs: Observations,
-        reward: list[float | None] | None,
-        resets: torch.Tensor | None,
     ) -> None:
-        """Before the step's forward pass: 422 when it cannot be recorded (nothing changed)."""
+        """Before the step's forward pass: 422 when the dataset would pass its limit (nothing
+        changed)."""
         self._sweep(time.monotonic())
         drafts = self._drafts.get(session_id) or [None] * num_envs
         step = _step_bytes(obs)

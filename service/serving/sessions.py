@@ -193,10 +193,7 @@ class SessionService:
         resets = reset_mask(p.reset, session.num_envs)
         recording = session.record is not None
         if recording:  # refused before anything moves
-            reported = outcome.reported if outcome is not None else None
-            await self._recorder().check(
-                session.session_id, session.record, session.num_envs, obs, reported, resets
-            )
+            await self._recorder().check(session.session_id, session.record, session.num_envs, obs)
         explore = p.explore.over(session.explore)
         # a recorded step needs the action values / log-probs behind its propensities
         call = _step_call(runtime, session, obs, mask, resets, explore, p.return_info or recording)
