@@ -431,3 +431,21 @@ def test_offline_dqn_is_the_cql_setup_without_the_conservative_term(offline):
         offline.post("/v1/policies/offline-dqn/act", json={"observation": [0.0, 0.0, 0.0, 0.0]}).status_code
         == 200
     )
+
+
+def test_dataset_changes_and_downloads_need_the_admin_key(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "cartpole-dqn", models / "cartpole-dqn")
+    settings = Settings(
+        model_dir=models, data_dir=tmp_path / "var", registry_poll_s=0, embedded_worker=False, api_key="k3y"
+    )
+    with TestClient(create_app(settings)) as c:
+        play(c, "keyed/data-v0", episodes=2, num_envs=2)  # recording is an inference call
+        admin = {"Authorization": "Bearer k3y"}
+        assert c.get("/v1/datasets/keyed/data-v0").status_code == 200  # described to anyone
+        assert c.get("/v1/datasets/keyed/data-v0/download").status_code == 401
+        blob = c.get("/v1/datasets/keyed/data-v0/download", headers=admin).content
+        assert c.delete("/v1/datasets/keyed/data-v0").status_code == 401
+        assert c.delete("/v1/datasets/keyed/data-v0", headers=admin).status_code == 204
+        assert c.post("/v1/datasets", files={"archive": ("d.tar.gz", blob)}).status_code == 401
+        assert c.post("/v1/datasets", files={"archive": ("d.tar.gz", blob)}, headers=admin).status_code == 201

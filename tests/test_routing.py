@@ -348,3 +348,18 @@ def test_a_full_shadow_queue_drops_copies_and_counts_them():
     dropped, forwarded, shadow = asyncio.run(scenario())
     assert dropped == 3 and forwarded == 3
     assert shadow["compared"] == 3 and shadow["agreement"] == 0.0  # a failed copy never agrees
+
+
+def test_changing_the_routing_needs_the_admin_key(two_versions, settings):
+    settings.api_key = "k3y"
+    with TestClient(create_app(settings)) as c:
+        body = {"weights": {"1": 1, "2": 1}}
+        assert c.put("/v1/policies/q/routing", json=body).status_code == 401
+        assert c.delete("/v1/policies/q/routing").status_code == 401
+        assert not (two_versions / "q" / "routing.json").exists()
+        ok = c.put("/v1/policies/q/routing", json=body, headers={"Authorization": "Bearer k3y"})
+        assert ok.status_code == 200 and c.get("/v1/policies/q/routing").json()["split"] == {
+            "2": 0.5,
+            "1": 0.5,
+        }
+        assert c.get("/v1/policies/q/stats").status_code == 200  # read by anyone

@@ -36,9 +36,10 @@ async def list_datasets(datasets: DatasetsDep) -> dict:
 
 
 # before the catch-all: a dataset id may hold slashes
-@router.get("/{dataset_id:path}/download", response_class=Response)
+@router.get("/{dataset_id:path}/download", response_class=Response, dependencies=[Admin])
 async def download_dataset(datasets: DatasetsDep, dataset_id: str = DatasetId) -> Response:
-    """The dataset directory as a .tar.gz (what the upload takes)."""
+    """The dataset directory as a .tar.gz (what the upload takes); admin: it holds clients'
+    recorded traffic."""
     blob, filename = await datasets.download(dataset_id)
     disposition = {"Content-Disposition": f'attachment; filename="{filename}"'}
     return Response(blob, media_type="application/gzip", headers=disposition)
