@@ -79,7 +79,9 @@ def create_app(settings: Settings | None = None, shared_ports: bool = False) -> 
         state.infer_service = InferService(registry, state.act_service, state.session_service, settings)
         state.rllib_service = RLlibService(state.session_service, registry)
         state.policy_service = PolicyService(registry, state.session_service, stats)
-        state.dataset_service = DatasetService(state.dataset_store)
+        state.dataset_service = DatasetService(
+            state.dataset_store, queue.store, settings.data_dir / "experience", state.job_feeds.flush_all
+        )
         state.evaluation_service = EvaluationService(registry, state.dataset_store)
         state.job_service = JobService(queue.store, queue, settings, state.dataset_store)
         state.job_worker = worker

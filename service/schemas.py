@@ -233,6 +233,10 @@ class DatasetList(BaseModel):
     datasets: list[DatasetPublic]
 
 
+class ExportExperienceIn(_In):
+    dataset: str = Field(max_length=300, description="The new dataset's id (Minari's [namespace/]name-vN)")
+
+
 class EvaluateIn(_In):
     dataset: str = Field(max_length=300, description="A dataset id with logged propensities (infos.log_prob)")
     version: int | None = Field(None, ge=1, description="Default: the default version")
@@ -485,8 +489,9 @@ class JobCreate(_In):
     dataset: str | None = Field(None, max_length=300, description="source dataset: the dataset id.")
     imitation: ImitationIn | None = Field(
         None,
-        description="dqn in an env: a supervised term on a dataset's expert transitions, weighted "
-        "(the cross-entropy of the expert's actions under the Q-values as logits)",
+        description="dqn, sac or td3 in an env: a supervised term on a dataset's expert transitions, "
+        "weighted (dqn: the cross-entropy of the expert's actions under the Q-values as logits; sac: "
+        "their negative log-likelihood; td3: the squared distance of the actor's action to theirs)",
     )
     env_id: str | None = Field(None, max_length=128, description="An allow-listed environment id.")
     observation: dict[str, Any] | None = Field(None, description="source sessions: policy.json's observation")
@@ -523,8 +528,10 @@ class JobCreate(_In):
             return self
         if self.dataset is not None:
             raise ValueError("'dataset' goes with source 'dataset'")
-        if self.imitation is not None and (self.source != "env" or self.algorithm != "dqn" or self.recurrent):
-            raise ValueError("imitation goes with dqn jobs in an env (not recurrent)")
+        if self.imitation is not None and (
+            self.source != "env" or self.algorithm not in ("dqn", "sac", "td3") or self.recurrent
+        ):
+            raise ValueError("imitation goes with dqn, sac and td3 jobs in an env (not recurrent)")
         if self.source == "env":
             if self.env_id is None:
                 raise ValueError("env_id is required (or source 'sessions' with observation and action)")

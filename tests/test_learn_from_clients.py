@@ -6,6 +6,7 @@ short run that learns (the 50,000-frame, 8-client figure is ``benchmarks/learn_f
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -358,3 +359,81 @@ def test_a_feed_follows_every_publish_of_its_learner(tmp_path):
     assert (feed.consumed, feed.epsilon) == (512, 0.4)
     assert all(torch.equal(feed.runtime.core.state_dict()[k], weights[k]) for k in weights)
     assert feed.newer() is None
+
+
+def test_a_jobs_reported_experience_exports_as_a_minari_dataset(client, settings):
+    """Two clients step their own CartPole; episodes cut by a reset, by a step reported without
+    a reward, or still open are left out; the whole ones come back as a Minari dataset that
+    minari reads, step for step what the clients saw and were answered."""
+    from minari import MinariDataset
+
+    job_id = client_job(client)
+    whole: list[dict] = []  # the episodes the dataset must hold, as the clients lived them
+
+    def episode(sid: str, seed: int, steps: int | None = None, last: dict | None = None, gap: int = -1):
+        """One episode: to its end (``steps`` None) or cut after ``steps`` steps, then ``last``
+        (a reset, or a report) sent with the next call; at step ``gap`` no reward is reported
+        (a gap: that episode is not whole)."""
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=seed)
+        seen = {"observations": [obs], "actions": [], "rewards": []}
+        report: dict = {"reset": True}
+        while True:
+            if len(seen["actions"]) == gap:
+                report = {}
+            r = client.post(f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), **report})
+            assert r.status_code == 200, r.text
+            if report.get("terminated") or report.get("truncated"):
+                break
+            if steps is not None and len(seen["actions"]) == steps:
+                r = client.post(f"/v1/sessions/{sid}/act", json={"observation": obs.tolist(), **last})
+                assert r.status_code == 200, r.text
+                return
+            action = r.json()["action"]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            seen["observations"].append(obs)
+            seen["actions"].append(action)
+            seen["rewards"].append(reward)
+            report = {"reward": float(reward), "terminated": terminated, "truncated": truncated}
+        if gap < 0:
+            whole.append(seen)
+
+    a = client.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+    b = client.post("/v1/sessions", json={"job": job_id}).json()["session_id"]
+    episode(a, seed=1)
+    episode(b, seed=2, steps=6, last={"reset": True})  # abandoned by a reset
+    episode(a, seed=3, gap=4)  # ended, but one step reported no reward: not whole
+    episode(b, seed=4)
+    episode(a, seed=5)
+    episode(b, seed=6, steps=3, last={"reward": 1.0})  # still open
+
+    r = client.post(f"/v1/jobs/{job_id}/dataset", json={"dataset": "clients/cartpole-v0"})
+    assert r.status_code == 201, r.text
+    d = r.json()
+    assert d["episodes"] == 3 and d["steps"] == sum(len(e["actions"]) for e in whole)
+    assert d["propensities"] is False and d["action_space"] == "Discrete(2)"
+    ds = MinariDataset(settings.data_dir / "datasets" / "clients/cartpole-v0" / "data")
+    got = sorted(ds, key=lambda e: len(e.actions))
+    for ep, seen in zip(got, sorted(whole, key=lambda e: len(e["actions"])), strict=True):
+        assert np.allclose(ep.observations, np.stack(seen["observations"]))
+        assert ep.actions.tolist() == seen["actions"] and ep.rewards.tolist() == seen["rewards"]
+        assert bool(ep.terminations[-1] or ep.truncations[-1]) and not ep.terminations[:-1].any()
+
+    for body, job, status, expected in [
+        ({"dataset": "clients/cartpole-v0"}, job_id, 409, "exists already"),
+        ({"dataset": "no-version"}, job_id, 422, "Minari's form"),
+        ({"dataset": "x-v0"}, "nope", 404, "not found"),
+        ({"dataset": "x-v0", "extra": 1}, job_id, 422, "extra"),
+    ]:
+        r = client.post(f"/v1/jobs/{job}/dataset", json=body)
+        assert r.status_code == status and expected in str(r.json()["detail"]), (body, r.text)
+    empty = client_job(client, policy_name="nothing-yet")
+    r = client.post(f"/v1/jobs/{empty}/dataset", json={"dataset": "x-v0"})
+    assert r.status_code == 422 and "no whole episode" in r.json()["detail"], r.text
+    env_job = client.post(
+        "/v1/jobs",
+        json={"algorithm": "dqn", "env_id": "CartPole-v1", "policy_name": "e", "total_frames": 1000},
+    ).json()["job_id"]
+    r = client.post(f"/v1/jobs/{env_job}/dataset", json={"dataset": "x-v0"})
+    assert r.status_code == 422 and "source 'sessions'" in r.json()["detail"], r.text
+    assert [x["dataset_id"] for x in client.get("/v1/datasets").json()["datasets"]] == ["clients/cartpole-v0"]

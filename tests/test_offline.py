@@ -297,6 +297,16 @@ def test_offline_job_refusals(offline):
         ({**dqn, "env_id": "Acrobot-v1", "imitation": {"dataset": "cartpole/tiny-v0"}}, "does not fit"),
         ({**dqn, "recurrent": True, "imitation": {"dataset": "cartpole/tiny-v0"}}, "imitation goes with"),
         ({**dqn, "imitation": {"dataset": "cartpole/tiny-v0", "weight": 0}}, "greater than 0"),
+        ({**dqn, "algorithm": "ppo", "imitation": {"dataset": "cartpole/tiny-v0"}}, "imitation goes with"),
+        (
+            {
+                **dqn,
+                "algorithm": "sac",
+                "env_id": "Pendulum-v1",
+                "imitation": {"dataset": "cartpole/tiny-v0"},
+            },
+            "does not fit",
+        ),
     ]:
         r = offline.post("/v1/jobs", json=body)
         assert r.status_code == 422 and why in str(r.json()["detail"]), (body, r.text)
@@ -375,6 +385,64 @@ def test_the_imitation_term_makes_dqn_act_like_the_expert(offline):
         answer = offline.post(f"/v1/policies/dqn-{name}/act", json={"observations": rows.tolist()}).json()
         agreement[name] = sum(a == b for a, b in zip(answer["actions"], expert, strict=True)) / len(expert)
     assert agreement["imitation"] > 0.9 and agreement["imitation"] > agreement["plain"] + 0.15, agreement
+
+
+def _pendulum_expert(obs: np.ndarray) -> np.ndarray:
+    """A fixed controller of Pendulum's (cos, sin, angular velocity): not a good one, a smooth
+    function of the state to imitate."""
+    return np.clip(np.array([1.5 * obs[1] - 0.2 * obs[2]], dtype=np.float32), -2.0, 2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["sac", "td3"])
+def test_the_imitation_term_makes_sac_and_td3_act_like_the_expert(offline, algorithm):
+    """SAC (negative log-likelihood) and TD3 (squared distance): with the supervised term and
+    next to no RL, the served deterministic action is far closer to the expert's on its states."""
+    from minari.data_collector import EpisodeBuffer
+
+    store = offline.app.state.dataset_store
+    env = gym.make("Pendulum-v1")
+    store.create("pendulum/expert-v0", env.observation_space, env.action_space, env_id="Pendulum-v1")
+    episodes = []
+    for seed in range(4):
+        obs, _ = env.reset(seed=seed)
+        o, a, r = [obs], [], []
+        for _ in range(200):
+            a.append(_pendulum_expert(obs))
+            obs, reward, terminated, truncated, _ = env.step(a[-1])
+            o.append(obs)
+            r.append(float(reward))
+        flags = [False] * 199
+        episodes.append(EpisodeBuffer(observations=np.stack(o), actions=np.stack(a), rewards=r,
+                                      terminations=[*flags, False], truncations=[*flags, True]))  # fmt: skip
+    store.append("pendulum/expert-v0", episodes)
+    data = read_transitions(offline.app.state.settings.data_dir / "datasets" / "pendulum/expert-v0")
+    rows = data["observation"][::5]
+    expert = np.stack([_pendulum_expert(x) for x in rows.numpy()])
+    error = {}
+    for name, extra in (
+        ("plain", {}),
+        ("imitation", {"imitation": {"dataset": "pendulum/expert-v0", "weight": 5.0}}),
+    ):
+        r = offline.post(
+            "/v1/jobs",
+            json={
+                "algorithm": algorithm,
+                "env_id": "Pendulum-v1",
+                "policy_name": f"{algorithm}-{name}",
+                "total_frames": 800,
+                "seed": 0,
+                "hyperparameters": {"eval_every_frames": 0, "eval_episodes": 1, "init_random_frames": 200},
+                **extra,
+            },
+        )
+        assert r.status_code == 202, r.text
+        assert _wait(offline, r.json()["job_id"])["status"] == "succeeded"
+        answer = offline.post(
+            f"/v1/policies/{algorithm}-{name}/act", json={"observations": rows.tolist()}
+        ).json()
+        error[name] = float(np.abs(np.asarray(answer["actions"], dtype=np.float32) - expert).mean())
+    assert error["imitation"] < 0.25 and error["imitation"] < error["plain"] / 3, error
 
 
 def test_fqe_refusals(offline):

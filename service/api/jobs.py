@@ -1,11 +1,20 @@
-"""Training jobs: submit (admin), list, inspect, metrics, cancel, resume."""
+"""Training jobs: submit (admin), list, inspect, metrics, cancel, resume; a ``source: sessions``
+job's reported experience exported as a dataset (admin)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import Admin, JobsDep
-from service.schemas import JobAccepted, JobCreate, JobList, JobMetrics, JobPublic
+from service.api.deps import Admin, DatasetsDep, JobsDep
+from service.schemas import (
+    DatasetPublic,
+    ExportExperienceIn,
+    JobAccepted,
+    JobCreate,
+    JobList,
+    JobMetrics,
+    JobPublic,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -39,3 +48,10 @@ async def cancel_job(job_id: str, jobs: JobsDep) -> dict:
 @router.post("/{job_id}/resume", status_code=202, response_model=JobPublic, dependencies=[Admin])
 async def resume_job(job_id: str, jobs: JobsDep) -> dict:
     return (await jobs.resume(job_id)).model_dump()
+
+
+@router.post("/{job_id}/dataset", status_code=201, response_model=DatasetPublic, dependencies=[Admin])
+async def export_experience(job_id: str, body: ExportExperienceIn, datasets: DatasetsDep) -> dict:
+    """The whole episodes a ``source: sessions`` job's clients reported, as a new Minari dataset
+    (no propensities: a client may report the action it took)."""
+    return await datasets.export_job(job_id, body.dataset)

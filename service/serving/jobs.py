@@ -74,9 +74,10 @@ class JobService:
         except ValueError as exc:
             raise InvalidInput(f"imitation dataset {dataset!r}: {exc}") from None
         env = env_specs(env_id)
-        if env["observation"].get("shape") != observation.get("shape") or env["action"].get(
-            "n"
-        ) != action.get("n"):
+        fits = env["observation"].get("shape") == observation.get("shape") and all(
+            env["action"].get(k) == action.get(k) for k in ("type", "n", "shape")
+        )
+        if not fits:
             raise InvalidInput(
                 f"imitation dataset {dataset!r} ({ds.observation_space} / {ds.action_space}) does not fit "
                 f"{env_id} ({env['observation']} / {env['action']})"

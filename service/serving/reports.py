@@ -4,10 +4,11 @@ transitions ``(previous observation, previous action, reward, this observation, 
 truncated)`` for the job's learner.
 
 Per env the session keeps ``pending``: the previous observation and action, whether there is
-one (not after a reset or an episode's end), and the running episode return; for a recurrent
-job also the LSTM state that step started from, whether it started an episode, and its step
-number (a recurrent transition carries its state before and after, and its client env —
-``stream`` — and ``step``, so the learner can cut each env's stream into sequences). When an env
+one (not after a reset or an episode's end), the running episode return, for a recurrent job the
+LSTM state that step started from, then whether it started an episode and its step number.
+Every transition carries its client env (``stream``), ``step`` and ``is_init``, so each env's
+stream can be cut back into sequences (the recurrent learner) and episodes (a job's experience
+exported as a dataset); a recurrent one also its state before and after. When an env
 reports ``terminated`` or ``truncated``, its observation is the episode's last (the transition's
 next observation, which a truncation bootstraps from) and the action answered for it is not
 kept: its next call starts an episode (``reset: true``).
@@ -43,12 +44,12 @@ def pending_bytes(runtime: PolicyRuntime) -> int:
     """Bytes per env of a job session's ``pending``."""
     obs = runtime.spec.observation
     obs_bytes = 8 if obs.discrete else math.prod(obs.shape) * (1 if obs.dtype == "uint8" else 4)
-    recurrent = 2 * 4 * math.prod(runtime.state_shape) + 1 + 8 if runtime.recurrent else 0
-    return obs_bytes + 8 + 1 + 4 + recurrent
+    recurrent = 2 * 4 * math.prod(runtime.state_shape) if runtime.recurrent else 0
+    return obs_bytes + 8 + 1 + 4 + recurrent + 1 + 8
 
 
 def stream_ids(session_id: str, envs: list[int]) -> torch.Tensor:
-    """One int64 per (session, env): the client env a recurrent transition comes from."""
+    """One int64 per (session, env): the client env a transition comes from."""
     return torch.tensor(
         [int.from_bytes(hashlib.blake2b(f"{session_id}:{i}".encode(), digest_size=7).digest()) for i in envs],
         dtype=torch.int64,
@@ -119,19 +120,21 @@ class Report:
         """The transitions this report completes, and the session's ``pending`` moved on.
 
         ``lstm`` (recurrent jobs): the ``(h, c)`` this step started from — the previous step's
-        next state — and ``is_init`` whether it starts an episode.
+        next state; ``is_init``: whether the step starts an episode.
         """
         n = session.num_envs
+        prev_init, prev_step = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int64)
         if session.pending is None:
             prev_obs, prev_action = torch.zeros_like(obs), torch.zeros(n, dtype=torch.int64)
             has_prev, running = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float32)
             prev_lstm = None if lstm is None else (torch.zeros_like(lstm[0]), torch.zeros_like(lstm[1]))
-            prev_init, prev_step = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.int64)
         else:
             prev_obs, prev_action, has_prev, running = session.pending[:4]
             if lstm is not None:
-                h, c, prev_init, prev_step = session.pending[4:]
-                prev_lstm = (h, c)
+                prev_lstm = session.pending[4:6]
+            kept = len(session.pending) > 4 + (2 if lstm is not None else 0)
+            # (a stateless job's session saved by an older release kept neither)
+            prev_init, prev_step = session.pending[-2:] if kept else (~prev_init, prev_step)
         has_prev = has_prev & ~self.resets
         running = torch.where(self.resets, torch.zeros_like(running), running)
         ends = self.terminated | self.truncated
@@ -148,16 +151,16 @@ class Report:
                 "terminated": self.terminated[idx],
                 "truncated": self.truncated[idx],
                 "episode_return": torch.where(ends, running, torch.full_like(running, math.nan))[idx],
+                "is_init": prev_init[idx],
+                "stream": stream_ids(session.session_id, idx.tolist()),
+                "step": prev_step[idx],
             }
             if lstm is not None:
                 transitions.update(
                     recurrent_state_h=prev_lstm[0][idx],
                     recurrent_state_c=prev_lstm[1][idx],
-                    is_init=prev_init[idx],
                     next_recurrent_state_h=lstm[0][idx].cpu(),
                     next_recurrent_state_c=lstm[1][idx].cpu(),
-                    stream=stream_ids(session.session_id, idx.tolist()),
-                    step=prev_step[idx],
                 )
         pending = (
             obs.detach().clone(),
@@ -165,12 +168,11 @@ class Report:
             ~ends,
             torch.where(ends, torch.zeros_like(running), running),
         )
+        starts = torch.zeros(n, dtype=torch.bool) if is_init is None else is_init.reshape(n).clone()
         if lstm is not None:
-            steps = torch.full((n,), session.steps, dtype=torch.int64)
-            start = is_init.reshape(n, *([1] * (lstm[0].dim() - 1)))  # an episode starts from zeros
-            h, c = (torch.where(start, 0.0, t.detach().cpu()) for t in lstm)
-            pending += (h, c, is_init.clone(), steps)
-        session.pending = pending
+            start = starts.reshape(n, *([1] * (lstm[0].dim() - 1)))  # an episode starts from zeros
+            pending += tuple(torch.where(start, 0.0, t.detach().cpu()) for t in lstm)
+        session.pending = (*pending, starts, torch.full((n,), session.steps, dtype=torch.int64))
         return transitions
 
 

@@ -30,6 +30,7 @@ from service.training.common import (
     TrainedPolicy,
     train_offpolicy,
 )
+from service.training.imitation import Imitation, ImitationConfig
 
 
 class ActorCriticHyperparameters(OffPolicyHyperparameters):
@@ -43,7 +44,7 @@ class ActorCriticHyperparameters(OffPolicyHyperparameters):
     policy_delay: int = Field(2, ge=1, description="TD3: critic updates per actor update.")
 
 
-class ActorCriticConfig(TrainConfig):
+class ActorCriticConfig(TrainConfig, ImitationConfig):
     algorithm: Literal["sac", "td3"] = "sac"
     hyperparameters: ActorCriticHyperparameters = Field(default_factory=ActorCriticHyperparameters)
 
@@ -135,6 +136,11 @@ class ActorCritic:
         )
         self.sample_size = hp.batch_size
         self.steps = 0
+        self.imitation = None
+        if config.imitation_dir is not None:  # the seed's custom_loss, on the actor's updates
+            self.imitation = Imitation(
+                config.imitation_dir, self.built, self.act_policy, self.spec, config.imitation_weight, device
+            )
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
         return batch
@@ -145,6 +151,8 @@ class ActorCritic:
         self.actor_optim.zero_grad(set_to_none=True)
         update_actor = self.name == "sac" or self.steps % self.hyperparameters.policy_delay == 0
         total = losses["loss_qvalue"] + (losses["loss_actor"] if update_actor else 0.0)
+        if update_actor and self.imitation is not None:
+            total = total + self.imitation.loss(sample.shape[0])
         if self.alpha_optim is not None:
             self.alpha_optim.zero_grad(set_to_none=True)
             total = total + losses["loss_alpha"]

@@ -56,6 +56,9 @@ def build_config(request: JobRequest, **extra: Any) -> TrainConfig:
         return PPOConfig.with_defaults(request.hyperparameters, **common)
     from service.training.actor_critic import ActorCriticConfig
 
+    if isinstance(request, EnvJob) and request.imitation is not None:
+        common.update(imitation_dataset=request.imitation.dataset, imitation_weight=request.imitation.weight)
+
     return ActorCriticConfig.with_defaults(request.hyperparameters, algorithm=request.algorithm, **common)
 
 

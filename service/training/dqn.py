@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -44,6 +43,7 @@ from service.training.common import (
     train_offpolicy,
 )
 from service.training.from_sessions import ClientReturns, SessionsSource
+from service.training.imitation import Imitation, ImitationConfig
 
 log = logging.getLogger(__name__)
 PREPROCESSED = "observation_preprocessed"
@@ -130,7 +130,7 @@ PIXEL_DEFAULTS: dict[str, Any] = {
 }
 
 
-class DQNConfig(TrainConfig):
+class DQNConfig(TrainConfig, ImitationConfig):
     """One DQN training run: on an allow-listed env, or (``source: sessions``) on the
     transitions clients report through sessions bound to the job."""
 
@@ -141,10 +141,6 @@ class DQNConfig(TrainConfig):
     action: dict[str, Any] | None = None
     experience_dir: str | None = None  # source sessions: where the transitions arrive
     experience_from: list[str] = Field(default_factory=list)  # earlier jobs' dirs (siblings) seed it
-    # imitation: a dataset of expert transitions and the weight of their supervised term
-    imitation_dataset: str | None = None
-    imitation_weight: float = Field(0.0, ge=0, le=100)
-    imitation_dir: str | None = None  # the dataset's directory (set by the worker)
 
     @model_validator(mode="after")
     def _source_fits(self) -> DQNConfig:
@@ -313,12 +309,10 @@ class DQN:
         self.params = list(self.loss_fn.parameters())  # walking the module tree per update costs ~90 µs
         self.optim = torch.optim.Adam(self.params, lr=hp.lr, fused=True)
         self.updates = 0
-        self.expert, self.imitation_weight = None, config.imitation_weight
+        self.imitation = None
         if config.imitation_dir is not None:
-            from service.training.offline import read_transitions
-
-            self.expert = (
-                read_transitions(Path(config.imitation_dir)).select("observation", "action").to(device)
+            self.imitation = Imitation(
+                config.imitation_dir, self.built, self.act_policy, self.spec, config.imitation_weight, device
             )
 
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
@@ -331,8 +325,8 @@ class DQN:
         if self.recurrent:
             sample = _as_sequences(sample, self.hyperparameters.slice_len)
         loss = self.loss_fn(sample)["loss"]
-        if self.expert is not None:
-            loss = loss + self.imitation_weight * self._imitation_loss(sample.shape[0])
+        if self.imitation is not None:
+            loss = loss + self.imitation.loss(sample.shape[0])
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.hyperparameters.max_grad_norm)
@@ -341,14 +335,6 @@ class DQN:
         if self.updates % self.target_every == 0:
             self.target.step()
         return loss.detach()
-
-    def _imitation_loss(self, size: int) -> torch.Tensor:
-        """The RLlib seed's ``custom_loss``: the cross-entropy of the expert's actions under the
-        Q-values taken as logits, on ``size`` expert transitions drawn uniformly."""
-        idx = torch.randint(0, self.expert.shape[0], (size,), device=self.expert.device)
-        expert = self.expert[idx]
-        values = self.act_policy(expert.select("observation").copy())["action_value"]
-        return torch.nn.functional.cross_entropy(values, expert["action"])
 
     def after_batch(self, frames: int) -> dict[str, Any]:
         self.egreedy.step(frames)

@@ -27,9 +27,10 @@ from safetensors.torch import save as save_tensors
 from tensordict import TensorDict
 
 # A chunk's tensors, [n, ...] each: observation, action, reward, next_observation, terminated,
-# truncated, episode_return (NaN unless the transition ends an episode); a recurrent job's add
-# recurrent_state_h/_c and is_init (the step's LSTM input), next_recurrent_state_h/_c, and
-# stream (the client env) and step (its step number), to cut each env's stream into sequences.
+# truncated, episode_return (NaN unless the transition ends an episode), stream (the client env),
+# step (its step number) and is_init (the step starts an episode), to cut each env's stream into
+# sequences and episodes; a recurrent job's add recurrent_state_h/_c (the step's LSTM input) and
+# next_recurrent_state_h/_c.
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -89,14 +90,21 @@ class ExperienceDir:
                 },
                 batch_size=[n],
             )
-            if "stream" in t:  # a recurrent job's: the LSTM state before and after each step
+            if (
+                "stream" in t
+            ):  # the client env, its step number, episode starts (older chunks: recurrent only)
+                td.update(
+                    {
+                        "is_init": t["is_init"].bool().reshape(n, 1),
+                        "stream": t["stream"],
+                        "step": t["step"],
+                    }
+                )
+            if "recurrent_state_h" in t:  # a recurrent job's: the LSTM state before and after each step
                 td.update(
                     {
                         "recurrent_state_h": t["recurrent_state_h"],
                         "recurrent_state_c": t["recurrent_state_c"],
-                        "is_init": t["is_init"].bool().reshape(n, 1),
-                        "stream": t["stream"],
-                        "step": t["step"],
                         ("next", "recurrent_state_h"): t["next_recurrent_state_h"],
                         ("next", "recurrent_state_c"): t["next_recurrent_state_c"],
                     }
@@ -109,3 +117,42 @@ class ExperienceDir:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
         _atomic_write(self.path / "policy.safetensors", save_tensors(weights))
         _atomic_write(self.path / "learner.json", json.dumps(learner).encode())
+
+
+def episodes(chunks: list[TensorDict]) -> tuple[list[TensorDict], int]:
+    """Each client env's whole episodes in a job's transitions (``ExperienceDir.read_new``'s
+    chunks): per env (``stream``) in step order, from a step that starts an episode
+    (``is_init``) through consecutive steps to one that terminates or is truncated. Returns the
+    episodes (their transitions in order, the next observation of each the observation of the
+    one after) and how many transitions were left out: an episode begun before the job's first
+    chunk, cut by a step reported without a reward, still open, or in chunks older than the
+    stream id."""
+    with_stream = [td for td in chunks if "stream" in td.keys()]
+    left_out = sum(td.numel() for td in chunks) - sum(td.numel() for td in with_stream)
+    if not with_stream:
+        return [], left_out
+    rows = torch.cat(
+        [td.select("observation", "action", "is_init", "stream", "step", "next") for td in with_stream]
+    )
+    out: list[TensorDict] = []
+    for stream in rows["stream"].unique().tolist():
+        part = rows[rows["stream"] == stream]
+        part = part[part["step"].argsort()]
+        steps, starts = part["step"].tolist(), part["is_init"].reshape(-1).tolist()
+        dones = part["next", "done"].reshape(-1).tolist()
+        begin = None  # where the open episode began in ``part``
+        for i, (step, start, done) in enumerate(zip(steps, starts, dones, strict=True)):
+            if start:
+                left_out += 0 if begin is None else i - begin
+                begin = i
+            elif begin is not None and step != steps[i - 1] + 1:  # a gap: the open episode is cut
+                left_out += i - begin
+                begin = None
+            if begin is None:
+                left_out += 1
+                continue
+            if done:
+                out.append(part[begin : i + 1])
+                begin = None
+        left_out += 0 if begin is None else len(steps) - begin
+    return out, left_out

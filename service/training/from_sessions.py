@@ -128,8 +128,9 @@ class SessionsSource:
 
     def _parts(self, td: TensorDict) -> list[TensorDict]:
         """A chunk's transitions as the buffer stores them (recurrent: completed segments)."""
-        parts = self.streams.add(td) if self.streams is not None else [td]
-        return [p.exclude(*EXTRA) for p in parts]
+        if self.streams is None:  # a stateless job's buffer has no use for episode starts
+            return [td.exclude(*EXTRA, "is_init")]
+        return [p.exclude(*EXTRA) for p in self.streams.add(td)]
 
     def batches(self, should_stop: StopCheck) -> Iterator[Batch]:
         hp, total = self.algo.hyperparameters, self.config.total_frames

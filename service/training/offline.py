@@ -51,6 +51,7 @@ from service.training.common import (
     state_of,
     train_offpolicy,
 )
+from service.training.imitation import inside_bounds, log_likelihood
 
 
 class OfflineHyperparameters(OffPolicyHyperparameters):
@@ -225,25 +226,14 @@ class BC(_Offline):
             }
         )
         super().__init__(config, spec)
-        self.modules = list(self.built.core.module)
         self.params = list(self.built.core.parameters())
         self.optim = torch.optim.Adam(self.params, lr=hp.lr)
-        self.low = self.high = None
-        if not discrete:  # a TanhNormal's log-prob at its bounds is infinite: just inside them
-            low = torch.tensor(config.action["low"], device=self.device)
-            high = torch.tensor(config.action["high"], device=self.device)
-            margin = 1e-4 * (high - low)
-            self.low, self.high = low + margin, high - margin
+        self.bounds = inside_bounds(spec, self.device)
 
     def update(self, sample: TensorDictBase) -> torch.Tensor:
-        td = sample.select("observation").copy()
-        for module in self.modules[:-1]:
-            td = module(td)
-        dist = self.modules[-1].get_dist(td)
-        action = sample["action"]
-        if self.low is not None:
-            action = action.clamp(self.low, self.high)
-        return self._step(-dist.log_prob(action).mean(), self.params)
+        obs = sample.select("observation").copy()
+        nll = -log_likelihood(self.built, obs, sample["action"], self.bounds).mean()
+        return self._step(nll, self.params)
 
 
 class DiscreteCQL(_Offline):
