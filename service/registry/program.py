@@ -70,7 +70,8 @@ _EXTRA_ATEN = {
     "bitwise_or", "eq", "ne", "lt", "le", "gt", "ge", "any", "all", "isfinite", "isnan",
     "nan_to_num", "hardtanh", "hardswish", "mish", "selu", "prelu", "glu", "erf", "lerp", "clone",
     "copy", "_to_copy", "empty", "empty_like", "fill", "atan2", "sin", "cos", "cross_entropy_loss",
-    "nll_loss", "nll_loss_nd", "nll_loss2d", "xlogy", "special_xlogy",
+    "nll_loss", "nll_loss_nd", "nll_loss2d", "xlogy", "special_xlogy", "clamp_min", "clamp_max",
+    "rsub", "atanh", "normal_",
 }  # fmt: skip
 _OTHER_TARGETS = {
     "_operator.getitem", "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv",

@@ -17,10 +17,10 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import step_mdp
 
-from service.envs import make_env
+from service.envs import action_parts, flatten_action, make_env, multi_part
 from service.errors import Busy, TimedOut
 from service.exploration import ExplorationParams
-from service.runtime.call import ActCall, ActResult
+from service.runtime.call import ActCall, ActResult, as_list
 from service.runtime.policy import PolicyRuntime
 
 
@@ -60,6 +60,8 @@ def run_rollout(
     deadline = time.monotonic() + timeout_s
     exploration = runtime.effective(explore.type)
     env = make_env(env_id, max_steps=max_steps)
+    action = runtime.spec.action.model_dump()
+    parts = action_parts(action) if multi_part(action) else None  # the env takes one flat vector
     out = []
     try:
         for i in range(episodes):
@@ -89,7 +91,7 @@ def run_rollout(
                     mask=mask,
                 )
                 res = submit(runtime, call)
-                td["action"] = res.action[0]
+                td["action"] = res.action[0] if parts is None else flatten_action(parts, res.action)[0]
                 td = env.step(td)
                 reward = float(td["next", "reward"].item())
                 terminated = bool(td["next", "terminated"].item())
@@ -99,7 +101,7 @@ def run_rollout(
                 length += 1
                 if return_trajectory:
                     traj["observation"].append(_jsonable(obs[0]))
-                    traj["action"].append(res.action[0].tolist())
+                    traj["action"].append(as_list(res.action)[0])
                     traj["reward"].append(reward)
                     traj["done"].append(done)
                 if done:

@@ -17,7 +17,7 @@ ACTION_SPACE: dict[str, tuple[str, ...]] = {
     "dqn": ("discrete",),
     "sac": ("box",),
     "td3": ("box",),
-    "ppo": ("discrete", "box"),
+    "ppo": ("discrete", "box", "multi_discrete", "composite"),
     "bc": ("discrete", "box"),
     "discrete_cql": ("discrete",),
 }

@@ -123,7 +123,7 @@ class TrainConfig(BaseModel):
 @dataclass
 class TrainedPolicy:
     spec: PolicySpec  # with its provenance, as published
-    weights: bytes
+    weights: bytes | dict[str, bytes]  # safetensors, or a program policy's archives by file name
     eval_mean_return: float
     frames: int
     wall_time_s: float
@@ -448,7 +448,9 @@ class PeriodicEvaluation:
         candidates = {"final": final}
         if self.best_state is not None:
             candidates[f"best periodic evaluation at {self.best_frames}"] = self.best_state
-        chosen = select_weights(algo.spec, self.config.env_id, self.device, candidates, episodes)
+        fresh = getattr(algo, "fresh_policy", None)  # an algorithm whose policy no spec builds
+        scorer = fresh() if fresh is not None else None
+        chosen = select_weights(algo.spec, self.config.env_id, self.device, candidates, episodes, scorer)
         provenance = {
             "validation_mean_return": chosen.validation,
             "validation_seeds": [VALIDATION_SEED, VALIDATION_SEED + episodes - 1],
@@ -473,12 +475,15 @@ def select_weights(
     device: torch.device,
     candidates: dict[str, dict[str, torch.Tensor]],
     episodes: int,
+    scorer: BuiltPolicy | None = None,
 ) -> Selection:
     """Choose among ``candidates`` (label -> weights) on validation seeds; report the chosen one on
-    held-out seeds. Works on a module of its own: the trained module is left as it is."""
-    scorer = build_policy(spec, device, action_mask=has_action_mask(env_id))
+    held-out seeds. Works on a module of its own (``scorer``, default: built from ``spec``): the
+    trained module is left as it is."""
+    if scorer is None:
+        scorer = build_policy(spec, device, action_mask=has_action_mask(env_id))
     validation = {}
-    pre = spec.preprocess  # the served module, after the spec's whole preprocessing: as served
+    pre = spec.preprocess if spec is not None else []  # the whole preprocessing: as served
     for label, state in candidates.items():
         scorer.core.load_state_dict(state)
         validation[label] = evaluate(env_id, scorer, device, episodes, VALIDATION_SEED, pre)
@@ -492,10 +497,15 @@ def select_weights(
 def package(
     algo: OffPolicyAlgorithm, config: TrainConfig, loop: LoopResult, chosen: Chosen, start: float
 ) -> TrainedPolicy:
-    """The spec with its provenance and the chosen weights as safetensors; the trained module is
-    not changed."""
+    """The spec with its provenance and the chosen weights as safetensors — or, from an
+    algorithm with an ``export(state)`` (a policy no declarative spec describes), its program
+    spec and archives; the trained module is not changed."""
     wall = time.perf_counter() - start
-    spec = algo.spec.model_copy(deep=True)
+    export = getattr(algo, "export", None)
+    if export is not None:
+        spec, files = export(chosen.state)
+    else:
+        spec, files = algo.spec.model_copy(deep=True), state_bytes(chosen.state)
     spec.provenance = {
         "algorithm": algo.name,
         "job_id": config.job_id,
@@ -514,7 +524,7 @@ def package(
     }
     return TrainedPolicy(
         spec=spec,
-        weights=state_bytes(chosen.state),
+        weights=files,
         eval_mean_return=chosen.reported_return,
         frames=loop.frames,
         wall_time_s=wall,

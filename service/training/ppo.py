@@ -1,11 +1,15 @@
-"""PPO for discrete and box action spaces, from TorchRL's parts: a ``Collector`` over env copies
-(``common.EnvSource``), ``GAE``, ``ClipPPOLoss``, epochs of shuffled minibatches over each batch.
+"""PPO, from TorchRL's parts: a ``Collector`` over env copies (``common.EnvSource``), ``GAE``,
+``ClipPPOLoss``, epochs of shuffled minibatches over each batch.
 
-The policy is the ``probabilistic`` spec the registry serves (``categorical`` for discrete
-actions, ``tanh_normal`` bounded by the box); the critic is a ``ValueOperator`` beside it, never
-published. Read top to bottom: ``PPO`` (the parts), ``run_onpolicy`` (the loop), ``train``.
-Periodic evaluation on validation seeds, the final/best choice and the held-out report are
-``common``'s, as for DQN, SAC and TD3.
+The policy: for a discrete or box action the ``probabilistic`` spec the registry serves
+(``categorical`` — a ``MaskedCategorical`` where the env gives ``info["action_mask"]`` — or
+``tanh_normal`` bounded by the box), over vector or discrete (one-hot) observations; for a
+``MultiDiscrete``, ``Tuple`` or ``Dict`` action one head per part (``training/parts``:
+independent, or ``autoregressive`` — each part's head reads the parts before it), published as
+exported programs. The critic is a ``ValueOperator`` beside it, never published. Read top to
+bottom: ``PPO`` (the parts), ``run_onpolicy`` (the loop), ``train``. Periodic evaluation on
+validation seeds, the final/best choice and the held-out report are ``common``'s, as for DQN,
+SAC and TD3.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictSequential
+from torchrl.data import Composite, Unbounded
 from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from service.envs import env_specs
-from service.registry.build import ACTIVATIONS, BuiltPolicy, build_policy
+from service.envs import action_parts, env_specs, has_action_mask, multi_part
+from service.registry.build import ACTION_MASK, ACTIVATIONS, ENCODED, BuiltPolicy, build_policy, state_bytes
 from service.registry.spec import Activation, PolicySpec
+from service.registry.tracing import DECLARATIVE_ONLY, check_loaded, trace_programs
 from service.training.common import (
     RECENT,
     EnvSource,
@@ -39,6 +46,7 @@ from service.training.common import (
     progress_point,
     train_offpolicy,
 )
+from service.training.parts import PartHeads, parts_actor, served_module
 
 
 class PPOHyperparameters(BaseModel):
@@ -59,6 +67,11 @@ class PPOHyperparameters(BaseModel):
     minibatch_size: int = Field(64, ge=1, le=65536, description="Transitions per gradient step.")
     frames_per_batch: int = Field(2048, ge=1, le=65536, description="Frames collected per batch.")
     num_envs: NumEnvs = 8
+    autoregressive: bool = Field(
+        False,
+        description="Multi-part actions: each part's head reads the parts sampled before it "
+        "(P(a2 | a1, obs)); false: independent heads.",
+    )
     eval_episodes: EvalEpisodes = 10
     eval_every_frames: int = Field(
         10_000,
@@ -88,20 +101,43 @@ class PPOConfig(TrainConfig):
     algorithm: Literal["ppo"] = "ppo"
     hyperparameters: PPOHyperparameters = Field(default_factory=PPOHyperparameters)
 
+    @classmethod
+    def default_hyperparameters(cls, **kw: Any) -> dict[str, Any]:
+        env_id = kw.get("env_id")  # an env with action masks steps one copy (envs.make_env)
+        return {"num_envs": 1} if env_id is not None and has_action_mask(env_id) else {}
+
     @model_validator(mode="after")
-    def _vector_observation(self) -> PPOConfig:
-        if self.env_id is not None:
-            policy_spec_for(self)  # refused at submit, not when the job runs
+    def _fits_the_env(self) -> PPOConfig:
+        """Refused at submit, not when the job runs."""
+        if self.env_id is None:
+            return self
+        hp, specs = self.hyperparameters, env_specs(self.env_id)
+        obs, action = specs["observation"], specs["action"]
+        vector = obs.get("type") is None and len(obs.get("shape", [])) == 1
+        if multi_part(action):
+            if not vector:
+                raise ValueError(
+                    f"ppo trains multi-part actions on vector observations; {self.env_id} has {obs}"
+                )
+        else:
+            if hp.autoregressive:
+                raise ValueError(
+                    f"autoregressive heads need an action of several parts, not {action['type']}"
+                )
+            if not vector and obs.get("type") != "discrete":
+                raise ValueError(f"ppo trains on vector or discrete observations; {self.env_id} has {obs}")
+        if has_action_mask(self.env_id) and hp.num_envs != 1:
+            raise ValueError(f"{self.env_id} gives action masks: train it with num_envs=1")
         return self
 
 
 def policy_spec_for(config: PPOConfig) -> PolicySpec:
-    """The served spec: a categorical or tanh-normal ``ProbabilisticActor`` over an MLP."""
+    """The served spec of a one-part action: a categorical or tanh-normal
+    ``ProbabilisticActor`` over an MLP. (Multi-part actions are served as programs.)"""
     hp = config.hyperparameters
     specs = env_specs(config.env_id)
-    obs = specs["observation"]
-    if obs.get("type") is not None or len(obs.get("shape", [])) != 1:
-        raise ValueError(f"ppo trains on vector observations; {config.env_id} has {obs}")
+    if multi_part(specs["action"]):
+        raise ValueError(f"{config.env_id}'s action has several parts: ppo publishes it as programs")
     distribution = "categorical" if specs["action"]["type"] == "discrete" else "tanh_normal"
     return PolicySpec.model_validate(
         {
@@ -122,22 +158,38 @@ class PPO:
 
     def __init__(self, config: PPOConfig) -> None:
         hp = self.hyperparameters = config.hyperparameters
-        device = torch.device(config.device)
-        self.spec = policy_spec_for(config)
-        self.built: BuiltPolicy = build_policy(self.spec, device)
+        self.config, self.device = config, torch.device(config.device)
+        specs = env_specs(config.env_id)
         self.stored_preprocess = []
+        self.encoder = None  # a discrete observation's one-hot, run before the loss and the critic
+        if multi_part(specs["action"]):
+            self.spec, self.action = None, specs["action"]
+            self.built = self.fresh_policy()
+            actor = self.built.core.module[0]
+            features, feature_key = specs["observation"]["shape"][0], "observation"
+        else:
+            self.spec, self.action = policy_spec_for(config), None
+            self.built = build_policy(self.spec, self.device, action_mask=has_action_mask(config.env_id))
+            *front, actor = self.built.core.module  # front: the observation's encoder, if any
+            if front:
+                self.encoder, feature_key = TensorDictSequential(*front), ENCODED
+            else:
+                feature_key = "observation"
+            features = self.spec.observation.dim
         self.act_policy = self.built.core
         self.collect_policy = self.built.core  # samples in the collector's RANDOM mode
-        actor = self.built.core.module[0]  # the ProbabilisticActor
+        self.loss_keys = [feature_key, "action", "action_log_prob", "advantage", "value_target"]
+        if has_action_mask(config.env_id):
+            self.loss_keys.append(ACTION_MASK)
         critic = ValueOperator(
             MLP(
-                in_features=self.spec.observation.dim,
+                in_features=features,
                 out_features=1,
                 num_cells=hp.num_cells,
                 activation_class=ACTIVATIONS[hp.activation],
             ),
-            in_keys=["observation"],
-        ).to(device)
+            in_keys=[feature_key],
+        ).to(self.device)
         self.advantage = GAE(gamma=hp.gamma, lmbda=hp.gae_lambda, value_network=critic, average_gae=True)
         self.loss_fn = ClipPPOLoss(
             actor,
@@ -155,16 +207,52 @@ class PPO:
         self.optim = torch.optim.Adam(self.params, lr=hp.lr, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)
 
+    def fresh_policy(self) -> BuiltPolicy:
+        """A new policy of this run's architecture (a multi-part action's: no spec builds it)."""
+        if self.spec is not None:
+            return build_policy(self.spec, self.device, action_mask=has_action_mask(self.config.env_id))
+        hp = self.hyperparameters
+        heads = PartHeads(
+            action_parts(self.action),
+            env_specs(self.config.env_id)["observation"]["shape"][0],
+            hp.num_cells,
+            ACTIVATIONS[hp.activation],
+            hp.autoregressive,
+        )
+        actor = parts_actor(heads)
+        core = TensorDictSequential(actor).to(self.device)
+        return BuiltPolicy(core=core, explore=None, lstm=None, action_spec=actor.spec)
+
+    def export(self, state: dict[str, torch.Tensor]) -> tuple[PolicySpec, dict[str, bytes]]:
+        """A multi-part action's policy with weights ``state`` as the server's programs (each
+        leaf's action and log-prob, the joint), checked as the server loads them."""
+        if self.spec is not None:
+            return self.spec.model_copy(deep=True), state_bytes(state)
+        policy = self.fresh_policy()
+        policy.core.load_state_dict(state)
+        heads = policy.core.module[0].module[0].module  # the actor's TensorDictModule's PartHeads
+        module = served_module(heads.to("cpu")).eval()
+        obs = Composite(
+            observation=Unbounded(shape=tuple(env_specs(self.config.env_id)["observation"]["shape"]))
+        )
+        spec, files, wrapper = trace_programs(module, obs, self.action, env_id=self.config.env_id)
+        check_loaded(spec, files, wrapper)
+        return PolicySpec.model_validate(spec.model_dump(mode="json", exclude=DECLARATIVE_ONLY)), files
+
     def prepare(self, batch: TensorDictBase, index: int) -> TensorDictBase:
-        """GAE over the batch as collected (``[envs, time]``): advantages and value targets."""
+        """GAE over the batch as collected (``[envs, time]``): advantages and value targets (a
+        discrete observation one-hot first, as the critic reads it)."""
         with torch.no_grad():
+            if self.encoder is not None:
+                batch = self.encoder(batch)
+                batch["next"] = self.encoder(batch["next"])
             return self.advantage(batch)
 
     def update(self, batch: TensorDictBase) -> tuple[torch.Tensor, int]:
         """``epochs`` passes of shuffled minibatches over one batch; the last loss and the steps."""
         hp = self.hyperparameters
         # only what the loss reads: each minibatch indexes these few tensors, not the whole batch
-        batch = batch.select("observation", "action", "action_log_prob", "advantage", "value_target")
+        batch = batch.select(*self.loss_keys)
         n = batch.shape[0]
         steps, loss = 0, torch.zeros(())
         for _ in range(hp.epochs):
