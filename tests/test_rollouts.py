@@ -25,6 +25,11 @@ def test_envs_lists_the_allow_list_with_specs(client):
         "MountainCarContinuous-v0",
         "Pendulum-v1",
         "Taxi-v4",
+        "CorrelatedActions-v0",
+    }
+    assert envs["CorrelatedActions-v0"]["action"] == {
+        "type": "composite",
+        "entries": {"a1": {"type": "discrete", "n": 2}, "a2": {"type": "discrete", "n": 2}},
     }
     assert envs["CartPoleNoVel-v1"]["observation"]["shape"] == [2]
     assert envs["Taxi-v4"]["observation"] == {"type": "discrete", "n": 500}
