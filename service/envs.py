@@ -338,7 +338,8 @@ def make_env(
     device: str = "cpu",
     trackers: bool = True,
     num_envs: int = 1,
-) -> TransformedEnv:
+    bare: bool = False,
+) -> TransformedEnv | GymWrapper:
     """A TorchRL env for an allow-listed id with ``StepCounter`` and ``InitTracker``.
 
     Discrete actions are integer indices (``categorical_action_encoding=True``). Recurrent
@@ -346,7 +347,9 @@ def make_env(
     leaves both transforms out (stateless training: each costs time on every step).
     ``num_envs > 1`` steps that many copies in one gymnasium ``SyncVectorEnv`` (same process,
     batch ``[num_envs]``): one policy call and one TorchRL step per ``num_envs`` frames. TorchRL
-    resets the finished copies itself (gymnasium's autoreset off).
+    resets the finished copies itself (gymnasium's autoreset off). ``bare``: with no transform to
+    apply, the TorchRL wrapper itself, not wrapped in a ``TransformedEnv`` (~0.15 ms less a step
+    for a trainer's collector).
     """
     entry = check_env_id(env_id)
     register_envs()
@@ -358,7 +361,9 @@ def make_env(
         return _masked_env(entry, max_steps=max_steps, device=device)
     if num_envs > 1:
         vector = gym.vector.SyncVectorEnv([make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-        base = GymWrapper(vector, categorical_action_encoding=True, device=device)
+        # on the CPU, no device: TorchRL then skips a per-step .to() of every tensordict (~17%)
+        on = None if device == "cpu" else device
+        base = GymWrapper(vector, categorical_action_encoding=True, device=on)
     elif multi:
         base = GymWrapper(make(), categorical_action_encoding=True, device=device)
     else:
@@ -368,6 +373,8 @@ def make_env(
         transforms.append(RenameTransform(["pixels"], ["observation"]))
     if trackers:
         transforms += [StepCounter(max_steps), InitTracker()]
+    if bare and not transforms:
+        return base
     return TransformedEnv(base, Compose(*transforms))
 
 

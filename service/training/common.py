@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.collectors import Collector
 from torchrl.data import ReplayBuffer
-from torchrl.envs import RewardSum, TransformedEnv
+from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from service.envs import has_action_mask, make_env
@@ -176,16 +177,45 @@ def train_env(
     device: torch.device,
     num_envs: int = 1,
     preprocess: list[PreprocessSpec] | None = None,
-) -> TransformedEnv:
+) -> EnvBase:
     """The allow-listed env with ``preprocess`` (a spec's TorchRL transforms, applied to
-    ``"observation"``), the LSTM primer (recurrent policies) and episode returns."""
-    env = make_env(env_id, device=str(device), trackers=built.lstm is not None, num_envs=num_envs)
-    for entry in preprocess or []:
-        env.append_transform(make_transform(entry))
+    ``"observation"``) and the LSTM primer (recurrent policies); with neither, the bare TorchRL
+    wrapper (episode returns are ``EpisodeReturns``', not a ``RewardSum``'s: each transform costs
+    every step)."""
+    transforms = [make_transform(entry) for entry in preprocess or []]
     if built.lstm is not None:
-        env.append_transform(built.lstm.make_tensordict_primer())
-    env.append_transform(RewardSum())
+        transforms.append(built.lstm.make_tensordict_primer())
+    recurrent = built.lstm is not None
+    env = make_env(env_id, device=str(device), trackers=recurrent, num_envs=num_envs, bare=not transforms)
+    for transform in transforms:
+        env.append_transform(transform)
     return env
+
+
+class EpisodeReturns:
+    """Each env copy's running return across collected batches, and the returns of the
+    episodes a batch ends (env by env, in time order)."""
+
+    def __init__(self) -> None:
+        self.carry: np.ndarray | None = None
+
+    def finished(self, data: TensorDictBase) -> list[float]:
+        steps = data.shape[-1] if data.batch_dims else 1
+        reward = data["next", "reward"].reshape(-1, steps).to(torch.float64).cpu().numpy()
+        done = data["next", "done"].reshape(-1, steps).cpu().numpy()
+        if self.carry is None:
+            self.carry = np.zeros(reward.shape[0])
+        out: list[float] = []
+        for env, (r, d) in enumerate(zip(reward, done, strict=True)):
+            total = self.carry[env] + np.cumsum(r)
+            ends = np.flatnonzero(d)
+            if ends.size:
+                at = total[ends]
+                out += (at - np.concatenate([[0.0], at[:-1]])).tolist()
+                self.carry[env] = total[-1] - at[-1]
+            else:
+                self.carry[env] = total[-1]
+        return out
 
 
 def evaluate(
@@ -389,11 +419,11 @@ class EnvSource:
             # torchrl 0.15 would otherwise start appending transforms on its own.
             auto_register_policy_transforms=False,
         )
+        self.returns = EpisodeReturns()
 
     def batches(self, should_stop: StopCheck) -> Iterator[Batch]:
         for index, data in enumerate(self.collector):
-            done = data["next", "done"].reshape(-1)
-            finished = data["next", "episode_reward"].reshape(-1)[done].tolist() if done.any() else []
+            finished = self.returns.finished(data)
             yield Batch([self.algo.prepare(data, index).reshape(-1)], data.numel(), finished)
 
     def after_updates(self, frames: int, updates: int, extra: dict[str, Any]) -> None:

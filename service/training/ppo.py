@@ -20,7 +20,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictSequential
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from torch import nn
 from torchrl.data import Composite, Unbounded
 from torchrl.modules import MLP, ValueOperator
 from torchrl.objectives import ClipPPOLoss
@@ -150,6 +151,49 @@ def policy_spec_for(config: PPOConfig) -> PolicySpec:
     )
 
 
+class CategoricalDraw(nn.Module):
+    """The collector's policy for an unmasked categorical actor over a vector observation: the
+    actor's own logits network, one draw and its log-prob, as ``ProbabilisticActor`` +
+    ``Categorical`` would give them (RANDOM exploration, which the collector runs) without the
+    TensorDict machinery around one small MLP (0.28 vs 0.08 ms a step for 8 CartPoles)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(observation).log_softmax(-1)
+        action = torch.multinomial(logits.exp().reshape(-1, logits.shape[-1]), 1, True)
+        action = action.reshape(logits.shape[:-1])
+        return action, logits.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
+
+class LeanClipPPOLoss(ClipPPOLoss):
+    """TorchRL's ``ClipPPOLoss`` without its per-call diagnostics: the same clipped objective,
+    critic loss and entropy term, from its own ``_log_weight``, ``loss_critic`` and
+    ``_get_entropy``.
+
+    The one workaround of TorchRL's losses here: ``ClipPPOLoss.forward`` also computes, on every
+    minibatch, the effective sample size, the ratio's max and mean, the clip fraction, the KL
+    estimate and the explained variance, and assembles them in TensorDicts — about 40% of a
+    64-transition gradient step on a CPU (0.5 of 1.3 ms), which nothing here reads. Only the
+    default configuration PPO uses is taken (no delayed actor, importance-ratio cap, value
+    clipping or per-head entropy coefficients; ``tests/test_ppo.py`` checks the losses equal
+    ``ClipPPOLoss``'s)."""
+
+    def forward(self, tensordict: TensorDictBase) -> dict[str, torch.Tensor]:
+        advantage = tensordict.get(self.tensor_keys.advantage)
+        log_weight, dist, _, _ = self._log_weight(tensordict, adv_shape=advantage.shape[:-1])
+        gain = torch.minimum(
+            log_weight.exp() * advantage, log_weight.clamp(*self._clip_bounds).exp() * advantage
+        )
+        out = {"loss_objective": -gain.mean(), "loss_critic": self.loss_critic(tensordict)[0].mean()}
+        if self.entropy_bonus:
+            entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
+            out["loss_entropy"] = self._weighted_loss_entropy(entropy).mean()
+        return out
+
+
 class PPO:
     """The parts of one PPO run: the served policy, its critic, GAE, the loss and the optimiser
     (what ``common.EnvSource`` and ``common.PeriodicEvaluation`` read of an algorithm)."""
@@ -178,6 +222,12 @@ class PPO:
             features = self.spec.observation.dim
         self.act_policy = self.built.core
         self.collect_policy = self.built.core  # samples in the collector's RANDOM mode
+        if self.spec is not None and self.encoder is None and actor.in_keys == ["observation"]:
+            if self.spec.distribution == "categorical":  # a plain network: ~0.2 ms less a step
+                net = actor.module[0].module
+                self.collect_policy = TensorDictModule(
+                    CategoricalDraw(net), in_keys=["observation"], out_keys=["action", "action_log_prob"]
+                )
         self.loss_keys = [feature_key, "action", "action_log_prob", "advantage", "value_target"]
         if has_action_mask(config.env_id):
             self.loss_keys.append(ACTION_MASK)
@@ -191,7 +241,7 @@ class PPO:
             in_keys=[feature_key],
         ).to(self.device)
         self.advantage = GAE(gamma=hp.gamma, lmbda=hp.gae_lambda, value_network=critic, average_gae=True)
-        self.loss_fn = ClipPPOLoss(
+        self.loss_fn = LeanClipPPOLoss(
             actor,
             critic,
             clip_epsilon=hp.clip_epsilon,
@@ -199,6 +249,7 @@ class PPO:
             entropy_coeff=hp.entropy_coef if hp.entropy_coef > 0 else None,
             critic_coeff=hp.critic_coef,
             loss_critic_type="l2",
+            log_explained_variance=False,
             # the modules as they are, not functionalised copies: PPO needs no target networks,
             # and loading the parameters into the modules on every call costs ~1 ms a step
             functional=False,
@@ -256,11 +307,11 @@ class PPO:
         n = batch.shape[0]
         steps, loss = 0, torch.zeros(())
         for _ in range(hp.epochs):
-            order = torch.randperm(n, generator=self.generator)
+            shuffled = batch[torch.randperm(n, generator=self.generator)]  # one gather an epoch
             for start in range(0, n - hp.minibatch_size + 1, hp.minibatch_size):
-                parts = self.loss_fn(batch[order[start : start + hp.minibatch_size]])
+                parts = self.loss_fn(shuffled[start : start + hp.minibatch_size])
                 loss = parts["loss_objective"] + parts["loss_critic"]
-                if "loss_entropy" in parts.keys():
+                if "loss_entropy" in parts:
                     loss = loss + parts["loss_entropy"]
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
