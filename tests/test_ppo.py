@@ -302,3 +302,57 @@ def test_taxi_masks_are_never_violated_in_training_or_serving(client):
 def test_what_ppo_cannot_train_is_refused_at_submit(client, body, expected):
     r = client.post("/v1/jobs", json=job_body(algorithm="ppo", **{"hyperparameters": {}, **body}))
     assert r.status_code == 422 and expected in r.text, r.text
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_the_lean_loss_equals_torchrls_clip_ppo_loss(entropy_coef):
+    """LeanClipPPOLoss drops ClipPPOLoss's diagnostics only: the same losses and gradients."""
+    from torchrl.objectives import ClipPPOLoss
+
+    config = PPOConfig.with_defaults(
+        {"frames_per_batch": 256, "entropy_coef": entropy_coef},
+        env_id="CartPole-v1",
+        total_frames=256,
+        seed=0,
+    )
+    algo = PPO(config)
+    source = EnvSource(algo, config)
+    try:
+        batch = next(iter(source.batches(lambda: False))).store[0]
+    finally:
+        source.close()
+    mb = batch.select(*algo.loss_keys)[:64]
+    lean = algo.loss_fn
+    reference = ClipPPOLoss(
+        lean.actor_network,
+        lean.critic_network,
+        clip_epsilon=0.2,
+        entropy_bonus=entropy_coef > 0,
+        entropy_coeff=entropy_coef if entropy_coef > 0 else None,
+        critic_coeff=0.5,
+        loss_critic_type="l2",
+        functional=False,
+    )
+    got, want = lean(mb.clone()), reference(mb.clone())
+    keys = ["loss_objective", "loss_critic"] + (["loss_entropy"] if entropy_coef else [])
+    assert set(got) == set(keys)
+    for key in keys:
+        assert torch.allclose(got[key], want[key], atol=1e-6), key
+    grads = []
+    for out in (got, want):
+        algo.optim.zero_grad()
+        sum(out[k] for k in keys).backward()
+        grads.append([p.grad.clone() for p in algo.params])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_episode_returns_carry_across_batches():
+    from service.training.common import EpisodeReturns
+
+    returns = EpisodeReturns()
+    reward = torch.ones(2, 5, 1)
+    done = torch.zeros(2, 5, 1, dtype=torch.bool)
+    done[0, 1] = done[0, 4] = done[1, 3] = True
+    batch = TensorDict({"next": {"reward": reward, "done": done}}, [2, 5])
+    assert returns.finished(batch) == [2.0, 3.0, 4.0]  # env 0's episodes, then env 1's
+    assert returns.finished(batch) == [2.0, 3.0, 5.0]  # env 1's second: 1 carried + 4
