@@ -12,21 +12,42 @@ import sys
 
 from service.training.algorithms import ALGORITHMS
 
-# ``serve --workers N``: each worker process imports ``worker_app`` afresh; this tells it the level
-WORKERS_LOG_LEVEL = "_POLICY_SERVER_WORKERS_LOG_LEVEL"  # internal: not a setting
+# ``serve --workers N`` (and any granian ``serve``): each worker process imports ``worker_app``
+# afresh; these tell it the log level and how many workers share the ports (internal: not settings)
+WORKERS_LOG_LEVEL = "_POLICY_SERVER_WORKERS_LOG_LEVEL"
+WORKERS = "_POLICY_SERVER_WORKERS"
+GRACEFUL_S = 30  # in-flight requests and the lifespan's shutdown get this long after SIGTERM
 
 
 def worker_app():
-    """The app of one process of ``serve --workers N``, logging as a single-process ``serve``
-    does (JSON lines, the access log at ``--log-level info``)."""
+    """The app of one worker process of ``serve``, logging as a single-process ``serve`` does
+    (JSON lines, the access log at ``--log-level info``)."""
     from service.main import create_app
     from service.observability import configure_json_logging
 
     configure_json_logging(os.environ.get(WORKERS_LOG_LEVEL, "info"))
-    return create_app(shared_ports=True)
+    return create_app(shared_ports=int(os.environ.get(WORKERS, "2")) > 1)
+
+
+def _granian_logging(level: str) -> dict:
+    """granian's own loggers as JSON lines on stderr, like the app's (its access log stays off:
+    the app writes its own)."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "formatters": {"json": {"()": "service.observability.JsonFormatter"}},
+        "handlers": {"console": handler, "access": handler},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": "WARNING", "propagate": False},
+        },
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.config import Settings
+
+    if (args.http or Settings().http_server) == "granian":
+        return _serve_granian(args)
     import uvicorn
 
     from service.config import Settings
@@ -46,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         # more CPU (~5% of a step) than the bytes it saves on a LAN
         ws_per_message_deflate=False,
         log_level=args.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_S,
         log_config=None,
         access_log=False,
     )
@@ -60,6 +81,39 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("service.cli:worker_app", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+def _serve_granian(args: argparse.Namespace) -> int:
+    """The same app on granian (Rust HTTP/1.1 and WebSockets, the ASGI interface with its
+    lifespan): ``args.workers`` worker processes, each building ``worker_app``."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    from service.config import Settings
+
+    settings = Settings()
+    if args.workers > 1 and (settings.session_store == "memory" or settings.embedded_worker):
+        logging.getLogger(__name__).warning(
+            "several workers: set POLICY_SERVER_SESSION_STORE=redis://… (sessions are per "
+            "process otherwise) and POLICY_SERVER_EMBEDDED_WORKER=false with a Redis queue"
+        )
+    os.environ[WORKERS_LOG_LEVEL] = args.log_level
+    os.environ[WORKERS] = str(args.workers)
+    Server(
+        "service.cli:worker_app",
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        factory=True,
+        workers=args.workers,
+        http=HTTPModes.http1,
+        websockets=True,
+        log_level=LogLevels(args.log_level.lower()),
+        log_dictconfig=_granian_logging(args.log_level),
+        workers_kill_timeout=GRACEFUL_S,
+    ).serve()
     return 0
 
 
@@ -201,12 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the model repository (and consume jobs)", formatter_class=fmt)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--log-level", default="info", help="uvicorn log level (warning: no access log)")
+    serve.add_argument("--log-level", default="info", help="log level (warning: no access log)")
     serve.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="uvicorn worker processes (share sessions and jobs through Redis)",
+        help="worker processes (share sessions and jobs through Redis)",
+    )
+    serve.add_argument(
+        "--http",
+        choices=("uvicorn", "granian"),
+        default=None,
+        help="HTTP server running the app (default: the http_server setting; docs/performance.md "
+        "compares them)",
     )
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="consume training jobs", formatter_class=fmt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC; 0 = off."
     )
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC service binds.")
+    http_server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn", description="The HTTP server `serve` runs the app on (`serve --http` overrides)."
+    )
     rllib_compat: bool = Field(
         False, description="Answer RLlib PolicyClient's pickled commands at POST /rllib/{policy}."
     )
