@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     )
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC service binds.")
     http_server: Literal["uvicorn", "granian"] = Field(
-        "uvicorn", description="The HTTP server `serve` runs the app on (`serve --http` overrides)."
+        "granian", description="The HTTP server `serve` runs the app on (`serve --http` overrides)."
     )
     rllib_compat: bool = Field(
         False, description="Answer RLlib PolicyClient's pickled commands at POST /rllib/{policy}."

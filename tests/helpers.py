@@ -96,7 +96,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``policy-server serve`` in a subprocess on a free port (a real uvicorn)."""
+    """``policy-server serve`` in a subprocess on a free port (its default HTTP server, granian)."""
 
     def __init__(self, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()

@@ -253,7 +253,7 @@ def test_stopping_the_server_records_the_running_job_as_interrupted(settings, tm
             what="the job never started",
         )
     finally:
-        server.stop()  # SIGTERM: uvicorn's graceful shutdown runs the lifespan's exit
+        server.stop()  # SIGTERM: the server's graceful shutdown runs the lifespan's exit
     settings.embedded_worker = False  # read the record as the shutdown left it
     with TestClient(create_app(settings)) as c:
         doc = c.get(f"/v1/jobs/{job_id}").json()

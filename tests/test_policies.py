@@ -261,15 +261,38 @@ def test_admin_endpoints_need_the_key(settings):
         assert c.post("/v1/policies/q/act", json={"observation": [0, 0, 0, 0]}).status_code == 200
 
 
-def test_real_uvicorn_serves_the_repository(model_dir, tmp_path):
-    import httpx
+@pytest.mark.parametrize("http", ["granian", "uvicorn"])
+def test_both_http_servers_serve_the_repository(model_dir, tmp_path, http):
+    """``serve --http``: granian (the default) and uvicorn run the same app: a WebSocket session
+    too, and SIGTERM ends the process cleanly with the access log flushed."""
+    import asyncio
+    import json
+    import signal
 
-    server = LiveServer.serving(model_dir, tmp_path)
+    import httpx
+    import websockets
+
+    server = LiveServer.serving(model_dir, tmp_path, args=("--http", http, "--log-level", "info"))
     try:
         names = [p["name"] for p in httpx.get(server.url + "/v1/policies").json()["policies"]]
         assert names == sorted(SPECS)
         rows = obs_for("q-lstm", 4)
-        body = httpx.post(server.url + "/v1/policies/q-lstm/act", json={"observations": rows}).json()
-        assert body["actions"] == direct_call("q-lstm", rows)["action"].tolist()
+        r = httpx.post(server.url + "/v1/policies/q-lstm/act", json={"observations": rows})
+        assert r.json()["actions"] == direct_call("q-lstm", rows)["action"].tolist()
+        request_id = r.headers["x-request-id"]
+        sid = httpx.post(server.url + "/v1/sessions", json={"policy": "q-lstm"}).json()["session_id"]
+
+        async def step() -> dict:
+            async with websockets.connect(
+                f"{server.url.replace('http', 'ws')}/v1/sessions/{sid}/stream"
+            ) as ws:
+                await ws.send(json.dumps({"observation": rows[0]}))
+                return json.loads(await ws.recv())
+
+        assert asyncio.run(step())["step"] == 1
     finally:
         server.stop()
+    # uvicorn re-raises the signal once its graceful shutdown is done; granian exits 0
+    assert server.proc.returncode in (0, -signal.SIGTERM), server.proc.returncode
+    log = (tmp_path / f"server-{server.port}.log").read_text()
+    assert request_id in log
