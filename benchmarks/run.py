@@ -1,9 +1,10 @@
 """``make bench``: the act path against baselines, in one run, on this machine.
 
-Starts five servers on loopback (ours as ``make serve`` runs it, the naive FastAPI endpoint, an
-empty FastAPI endpoint, the bare ASGI app on the same uvicorn: the limit, and the floor: a raw
-ASGI app that only parses, batches and runs the same network: what serving this policy costs at
-the least), drives each with
+Starts five servers on loopback (ours as ``make serve`` runs it — on granian, its default HTTP
+server —, and on uvicorn: the naive FastAPI endpoint, an empty FastAPI endpoint, the bare ASGI
+app: the limit, and the floor: a raw ASGI app that only parses, batches and runs the same
+network: what serving this policy costs at the least; ``benchmarks.http_servers`` compares all
+three on both HTTP servers), drives each with
 the same load (wrk when installed, else a Python load generator), and prints req/s, p50 and p99
 side by side with the ratios. Then session steps over HTTP and over the WebSocket stream (vs a
 bare WebSocket echo), and a batch of 1024 observations vs the policy called in-process.
