@@ -6,13 +6,15 @@ settings, alternating rounds in one run, wrk with one CartPole observation a req
 
 Prints each server's req/s and p99 per round, their medians, and per HTTP server the ratios
 this decision reads: floor/bare (what serving the policy at the least costs there) and
-ours/floor (what our code costs: target >= 0.8 req/s, <= 1.5 p99). Ours runs as ``make serve``
+ours/floor (what our code costs: target >= 0.8 req/s, <= 1.5 p99), and WebSocket session steps
+against the bare app's echo on the same HTTP server (target >= 0.5). Ours runs as ``make serve``
 does: log level info, the access log on (written to /dev/null here).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -20,7 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import OBS, POLICY, ROOT, free_port, load, start
+import httpx
+
+from benchmarks.run import OBS, POLICY, ROOT, free_port, load, start, ws_drive, ws_echo
 
 GRANIAN = {  # label -> granian's options
     "granian": ["--http", "1"],
@@ -51,6 +55,16 @@ def commands(http: str, kind: str, port: int) -> tuple[list[str], dict]:
     return [*granian, "benchmarks.baselines:make_app"], {"BASELINE": f"{kind} {models} {POLICY}"}
 
 
+async def ws_sessions(base: str, n: int, seconds: float) -> float:
+    """Session steps/s of ``n`` sessions of the policy, each over its WebSocket stream."""
+    async with httpx.AsyncClient(base_url=base) as c:
+        sids = [
+            (await c.post("/v1/sessions", json={"policy": POLICY})).json()["session_id"] for _ in range(n)
+        ]
+    ws = base.replace("http://", "ws://")
+    return await ws_drive([f"{ws}/v1/sessions/{sid}/stream" for sid in sids], seconds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
@@ -79,6 +93,11 @@ def main() -> None:
                     url = f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act"
                     load(url, body, 2, args.connections)  # warm-up
                     r = load(url, body, args.seconds, args.connections)
+                    base = f"http://127.0.0.1:{port}"
+                    if kind == "bare":  # WebSocket messages/s: the echo, then ours' session steps
+                        r["ws_per_s"] = asyncio.run(ws_echo(base, args.connections, args.seconds))
+                    elif kind == "ours":
+                        r["ws_per_s"] = asyncio.run(ws_sessions(base, args.connections, args.seconds))
                 finally:
                     proc.terminate()
                     proc.wait(15)
@@ -99,6 +118,8 @@ def main() -> None:
             "ours/floor req/s (>= 0.8)": median(http, "ours", "rps") / median(http, "floor", "rps"),
             "ours/floor p99 (<= 1.5)": median(http, "ours", "p99_ms") / median(http, "floor", "p99_ms"),
             "ours/uvicorn ours req/s": median(http, "ours", "rps") / median(https[0], "ours", "rps"),
+            "ws session steps/ws echo (>= 0.5)": median(http, "ours", "ws_per_s")
+            / median(http, "bare", "ws_per_s"),
         }
         print(http, json.dumps({k: round(v, 2) for k, v in ratios.items()}))
 
