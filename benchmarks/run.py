@@ -305,14 +305,18 @@ def _line(r: dict) -> str:
     return f"{r['rps']:.0f}/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, non-2xx {r['errors']}"
 
 
+def redis_server(port: int) -> subprocess.Popen:
+    """A throwaway ``redis-server`` on ``port`` (no persistence)."""
+    return subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+
+
 def stores(seconds: int, connections: int, rounds: int = 2) -> None:
     """LSTM session steps with the memory store vs the Redis store (a redis-server started here),
     alternating, same load: ``python -m benchmarks.run --stores``."""
     redis_port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = redis_server(redis_port)
     base_env = {
         "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
         "POLICY_SERVER_GRPC_PORT": "0",  # no gRPC service: it would claim port 8001

@@ -18,7 +18,7 @@ import tempfile
 from unittest import mock
 
 from benchmarks import run
-from benchmarks.run import LSTM_POLICY, OBS, POLICY, ROOT, free_port, start, wrk, wrk_sessions
+from benchmarks.run import LSTM_POLICY, OBS, POLICY, ROOT, free_port, redis_server, start, wrk, wrk_sessions
 
 
 def main() -> None:
@@ -31,10 +31,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     redis_port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = redis_server(redis_port)
     env = {
         "POLICY_SERVER_MODEL_DIR": str(ROOT / "models"),
         "POLICY_SERVER_GRPC_PORT": "0",

@@ -258,14 +258,19 @@ def test_autoregressive_ppo_learns_the_seeds_correlated_actions(jclient):
     assert r.status_code == 200 and r.json()["mean_return"] >= 170, r.text
 
 
-def test_taxi_masks_are_never_violated_in_training_or_serving(client):
-    config = PPOConfig.with_defaults({"frames_per_batch": 512}, env_id="Taxi-v4", total_frames=512, seed=0)
+def _first_batch(hp: dict, env_id: str):
+    """A PPO run's parts and the first batch its collector gives (advantages computed)."""
+    config = PPOConfig.with_defaults(hp, env_id=env_id, total_frames=hp["frames_per_batch"], seed=0)
     algo = PPO(config)
     source = EnvSource(algo, config)
     try:
-        batch = next(iter(source.batches(lambda: False))).store[0]
+        return algo, next(iter(source.batches(lambda: False))).store[0]
     finally:
         source.close()
+
+
+def test_taxi_masks_are_never_violated_in_training_or_serving(client):
+    algo, batch = _first_batch({"frames_per_batch": 512}, "Taxi-v4")
     allowed = batch["action_mask"].gather(-1, batch["action"].unsqueeze(-1))
     assert bool(allowed.all()) and not bool(batch["action_mask"].all())  # masks that bite, all kept
     client.app.state.registry.publish("ppo-taxi", *algo.export(state_of(algo.built)))
@@ -309,18 +314,7 @@ def test_the_lean_loss_equals_torchrls_clip_ppo_loss(entropy_coef):
     """LeanClipPPOLoss drops ClipPPOLoss's diagnostics only: the same losses and gradients."""
     from torchrl.objectives import ClipPPOLoss
 
-    config = PPOConfig.with_defaults(
-        {"frames_per_batch": 256, "entropy_coef": entropy_coef},
-        env_id="CartPole-v1",
-        total_frames=256,
-        seed=0,
-    )
-    algo = PPO(config)
-    source = EnvSource(algo, config)
-    try:
-        batch = next(iter(source.batches(lambda: False))).store[0]
-    finally:
-        source.close()
+    algo, batch = _first_batch({"frames_per_batch": 256, "entropy_coef": entropy_coef}, "CartPole-v1")
     mb = batch.select(*algo.loss_keys)[:64]
     lean = algo.loss_fn
     reference = ClipPPOLoss(

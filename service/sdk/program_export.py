@@ -1,17 +1,8 @@
 """Any TorchRL policy as exported programs: ``policy.json`` + one PT2 archive per exploration
 mode, the form ``export_policy`` writes when the declarative spec cannot describe the module.
 
-The policy's keys say what each tensor is (TorchRL's conventions):
-
-- inputs: ``action_mask``; ``is_init``; a recurrent state ``k`` (the policy writes
-  ``("next", k)``; its shape from ``state_spec`` or the env's observation spec, where a
-  ``TensorDictPrimer`` puts it); every other in-key is an observation entry (``observation``
-  alone, or a dict observation's entries, any shape);
-- outputs: ``action`` or ``("action", leaf)`` per leaf of a composite action; ``action_value``;
-  ``action_log_prob`` / ``sample_log_prob`` (the whole action's log-prob) and
-  ``(<action>, f"{leaf}_log_prob")`` / ``f"{leaf}_log_prob"`` per head; ``("next", k)`` per state.
-
-``registry.tracing`` traces it (a positional wrapper under ``ExplorationType.DETERMINISTIC``
+The policy's keys say what each tensor is, by TorchRL's conventions (``registry.tracing``
+lists them). ``registry.tracing`` traces it (a positional wrapper under ``ExplorationType.DETERMINISTIC``
 and, for a policy with log-probs, ``RANDOM``). The archives are then read back through the
 server's own loader (``registry.program``: no pickle) and served by ``ProgramRuntime`` against
 the module in-process on random inputs, two steps carrying the state, seeded for ``random``:
