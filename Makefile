@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: serve test bench lint install
+.PHONY: serve test bench bench-peers lint install
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(BIN)/.installed
 	SDL_VIDEODRIVER=dummy $(BIN)/python -m benchmarks.pixels
 	$(BIN)/python -m benchmarks.oip
 	$(BIN)/python -m benchmarks.programs
+	$(BIN)/python -m benchmarks.peers.run
+
+# the peers (TorchServe, PyTriton, LitServe, Ray Serve, MLServer) in .venv-peers/, then side by side
+bench-peers: $(BIN)/.installed
+	bash benchmarks/peers/install.sh
+	$(BIN)/python -m benchmarks.peers.run --rounds 2
+	$(BIN)/python -m benchmarks.peers.run --obs-per-request 32
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
