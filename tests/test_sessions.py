@@ -285,7 +285,8 @@ def test_redis_sessions_apply_concurrent_steps_from_two_servers_once_each_in_ord
     """Two real servers share a Redis store; 24 steps of one LSTM session sent at once, half to
     each: every step is applied exactly once (steps 1..24, no lost update), one at a time (the
     state each step used is the one the previous step left: the actions equal the sequence
-    replayed in the order the server numbered the steps), in two round trips a step."""
+    replayed in the order the server numbered the steps): each server's speculative steps
+    are refused whenever the other wrote since, and run again under the lock."""
     import httpx
 
     from tests.helpers import LiveServer, write_policy
@@ -406,6 +407,59 @@ def test_redis_sessions_are_parsed_again_unless_this_process_wrote_them_last(red
     assert cache.nbytes == 200  # s4 and s3 taken out
     cache.put("big", b"x" * 400, Session(policy="p", version=1, num_envs=1, ttl_s=60))
     assert cache.take("big", b"x" * 400) is None and cache.nbytes == 200  # larger than the bound
+
+
+def test_redis_steps_speculate_in_one_round_trip_and_fall_back_to_the_lock(redis_url):
+    """A step of a session this process wrote last takes no lock: one round trip (the commit),
+    kept only if Redis still holds the bytes it wrote and no call holds the lock. Refused — the
+    other process wrote since, or holds the lock — nothing is written (``StaleSession``); the
+    session is then stepped under the lock (two round trips) until a locked step finds this
+    process's bytes again."""
+    import asyncio
+
+    from service.runtime.sessions import RedisSessionStore, Session, StaleSession
+
+    async def step(store, sid, speculative=True):
+        """One step (steps + 1): the number of writes on the store's pipe it took."""
+        writes = store._pipe.writes
+        async with store.lock(sid, speculative):
+            s = await store.get(sid)
+            s.steps += 1
+            s.state = (torch.full((1, 1, 4), float(s.steps)),)
+            await store.save(s)
+        return store._pipe.writes - writes
+
+    async def steps_in_redis(store, sid) -> int:
+        return Session.from_bytes(await store._redis.get(store._key(sid))).steps
+
+    async def main():
+        a, b = RedisSessionStore(redis_url), RedisSessionStore(redis_url)
+        try:
+            s = Session(policy="p", version=1, num_envs=1, ttl_s=60)
+            await a.create(s, max_sessions=10)
+            sid = s.session_id
+            await step(a, sid, speculative=False)  # Redis learns the scripts (EVAL after NOSCRIPT)
+            await step(a, sid)
+            assert [await step(a, sid) for _ in range(3)] == [1, 1, 1]  # a wrote it last: speculates
+            assert await step(a, sid, speculative=False) == 2  # asked for the lock: acquire, write
+            assert await step(b, sid) == 2  # b never wrote it: under the lock
+            with pytest.raises(StaleSession):  # b wrote since: a's commit is refused
+                await step(a, sid)
+            assert await steps_in_redis(a, sid) == 7  # b's step, not a's
+            assert await step(a, sid) == 2  # contended: under the lock, on b's bytes
+            assert await steps_in_redis(a, sid) == 8
+            assert await step(a, sid) == 2  # under the lock again: it finds a's own bytes
+            assert await step(a, sid) == 1  # so speculates again
+
+            async with b.lock(sid):  # b holds the lock: a's commit is refused too
+                with pytest.raises(StaleSession):
+                    await step(a, sid)
+                assert await steps_in_redis(a, sid) == 10
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
 
 
 def test_redis_pipe_answers_each_caller_in_one_write_and_recovers_from_a_lost_connection(redis_url):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import math
 import struct
@@ -198,8 +199,12 @@ class SessionStore(ABC):
     async def close_version(self, policy: str, version: int) -> int: ...
 
     @abstractmethod
-    def lock(self, session_id: str) -> AbstractAsyncContextManager[object]:
-        """Held around every call on one session: calls apply one at a time, in order."""
+    def lock(self, session_id: str, speculative: bool = False) -> AbstractAsyncContextManager[object]:
+        """Held around every call on one session: calls apply one at a time, in order.
+
+        ``speculative``: the caller can run its call again from the start — ``save`` may then
+        raise ``StaleSession`` (the Redis store: another process wrote the session meanwhile)
+        and nothing of the call was kept. Stores that never speculate ignore it."""
 
     def reserved_state_bytes(self) -> int:
         """Per-env state the live sessions of this process reserve (``MAX_SESSION_STATE_BYTES``);
@@ -308,16 +313,22 @@ class MemorySessionStore(SessionStore):
             await self.delete(sid)
         return len(gone)
 
-    def lock(self, session_id: str) -> _KeyedLock:
+    def lock(self, session_id: str, speculative: bool = False) -> _KeyedLock:
         return _KeyedLock(self._locks, session_id)
 
     def reserved_state_bytes(self) -> int:
         return self.state_bytes
 
 
+class StaleSession(Exception):
+    """(Redis) A speculative call's session was written by another process since this one wrote
+    it: nothing was saved; run the call again under the lock."""
+
+
 LOCK_TTL_MS = 30_000  # a crashed holder frees the session after this
 LOCK_WAIT_S = 30.0  # then 429
 CACHE_BYTES = 64 << 20  # (Redis) sessions this process wrote last, kept parsed: at most this much
+CONTENDED_MAX = 65_536  # (Redis) sessions remembered as written by other processes too
 
 # KEYS: lock, session; ARGV: token, ttl ms -> {1, session or false} when taken, {0} when held
 _ACQUIRE_AND_READ = """
@@ -336,6 +347,24 @@ if redis.call('set', KEYS[1], ARGV[6], ARGV[5], 'PX', ARGV[2]) and ARGV[4] ~= ''
 end
 if ARGV[1] ~= '' and redis.call('get', KEYS[3]) == ARGV[1] then
   redis.call('del', KEYS[3])
+end
+return 1
+"""
+# KEYS: session, index, lock, version index; ARGV: SHA-1 of the bytes this process wrote last,
+# ttl ms, id, index expiry ('' = leave the index entries), the session -> 1 written, 0 refused:
+# another call holds the lock, or the session is gone or no longer those bytes
+_COMMIT = """
+if redis.call('exists', KEYS[3]) == 1 then
+  return 0
+end
+local current = redis.call('get', KEYS[1])
+if not current or redis.sha1hex(current) ~= ARGV[1] then
+  return 0
+end
+redis.call('set', KEYS[1], ARGV[5], 'PX', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('zadd', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('zadd', KEYS[4], ARGV[4], ARGV[3])
 end
 return 1
 """
@@ -369,6 +398,11 @@ class WrittenCache:
         self.nbytes -= 2 * len(entry[0])
         return entry[1] if entry[0] == blob else None
 
+    def peek(self, session_id: str) -> bytes | None:
+        """The bytes this process wrote last for the session, if kept."""
+        entry = self._entries.get(session_id)
+        return None if entry is None else entry[0]
+
     def put(self, session_id: str, blob: bytes, session: Session) -> None:
         self.drop(session_id)
         if 2 * len(blob) > self.max_bytes:
@@ -391,6 +425,7 @@ class _Held:
     blob: bytes | None  # the session as read with the lock (None: there is none)
     taken: bool = False  # get took it: later reads go to Redis
     released: bool = False
+    speculative: bool = False  # no lock taken: save commits only over ``blob`` (else StaleSession)
 
 
 class RedisSessionStore(SessionStore):
@@ -418,12 +453,19 @@ class RedisSessionStore(SessionStore):
         self._acquire_script = self._redis.register_script(_ACQUIRE_AND_READ)
         self._write_script = self._redis.register_script(_WRITE_AND_RELEASE)
         self._release_script = self._redis.register_script(_RELEASE)
+        self._commit_script = self._redis.register_script(_COMMIT)
         self._pipe = RedisPipe(self._redis, COMMAND_TIMEOUT_S)  # the scripts of steps, pipelined
         # sessions this process holds the lock of: their token, the session read with it
         self._held: dict[str, _Held] = {}
         # lock tokens: unique across processes (a random prefix), cheap within one (a counter)
         self._token_prefix, self._tokens = uuid.uuid4().hex[:16], itertools.count()
         self._cache = WrittenCache(cache_bytes)
+        # this process's calls on one session, one at a time in arrival order (then Redis's lock
+        # or a speculative commit orders them against other processes')
+        self._locks: dict[str, list] = {}
+        # sessions a speculative call found written by another process: stepped under the lock
+        # until a locked call finds this process's bytes again (bounded: least recent dropped)
+        self._contended: OrderedDict[str, None] = OrderedDict()
 
     def _key(self, sid: str) -> str:
         return self.PREFIX + sid
@@ -440,6 +482,22 @@ class RedisSessionStore(SessionStore):
                 raise _limit_error(max_sessions, first[0][1] if first else None, time.time())
             self._cache.put(session.session_id, await self._write(session), session)
 
+    def _index_update(self, session: Session) -> float | str:
+        """The index entries' new expiry, or '' to leave them (see ``_write``)."""
+        if session.expires_at > session.indexed_until:
+            session.indexed_until = session.expires_at + session.ttl_s / 16
+            return session.indexed_until
+        return ""
+
+    def _keys(self, session: Session) -> list[str]:
+        sid = session.session_id
+        return [
+            self._key(sid),
+            self.INDEX,
+            self._lock_key(sid),
+            self._version_key(session.policy, session.version),
+        ]
+
     async def _write(self, session: Session, token: str = "", only_if_exists: bool = False) -> bytes:
         """One round trip: the session, its TTL and index entries (and its lock released).
 
@@ -450,27 +508,29 @@ class RedisSessionStore(SessionStore):
         towards ``MAX_SESSIONS`` up to ``ttl_s / 16`` after it expired (``close_version``
         then finds it gone).
         """
-        sid = session.session_id
-        index = ""
-        if session.expires_at > session.indexed_until:
-            session.indexed_until = session.expires_at + session.ttl_s / 16
-            index = session.indexed_until
+        index = self._index_update(session)
         blob = session.to_bytes()
-        args = [token, int(session.ttl_s * 1000), sid, index, "XX" if only_if_exists else "NX", blob]
-        keys = [
-            self._key(sid),
-            self.INDEX,
-            self._lock_key(sid),
-            self._version_key(session.policy, session.version),
-        ]
-        await self._pipe.script(self._write_script, keys, args)
+        mode = "XX" if only_if_exists else "NX"
+        args = [token, int(session.ttl_s * 1000), session.session_id, index, mode, blob]
+        await self._pipe.script(self._write_script, self._keys(session), args)
         return blob
+
+    async def _commit(self, session: Session, over: bytes) -> bytes | None:
+        """One round trip: the session written only if Redis still holds ``over`` and no call
+        holds its lock; its bytes, or None when refused."""
+        index = self._index_update(session)
+        blob = session.to_bytes()
+        expected = hashlib.sha1(over, usedforsecurity=False).hexdigest()
+        args = [expected, int(session.ttl_s * 1000), session.session_id, index, blob]
+        written = await self._pipe.script(self._commit_script, self._keys(session), args)
+        return blob if written else None
 
     async def get(self, session_id: str) -> Session | None:
         held = self._held.get(session_id)
         if held is not None and not held.taken:  # read with the lock: no round trip
             blob, held.taken = held.blob, True
             if blob is not None and (written := self._cache.take(session_id, blob)) is not None:
+                self._contended.pop(session_id, None)  # no one else wrote since: speculate again
                 return written  # the bytes this process wrote last: parsed already
         else:
             with redis_available(STORE):
@@ -486,6 +546,16 @@ class RedisSessionStore(SessionStore):
         """Write the session if it still exists; under ``lock``, also release it: one round trip."""
         session.touch()
         held = self._held.get(session.session_id)
+        if held is not None and held.speculative:
+            with redis_available(STORE):
+                blob = await self._commit(session, held.blob)
+            if blob is None:
+                self._contended[session.session_id] = None
+                while len(self._contended) > CONTENDED_MAX:
+                    self._contended.popitem(last=False)
+                raise StaleSession(session.session_id)
+            self._cache.put(session.session_id, blob, session)
+            return
         with redis_available(STORE):
             blob = await self._write(session, held.token if held else "", only_if_exists=True)
         if held is not None:
@@ -525,12 +595,34 @@ class RedisSessionStore(SessionStore):
         return f"{self.VERSION_PREFIX}{policy}:{version}"
 
     @asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[None]:
+    async def lock(self, session_id: str, speculative: bool = False) -> AsyncIterator[None]:
         """Hold the session across processes (a token under ``ps:lock:<id>``, 30 s TTL).
 
         Acquiring also reads the session (``get`` then costs nothing) and ``save`` releases
-        it: a step is two round trips. Waits up to 30 s for another holder, then 429.
+        it: a call is two round trips. Waits up to 30 s for another holder, then 429.
+
+        ``speculative``, when this process wrote the session last (its bytes are cached) and
+        no speculation on it failed since: no lock is taken; the call runs on the cached
+        session and ``save`` commits it only if Redis still holds those bytes and no other
+        call holds the lock — one round trip a call (with sticky routing, nearly every step).
+        Otherwise ``save`` raises ``StaleSession``, having changed nothing.
         """
+        async with _KeyedLock(self._locks, session_id):
+            cached = self._cache.peek(session_id) if speculative else None
+            if cached is not None and session_id not in self._contended:
+                held = _Held("", cached, released=True, speculative=True)
+                self._held[session_id] = held
+                try:
+                    yield
+                finally:
+                    if self._held.get(session_id) is held:
+                        del self._held[session_id]
+                return
+            async with self._locked(session_id):
+                yield
+
+    @asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[None]:
         token = f"{self._token_prefix}{next(self._tokens)}"
         key, lock_key = self._key(session_id), self._lock_key(session_id)
         wait, deadline = 0.001, time.monotonic() + LOCK_WAIT_S

@@ -16,7 +16,7 @@ from service.registry.registry import Registry
 from service.runtime.batching import MicroBatcher
 from service.runtime.call import ActCall, ActResult, Observations, as_tensor
 from service.runtime.policy import PolicyRuntime
-from service.runtime.sessions import Session, SessionStore
+from service.runtime.sessions import Session, SessionStore, StaleSession
 from service.serving.feeds import JobFeeds
 from service.serving.params import SessionCreateParams, SessionStepParams
 from service.serving.recording import Recorder
@@ -178,8 +178,17 @@ class SessionService:
         return self.feeds
 
     async def step(self, p: SessionStepParams) -> dict[str, Any]:
-        """One step of a session: in order with other calls on it; state unchanged on any error."""
-        async with self.store.lock(p.session_id):
+        """One step of a session: in order with other calls on it; state unchanged on any error.
+
+        Tried first speculatively (``SessionStore.lock``): a step keeps nothing and has no effect
+        outside the session until its save, so a refused save runs it again under the lock."""
+        try:
+            return await self._step(p, speculative=True)
+        except StaleSession:
+            return await self._step(p, speculative=False)
+
+    async def _step(self, p: SessionStepParams, speculative: bool) -> dict[str, Any]:
+        async with self.store.lock(p.session_id, speculative):
             session = await self._load(p.session_id)
             if session.job is not None:
                 return await self._job_step(p, session)
