@@ -10,7 +10,7 @@ side by side with the ratios. Then session steps over HTTP and over the WebSocke
 bare WebSocket echo), and a batch of 1024 observations vs the policy called in-process.
 
     python -m benchmarks.run [--seconds 10] [--connections 32] [--workers 1]
-    python -m benchmarks.run --stores   # only: LSTM session steps, memory vs Redis store
+    python -m benchmarks.run --stores [--rounds 3]   # only: LSTM session steps, memory vs Redis
 
 Last (with wrk and redis-server installed), what ``--stores`` alone prints: 64 LSTM sessions
 stepped by wrk on ``serve`` as a user runs it, its default HTTP server, with the memory store and
@@ -227,9 +227,10 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1, help="serve --workers N for ours")
     ap.add_argument("--stores", action="store_true", help="only: LSTM sessions, memory vs Redis store")
+    ap.add_argument("--rounds", type=int, default=3, help="(--stores) alternating rounds")
     args = ap.parse_args()
     if args.stores:
-        stores(args.seconds, args.connections)
+        stores(args.seconds, args.connections, args.rounds)
         return
     torch.set_num_threads(1)
     py = sys.executable

@@ -203,9 +203,10 @@ def _mlserver(workdir: Path, port: int):
                 "http_port": port,
                 "grpc_port": free_port(),
                 "metrics_port": free_port(),
-                # the model in the server's own process: the default (1) adds an inference worker
-                # process and a queue between them, slower on two cores (measured once here)
-                "parallel_workers": 0,
+                # the model in the server's own process: with the default (1 inference worker
+                # process) MLServer 1.7.1's worker fails to start here ("There is no current
+                # event loop in thread 'MainThread'"); MLSERVER_PARALLEL_WORKERS=1 shows it
+                "parallel_workers": int(os.environ.get("MLSERVER_PARALLEL_WORKERS", "0")),
                 "debug": False,
             }
         )
