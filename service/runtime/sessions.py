@@ -216,8 +216,9 @@ class SessionStore(ABC):
 
 
 class _KeyedLock:
-    """``async with`` one session's lock in a ``MemorySessionStore``: the lock exists only while
-    a call holds or waits for it, so calls on ids that name no session leave nothing behind."""
+    """``async with`` one session's lock within this process (both stores): the lock exists
+    only while a call holds or waits for it, so calls on ids that name no session leave nothing
+    behind."""
 
     __slots__ = ("locks", "key", "entry")
 
