@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -360,13 +361,28 @@ def test_a_session_round_trips_through_its_bytes():
     assert fresh.state is None and fresh.pending is None and fresh.needs_init.tolist() == [True, True]
 
 
+@contextlib.asynccontextmanager
+async def two_redis_stores(redis_url):
+    """Two processes' Redis stores on one Redis, and a session the first created: (a, b, id)."""
+    from service.runtime.sessions import RedisSessionStore, Session
+
+    a, b = RedisSessionStore(redis_url), RedisSessionStore(redis_url)
+    try:
+        s = Session(policy="p", version=1, num_envs=1, ttl_s=60)
+        await a.create(s, max_sessions=10)
+        yield a, b, s.session_id
+    finally:
+        await a.close()
+        await b.close()
+
+
 def test_redis_sessions_are_parsed_again_unless_this_process_wrote_them_last(redis_url):
     """A store keeps the sessions it wrote last, parsed, and uses one only when Redis still holds
     the bytes it wrote: a step that failed (changed, not saved) or another process's write make
     it read Redis's; the copies are bounded in bytes, least recently written dropped first."""
     import asyncio
 
-    from service.runtime.sessions import RedisSessionStore, Session, WrittenCache
+    from service.runtime.sessions import Session, WrittenCache
 
     async def step(store, sid, steps_before, saved=True):
         async with store.lock(sid):
@@ -379,11 +395,7 @@ def test_redis_sessions_are_parsed_again_unless_this_process_wrote_them_last(red
             return s
 
     async def main():
-        a, b = RedisSessionStore(redis_url), RedisSessionStore(redis_url)
-        try:
-            s = Session(policy="p", version=1, num_envs=1, ttl_s=60)
-            await a.create(s, max_sessions=10)
-            sid = s.session_id
+        async with two_redis_stores(redis_url) as (a, b, sid):
             await step(a, sid, 0, saved=False)  # failed: its change is not seen
             await step(a, sid, 0)
             await step(b, sid, 1)  # another process wrote it
@@ -391,9 +403,6 @@ def test_redis_sessions_are_parsed_again_unless_this_process_wrote_them_last(red
             assert again.state[0].flatten().tolist() == [3.0] * 4
             async with a.lock(sid):
                 assert await a.get(sid) is again  # what a wrote last: not parsed again
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
@@ -417,7 +426,7 @@ def test_redis_steps_speculate_in_one_round_trip_and_fall_back_to_the_lock(redis
     process's bytes again."""
     import asyncio
 
-    from service.runtime.sessions import RedisSessionStore, Session, StaleSession
+    from service.runtime.sessions import Session, StaleSession
 
     async def step(store, sid, speculative=True):
         """One step (steps + 1): the number of writes on the store's pipe it took."""
@@ -433,11 +442,7 @@ def test_redis_steps_speculate_in_one_round_trip_and_fall_back_to_the_lock(redis
         return Session.from_bytes(await store._redis.get(store._key(sid))).steps
 
     async def main():
-        a, b = RedisSessionStore(redis_url), RedisSessionStore(redis_url)
-        try:
-            s = Session(policy="p", version=1, num_envs=1, ttl_s=60)
-            await a.create(s, max_sessions=10)
-            sid = s.session_id
+        async with two_redis_stores(redis_url) as (a, b, sid):
             await step(a, sid, speculative=False)  # Redis learns the scripts (EVAL after NOSCRIPT)
             await step(a, sid)
             assert [await step(a, sid) for _ in range(3)] == [1, 1, 1]  # a wrote it last: speculates
@@ -455,9 +460,6 @@ def test_redis_steps_speculate_in_one_round_trip_and_fall_back_to_the_lock(redis
                 with pytest.raises(StaleSession):
                     await step(a, sid)
                 assert await steps_in_redis(a, sid) == 10
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(main())
 
