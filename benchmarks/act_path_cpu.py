@@ -19,6 +19,12 @@ as under a load generator with C connections.
 ``--routing``: also measure this checkout with ``--policy`` split 50/50 between two versions
 (``PUT …/routing``), each request carrying an ``X-Routing-Key``: the cost of choosing a version.
 
+``--floor``: also the floor server's app (``benchmarks.baselines``: parse, one batched forward
+pass, the argmax, nothing else) driven the same way: what our code costs per request over the
+least a server of this policy does, without the HTTP server's share or the load generator's
+noise. ``--access-log``: ours with the access log on, as ``make serve`` runs (lines to
+/dev/null); without it the log is off, as in a process that configured no logging.
+
 ``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``, or
 of ``--policy`` (``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of
 act calls.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,7 +116,10 @@ async def measure(
     concurrency: int = 1,
     store: str = "memory",
     routing: bool = False,
+    floor: bool = False,
 ) -> list[float]:
+    if floor:
+        return await drive_floor(requests, rounds, policy, concurrency)
     from service.config import Settings
     from service.main import create_app
 
@@ -145,24 +155,48 @@ async def measure(
             body = json.dumps({"observation": OBS}).encode()
         keys = [f"client-{i}".encode() if routing else None for i in range(len(paths))]
         scopes = [http_scope(path, body, key) for path, key in zip(paths, keys, strict=True)]
-        for _ in range(2000):  # warm-up
-            await app(dict(scopes[0]), receive, send)
-        assert b'"action"' in last[0], last[0]
-        out = []
-        per_task = requests // concurrency
+        return await drive(app, scopes, receive, send, last, requests, rounds)
 
-        async def client(scope: dict) -> None:
-            for _ in range(per_task):
-                await app(dict(scope), receive, send)
 
-        for _ in range(rounds):
-            t = time.perf_counter()
-            await asyncio.gather(*(client(scope) for scope in scopes))
-            out.append((time.perf_counter() - t) / (per_task * concurrency) * 1e6)
+async def drive(app, scopes: list[dict], receive, send, last: list[bytes], requests: int, rounds: int):
+    """µs per request of each round: one client per scope, each calling ``app`` in turn."""
+    for _ in range(2000):  # warm-up
+        await app(dict(scopes[0]), receive, send)
+    assert b'"action"' in last[0], last[0]
+    out = []
+    per_task = requests // len(scopes)
+
+    async def client(scope: dict) -> None:
+        for _ in range(per_task):
+            await app(dict(scope), receive, send)
+
+    for _ in range(rounds):
+        t = time.perf_counter()
+        await asyncio.gather(*(client(scope) for scope in scopes))
+        out.append((time.perf_counter() - t) / (per_task * len(scopes)) * 1e6)
     return out
 
 
-def run_in(checkout: Path, args: argparse.Namespace, routing: bool = False) -> float:
+async def drive_floor(requests: int, rounds: int, policy: str, concurrency: int) -> list[float]:
+    """``drive`` over the floor server's app (one CartPole observation a request)."""
+    from benchmarks.baselines import make_app
+
+    app = make_app("floor", str(Path("models").resolve()), policy)
+    body = json.dumps({"observation": OBS}).encode()
+    last: list[bytes] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            last[:] = [message["body"]]
+
+    scopes = [http_scope(f"/v1/policies/{policy}/act", body)] * concurrency
+    return await drive(app, scopes, receive, send, last, requests, rounds)
+
+
+def run_in(checkout: Path, args: argparse.Namespace, routing: bool = False, floor: bool = False) -> float:
     """Best round (µs per request) of this script run with ``checkout`` as the code under test."""
     cmd = [
         sys.executable,
@@ -180,6 +214,8 @@ def run_in(checkout: Path, args: argparse.Namespace, routing: bool = False) -> f
         args.store,
         *(["--session"] if args.session else []),
         *(["--routing"] if routing else []),
+        *(["--floor"] if floor else []),
+        *(["--access-log"] if args.access_log and not floor else []),
     ]
     out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=True).stdout
     return min(json.loads(out.strip().splitlines()[-1])["us_per_request"])
@@ -196,8 +232,12 @@ def main() -> None:
     ap.add_argument("--store", default="memory", help="the session store: memory or redis://…")
     ap.add_argument("--against", type=Path, help="another checkout to measure in alternation")
     ap.add_argument("--routing", action="store_true", help="also this checkout with a 50/50 split")
+    ap.add_argument("--floor", action="store_true", help="also the floor server's app, same driver")
+    ap.add_argument("--access-log", action="store_true", help="ours with the access log on (to /dev/null)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.floor and args.session:
+        ap.error("--floor measures act calls: the floor server has no sessions")
     args.policy = args.policy or ("cartpole-lstm-dqn" if args.session else "cartpole-dqn")
     if args.child:
         sys.path.insert(0, str(Path.cwd()))  # the checkout under test, ahead of the installed one
@@ -207,6 +247,11 @@ def main() -> None:
             from service.process import configure_process
 
             configure_process(torch_threads=1)
+        if args.access_log:  # as serve configures it; the lines go to /dev/null
+            from service.observability import configure_json_logging
+
+            configure_json_logging("info")
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         rounds = uvloop.run(
             measure(
                 args.requests,
@@ -216,24 +261,31 @@ def main() -> None:
                 args.concurrency,
                 args.store,
                 args.routing,
+                args.floor,
             )
         )
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
         return
-    checkouts = {"this": (ROOT, False)}
+    checkouts = {"this": (ROOT, False, False)}
     if args.routing:
-        checkouts["routed"] = (ROOT, True)
+        checkouts["routed"] = (ROOT, True, False)
+    if args.floor:
+        checkouts["floor"] = (ROOT, False, True)
     if args.against:
-        checkouts["against"] = (args.against.resolve(), False)
+        checkouts["against"] = (args.against.resolve(), False, False)
     best: dict[str, list[float]] = {k: [] for k in checkouts}
     for _ in range(args.runs):
-        for name, (path, routing) in checkouts.items():
-            best[name].append(run_in(path, args, routing))
+        for name, (path, routing, floor) in checkouts.items():
+            best[name].append(run_in(path, args, routing, floor))
             print(f"{name:8} {path}: best round {best[name][-1]:.1f} µs/request", flush=True)
     summary = {k: min(v) for k, v in best.items()}
     print(json.dumps({"best_us_per_request": summary}))
     if args.against:
         print(f"this / against (µs per request, lower is faster): {summary['this'] / summary['against']:.3f}")
+    if args.floor:
+        cost = summary["this"] - summary["floor"]
+        ratio = summary["floor"] / summary["this"]
+        print(f"floor / this: {ratio:.3f} (ours costs {cost:+.1f} µs more a request)")
     if args.routing:
         picks = {k: round(v, 3) for k, v in choose_cost(args.policy).items()}
         print(json.dumps({"registry_routed_us": picks}))
