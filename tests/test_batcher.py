@@ -164,3 +164,25 @@ def test_small_vector_batches_become_one_tensor_with_their_micro_batch(runtimes)
     assert torch.equal(stack_observations([small, small]), expected[[0, -1]])
     with pytest.raises(InvalidInput, match="not finite as float32"):
         rt.codec.observation_batch([[1e39, 0.0, 0.0, 0.0]], "observation", "q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's copy, torch's clone
+def test_each_callers_state_is_its_own_copy_of_its_rows(dtype):
+    """A caller's next state must not be a view of the batch's (it would keep the whole batch
+    alive in the session store) and must hold exactly its rows."""
+    from service.runtime.call import ActResult, split
+
+    with torch.inference_mode():  # as the forward pass makes it
+        h = torch.randn(1, 5, 8).to(dtype).transpose(0, 1)  # [B, layers, hidden], not contiguous
+        c = torch.randn(5, 1, 8).to(dtype)
+    result = ActResult(torch.arange(5), None, Exploration.deterministic, (h, c))
+    calls = [ActCall(torch.zeros(n, 4)) for n in (2, 1, 2)]
+    parts = split(result, calls)
+    for part, (start, stop) in zip(parts, [(0, 2), (2, 3), (3, 5)], strict=True):
+        for mine, batch in zip(part.state, (h, c), strict=True):
+            assert mine.dtype == dtype and mine.shape == (stop - start, 1, 8)
+            assert torch.equal(mine, batch[start:stop])
+            assert mine.untyped_storage().nbytes() == mine.numel() * mine.element_size()  # no view
+        assert part.action.tolist() == list(range(start, stop))
+    parts[0].state[0].add_(1.0)  # callers do not share memory with each other or the batch
+    assert torch.equal(parts[1].state[0], h[2:3]) and not torch.equal(parts[0].state[0], h[0:2])

@@ -169,17 +169,41 @@ class ActResult:
     state: State | None
     actions: list | None = None
 
-    def rows(self, start: int, stop: int, with_info: bool, actions: list | None = None) -> ActResult:
+    def rows(
+        self,
+        start: int,
+        stop: int,
+        with_info: bool,
+        actions: list | None = None,
+        host_state: list[np.ndarray] | None = None,
+    ) -> ActResult:
         """The slice of a batched result that belongs to one caller (``actions``: the batch's
-        ``action.tolist()``, made once for all its callers)."""
+        ``action.tolist()``, made once for all its callers; ``host_state``: ``state`` as numpy
+        arrays, when it is on the CPU — ``host_arrays``)."""
         info = None
         if with_info and self.info is not None:
             info = {k: v[start:stop] for k, v in self.info.items()}
         state = None
-        if self.state is not None:  # copies: a view would keep the whole batch's state alive
+        # copies: a view would keep the whole batch's state alive
+        if host_state is not None:  # numpy's slice and copy: ~2.5x cheaper than torch's
+            state = tuple(torch.from_numpy(a[start:stop].copy()) for a in host_state)
+        elif self.state is not None:
             state = tuple(t[start:stop].clone() for t in self.state)
         part = None if actions is None else actions[start:stop]
         return ActResult(self.action[start:stop], info, self.exploration, state, part)
+
+
+def host_arrays(state: State | None) -> list[np.ndarray] | None:
+    """``state`` as numpy arrays sharing its memory, when every tensor is a CPU tensor numpy
+    can view (``None`` otherwise: on a GPU, or a dtype numpy lacks)."""
+    if state is None or any(
+        t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES or t.requires_grad for t in state
+    ):
+        return None
+    return [t.numpy() for t in state]
+
+
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool})
 
 
 def split(result: ActResult, calls: list[ActCall]) -> list[ActResult]:
@@ -188,8 +212,9 @@ def split(result: ActResult, calls: list[ActCall]) -> list[ActResult]:
         return [result]
     out, start = [], 0
     actions = as_list(result.action)  # once for the batch: each caller's payload slices it
+    host_state = host_arrays(result.state)
     for call in calls:
         stop = start + len(call.obs)
-        out.append(result.rows(start, stop, call.return_info, actions))
+        out.append(result.rows(start, stop, call.return_info, actions, host_state))
         start = stop
     return out
