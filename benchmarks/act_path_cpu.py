@@ -117,6 +117,7 @@ async def measure(
     store: str = "memory",
     routing: bool = False,
     floor: bool = False,
+    access_log: bool = False,
 ) -> list[float]:
     if floor:
         return await drive_floor(requests, rounds, policy, concurrency)
@@ -131,6 +132,8 @@ async def measure(
         session_store=store,
     )
     app = create_app(settings)
+    if access_log:  # its lines to /dev/null; the child's stderr stays for its errors
+        app.access_log.stream = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     last: list[bytes] = []
     body = b""
 
@@ -251,7 +254,6 @@ def main() -> None:
             from service.observability import configure_json_logging
 
             configure_json_logging("info")
-            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         rounds = uvloop.run(
             measure(
                 args.requests,
@@ -262,6 +264,7 @@ def main() -> None:
                 args.store,
                 args.routing,
                 args.floor,
+                args.access_log,
             )
         )
         print(json.dumps({"us_per_request": [round(r, 1) for r in rounds]}))
