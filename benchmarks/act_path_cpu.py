@@ -22,8 +22,10 @@ as under a load generator with C connections.
 ``--floor``: also the floor server's app (``benchmarks.baselines``: parse, one batched forward
 pass, the argmax, nothing else) driven the same way: what our code costs per request over the
 least a server of this policy does, without the HTTP server's share or the load generator's
-noise. ``--access-log``: ours with the access log on, as ``make serve`` runs (lines to
-/dev/null); without it the log is off, as in a process that configured no logging.
+noise; then the cost of one forward pass alone, ours and the floor's, at batches of 1, 9, 32
+(``pass_us_by_batch``: what a smaller batch adds per request). ``--access-log``: ours with the
+access log on, as ``make serve`` runs (lines to /dev/null); without it the log is off, as in a
+process that configured no logging.
 
 ``--session``: steps of one session (one per concurrent request) of ``cartpole-lstm-dqn``, or
 of ``--policy`` (``POST /v1/sessions/{id}/act``, the server carrying the LSTM state) instead of
@@ -106,6 +108,50 @@ def choose_cost(policy: str, n: int = 200_000) -> dict[str, float]:
         "split, no key": lambda: registry.routed(policy, None, None),
     }
     return {k: min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6 for k, f in cases.items()}
+
+
+def pass_cost(policy: str, sizes: tuple[int, ...] = (1, 9, 32), n: int = 2000) -> dict[str, dict]:
+    """µs of one forward pass of ``B`` one-observation act calls: ours (``MicroBatcher._forward``:
+    join, the runtime's forward, split per caller) and the floor's (a tensor of the rows, the
+    MLP, argmax, ``tolist``); ``timeit``, best of 7. What a batch costs apart from its requests:
+    under wrk the batches are smaller than under 32 lock-step callers."""
+    import timeit
+
+    import torch
+
+    from service.exploration import Exploration
+    from service.process import configure_process
+    from service.registry.registry import Registry
+    from service.registry.store import ModelStore
+    from service.runtime.batching import MicroBatcher
+    from service.runtime.call import ActCall
+    from service.runtime.policy import PolicyRuntime
+
+    configure_process(torch_threads=1)  # as the server runs (and the children above)
+    registry = Registry(ModelStore(ROOT / "models"), prepare=PolicyRuntime)
+    registry.load_all()
+    runtime = registry.resolve(policy).runtime
+    head = runtime.fast.head
+
+    def best(f) -> float:
+        return round(min(timeit.repeat(f, number=n, repeat=7)) / n * 1e6, 1)
+
+    out = {}
+    for size in sizes:
+        calls = [
+            ActCall(runtime.codec.decode([OBS], None, True, policy)[0], Exploration.deterministic)
+            for _ in range(size)
+        ]
+        key, items = calls[0].batch_key(runtime), [(call, None) for call in calls]
+        rows = [OBS] * size
+
+        def floor(rows=rows) -> list:
+            with torch.inference_mode():
+                return head(torch.tensor(rows)).argmax(-1).tolist()
+
+        ours = best(lambda k=key, i=items: MicroBatcher._forward(k, i))
+        out[str(size)] = {"ours": ours, "floor": best(floor)}
+    return out
 
 
 async def measure(
@@ -289,6 +335,7 @@ def main() -> None:
         cost = summary["this"] - summary["floor"]
         ratio = summary["floor"] / summary["this"]
         print(f"floor / this: {ratio:.3f} (ours costs {cost:+.1f} µs more a request)")
+        print(json.dumps({"pass_us_by_batch": pass_cost(args.policy)}))
     if args.routing:
         picks = {k: round(v, 3) for k, v in choose_cost(args.policy).items()}
         print(json.dumps({"registry_routed_us": picks}))

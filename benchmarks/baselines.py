@@ -6,7 +6,8 @@ limit, a raw ASGI app on the same uvicorn answering a constant ``{"action": 0}``
 (it reads the body, parses nothing); on a WebSocket it echoes a constant per message. ``floor``:
 the least a server running this policy does, on the same uvicorn: a raw ASGI app that parses the
 JSON body, gathers the observations that arrive together into one forward pass of the policy's
-network (no checks, no metrics, no log, no TensorDict) and answers the argmax.
+network (no checks, no metrics, no log, no TensorDict) and answers the argmax; a GET answers
+``{"passes", "rows"}``, the forward passes so far and their observations.
 
     python -m benchmarks.baselines naive|empty|bare|floor MODEL_DIR NAME PORT
 
@@ -71,17 +72,24 @@ def _build(kind: str, model_dir: str, name: str):
         net = registry.resolve(name).runtime.fast.head  # the policy's MLP, without the argmax module
         pending: list[tuple[list, asyncio.Future]] = []
         _JSON = [(b"content-type", b"application/json")]
+        passes = [0, 0]  # forward passes, rows: GET answers them (the batches a load formed)
 
         def forward() -> None:
             batch = pending[:]
             pending.clear()
+            passes[0] += 1
+            passes[1] += len(batch)
             with torch.inference_mode():
                 actions = net(torch.tensor([obs for obs, _ in batch])).argmax(-1).tolist()
             for (_, fut), a in zip(batch, actions, strict=True):
                 fut.set_result(a)
 
         async def app(scope, receive, send) -> None:  # noqa: F811 - the least a policy server does
-            if scope["type"] == "http":
+            if scope["type"] == "http" and scope["method"] == "GET":
+                body = orjson.dumps({"passes": passes[0], "rows": passes[1]})
+                await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+                await send({"type": "http.response.body", "body": body})
+            elif scope["type"] == "http":
                 chunks, more = [], True
                 while more:
                     message = await receive()

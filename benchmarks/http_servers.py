@@ -7,8 +7,10 @@ settings, alternating rounds in one run, wrk with one CartPole observation a req
 Prints each server's req/s and p99 per round, their medians, and per HTTP server the ratios
 this decision reads: floor/bare (what serving the policy at the least costs there) and
 ours/floor (what our code costs: target >= 0.8 req/s, <= 1.5 p99), and WebSocket session steps
-against the bare app's echo on the same HTTP server (target >= 0.5). Ours runs as ``make serve``
-does: log level info, the access log on (written to /dev/null here).
+against the bare app's echo on the same HTTP server (target >= 0.5); and the observations per
+forward pass the floor and ours formed under the same load (the batches wrk's connections
+make). Ours runs as ``make serve`` does: log level info, the access log on (written to
+/dev/null here).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -53,6 +56,17 @@ def commands(http: str, kind: str, port: int) -> tuple[list[str], dict]:
     if kind == "ours":  # the app of one ``serve`` process, its JSON log and access log at info
         return [*granian, "service.cli:worker_app"], {"_POLICY_SERVER_WORKERS_LOG_LEVEL": "info"}
     return [*granian, "benchmarks.baselines:make_app"], {"BASELINE": f"{kind} {models} {POLICY}"}
+
+
+def passes(base: str, kind: str) -> tuple[float, float]:
+    """(forward passes, observations in them) so far: ours' /metrics histogram, the floor's GET."""
+    if kind == "floor":
+        got = httpx.get(base + "/").json()
+        return got["passes"], got["rows"]
+    text = httpx.get(base + "/metrics").text
+    count = re.search(r"^policy_server_forward_batch_size_count (\S+)$", text, re.M).group(1)
+    rows = re.search(r"^policy_server_forward_batch_size_sum (\S+)$", text, re.M).group(1)
+    return float(count), float(rows)
 
 
 async def ws_sessions(base: str, n: int, seconds: float) -> float:
@@ -92,8 +106,12 @@ def main() -> None:
                 try:
                     url = f"http://127.0.0.1:{port}/v1/policies/{POLICY}/act"
                     load(url, body, 2, args.connections)  # warm-up
-                    r = load(url, body, args.seconds, args.connections)
                     base = f"http://127.0.0.1:{port}"
+                    before = passes(base, kind) if kind != "bare" else None
+                    r = load(url, body, args.seconds, args.connections)
+                    if before is not None:  # observations per forward pass under this load
+                        after = passes(base, kind)
+                        r["rows_per_pass"] = round((after[1] - before[1]) / max(after[0] - before[0], 1), 2)
                     if kind == "bare":  # WebSocket messages/s: the echo, then ours' session steps
                         r["ws_per_s"] = asyncio.run(ws_echo(base, args.connections, args.seconds))
                     elif kind == "ours":
@@ -118,6 +136,8 @@ def main() -> None:
             "ours/floor req/s (>= 0.8)": median(http, "ours", "rps") / median(http, "floor", "rps"),
             "ours/floor p99 (<= 1.5)": median(http, "ours", "p99_ms") / median(http, "floor", "p99_ms"),
             "ours/uvicorn ours req/s": median(http, "ours", "rps") / median(https[0], "ours", "rps"),
+            "rows per pass, floor": median(http, "floor", "rows_per_pass"),
+            "rows per pass, ours": median(http, "ours", "rows_per_pass"),
             "ws session steps/ws echo (>= 0.5)": median(http, "ours", "ws_per_s")
             / median(http, "bare", "ws_per_s"),
         }
