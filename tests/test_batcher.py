@@ -183,6 +183,25 @@ def test_each_callers_state_is_its_own_copy_of_its_rows(dtype):
             assert mine.dtype == dtype and mine.shape == (stop - start, 1, 8)
             assert torch.equal(mine, batch[start:stop])
             assert mine.untyped_storage().nbytes() == mine.numel() * mine.element_size()  # no view
+        assert part.actions == list(range(start, stop))  # what the act route answers from
         assert part.action.tolist() == list(range(start, stop))
     parts[0].state[0].add_(1.0)  # callers do not share memory with each other or the batch
     assert torch.equal(parts[1].state[0], h[2:3]) and not torch.equal(parts[0].state[0], h[0:2])
+
+
+def test_each_caller_gets_its_rows_of_a_composite_action():
+    """A TensorDict action (a composite head) split per caller: its rows as Python values for
+    the JSON answer and as a TensorDict for the session, recording and tensor codecs."""
+    from tensordict import TensorDict
+
+    from service.runtime.call import ActResult, split
+
+    action = TensorDict({"move": torch.arange(4), "speed": torch.arange(4.0) / 2}, batch_size=[4])
+    calls = [ActCall(torch.zeros(n, 3)) for n in (3, 1)]
+    first, second = split(ActResult(action, None, Exploration.deterministic, None), calls)
+    assert first.actions == [{"move": i, "speed": i / 2} for i in range(3)]
+    assert second.actions == [{"move": 3, "speed": 1.5}]
+    assert second.action.batch_size == (1,) and second.action["move"].tolist() == [3]
+    assert first.action["speed"].tolist() == [0.0, 0.5, 1.0]
+    second.action = action[:1]  # a result's action can still be replaced
+    assert second.action["move"].tolist() == [0]

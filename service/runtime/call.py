@@ -189,8 +189,30 @@ class ActResult:
             state = tuple(torch.from_numpy(a[start:stop].copy()) for a in host_state)
         elif self.state is not None:
             state = tuple(t[start:stop].clone() for t in self.state)
-        part = None if actions is None else actions[start:stop]
-        return ActResult(self.action[start:stop], info, self.exploration, state, part)
+        if actions is None:
+            return ActResult(self.action[start:stop], info, self.exploration, state)
+        return _CallerRows(self.action, start, stop, info, self.exploration, state, actions[start:stop])
+
+
+class _CallerRows(ActResult):
+    """A caller's rows of a batched result whose ``action`` tensor is sliced when first read.
+    The act route answers from ``actions`` and never reads it; a torch slice per caller was
+    most of ``split``'s cost (~2 µs a caller against ~0.5 µs for the rest of ``rows``)."""
+
+    def __init__(self, batch_action, start, stop, info, exploration, state, actions) -> None:
+        self._batch_action, self._span = batch_action, (start, stop)
+        self.info, self.exploration, self.state, self.actions = info, exploration, state, actions
+
+    @property
+    def action(self):
+        if self._span is not None:
+            start, stop = self._span
+            self._batch_action, self._span = self._batch_action[start:stop], None
+        return self._batch_action
+
+    @action.setter
+    def action(self, value) -> None:
+        self._batch_action, self._span = value, None
 
 
 def host_arrays(state: State | None) -> list[np.ndarray] | None:
