@@ -174,12 +174,13 @@ class ActResult:
         start: int,
         stop: int,
         with_info: bool,
-        actions: list | None = None,
-        host_state: list[np.ndarray] | None = None,
+        actions: list,
+        host_state: list[np.ndarray] | None,
     ) -> ActResult:
-        """The slice of a batched result that belongs to one caller (``actions``: the batch's
-        ``action.tolist()``, made once for all its callers; ``host_state``: ``state`` as numpy
-        arrays, when it is on the CPU — ``host_arrays``)."""
+        """The slice of a batched result that belongs to one caller, its ``action`` tensor sliced
+        when first read (``actions``: the batch's ``action.tolist()``, made once for all its
+        callers; ``host_state``: ``state`` as numpy arrays, when it is on the CPU —
+        ``host_arrays``)."""
         info = None
         if with_info and self.info is not None:
             info = {k: v[start:stop] for k, v in self.info.items()}
@@ -189,8 +190,6 @@ class ActResult:
             state = tuple(torch.from_numpy(a[start:stop].copy()) for a in host_state)
         elif self.state is not None:
             state = tuple(t[start:stop].clone() for t in self.state)
-        if actions is None:
-            return ActResult(self.action[start:stop], info, self.exploration, state)
         return _CallerRows(self.action, start, stop, info, self.exploration, state, actions[start:stop])
 
 
